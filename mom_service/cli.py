@@ -1,0 +1,72 @@
+"""`mom-service serve` and `mom-service check-config [PATH]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from mom_service.config import Settings, load_config, resolve_config
+from mom_service.errors import ConfigError
+
+
+def _check_config(path: str | None, settings: Settings) -> int:
+    try:
+        if path is None:
+            config, used = resolve_config(settings)
+        else:
+            config, used = load_config(path), path
+    except ConfigError as exc:
+        print(f"Invalid config:\n{exc}", file=sys.stderr)
+        return 1
+    source = used or "the built-in demo config (no config.yaml found)"
+    print(
+        f"{source}: OK: {len(config.models)} MoM model(s) ({', '.join(m.name for m in config.models)}), "
+        f"{len(config.llm_definitions)} LLM(s)"
+    )
+    return 0
+
+
+def _serve(settings: Settings, host: str | None, port: int | None) -> int:
+    # Validate before the server starts, so a wrong config is one clear message and exit 1.
+    try:
+        config, path = resolve_config(settings)
+    except ConfigError as exc:
+        print(f"Invalid config, not starting:\n{exc}", file=sys.stderr)
+        return 1
+    import uvicorn
+
+    from mom_service.logs import setup_logging
+    from mom_service.main import build_state, create_app, log_startup
+    from mom_service.redaction import Redactor
+
+    setup_logging(Redactor())
+    log_startup(build_state(settings, config, path))
+    app = create_app(settings, config, path)
+    uvicorn.run(
+        app,
+        host=host or settings.host,
+        port=port if port is not None else settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=20,
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mom-service", description="MoM Service: a Mixture-of-Models gateway")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="start the service (HOST and PORT from the environment)")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    check = commands.add_parser("check-config", help="validate a config file and print what is wrong")
+    check.add_argument("path", nargs="?", default=None, help="default: MOM_CONFIG, else ./config.yaml")
+    args = parser.parse_args(argv)
+    settings = Settings()
+    if args.command == "check-config":
+        return _check_config(args.path, settings)
+    return _serve(settings, args.host, args.port)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""Settings from the environment, and config.yaml: its models, loading, cross-references and the demo config."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from dotenv import dotenv_values
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mom_service.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "config.yaml"
+DEFAULT_LLM_TIMEOUT_S = 120.0
+
+# Keys the engine sets itself: a config `params` entry may not set them (keys live in the environment).
+RESERVED_PARAMS = frozenset(
+    {"model", "messages", "stream", "stream_options", "n", "api_key", "api_base", "base_url", "timeout"}
+)
+
+Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*$")]
+
+DEFAULT_CONCLUDING_PROMPT = (
+    "You are the concluding model of a panel. Several models answered the user's last message; their answers "
+    "follow. Compare them, keep what is correct and useful, resolve disagreements, drop mistakes, and write one "
+    "answer that is better than any of them. Answer the user directly: do not mention the panel or the models."
+)
+
+
+class Settings(BaseSettings):
+    """The service's environment; a `.env` file in the working directory is read too, real variables win."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    api_token: str | None = None
+    mom_config: str | None = None
+    allowed_cors_origins: str = ""
+    database_url: str = "sqlite+aiosqlite:///./data/mom.db"
+    redis_url: str | None = None
+    langfuse_public_key: str | None = None
+    langfuse_secret_key: str | None = None
+    langfuse_host: str | None = None
+    litellm_verbose: bool = False
+    mom_max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
+    mom_max_in_flight: int = Field(default=512, gt=0)
+    metrics_public: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+
+    @property
+    def api_tokens(self) -> tuple[bytes, ...]:
+        """The accepted bearer tokens (a comma-separated list allows rotation), as bytes for a constant-time compare."""
+        if not self.api_token:
+            return ()
+        return tuple(t.strip().encode() for t in self.api_token.split(",") if t.strip())
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return [o.strip() for o in self.allowed_cors_origins.split(",") if o.strip()]
+
+
+def environment(env_file: str | Path = ".env") -> dict[str, str]:
+    """Variables for provider keys: the `.env` file overlaid by the real environment."""
+    values = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+    values.update(os.environ)
+    return values
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Pricing(_Strict):
+    """USD per million tokens."""
+
+    input_per_million: Decimal = Field(ge=0)
+    output_per_million: Decimal = Field(ge=0)
+    reasoning_per_million: Decimal | None = Field(default=None, ge=0)
+    cached_input_per_million: Decimal | None = Field(default=None, ge=0)
+
+
+class LLMDefinition(_Strict):
+    name: Name
+    model: str = Field(min_length=1)
+    api_key_env: str | None = Field(default=None, min_length=1)
+    api_base: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    timeout: float = Field(default=DEFAULT_LLM_TIMEOUT_S, gt=0)
+    multimodal: bool | None = None
+    pricing: Pricing | None = None
+
+    @field_validator("api_base")
+    @classmethod
+    def _api_base_is_http(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _no_reserved_params(cls, value: dict[str, Any]) -> dict[str, Any]:
+        reserved = sorted(RESERVED_PARAMS.intersection(value))
+        if reserved:
+            raise ValueError(
+                f"may not set {', '.join(reserved)} (the service sets these; put keys in api_key_env, "
+                "the URL in api_base, the deadline in timeout)"
+            )
+        return value
+
+
+class PromptDefinition(_Strict):
+    name: Name
+    content: str = Field(min_length=1)
+
+
+class MoMModelConfig(_Strict):
+    name: Name
+    description: str | None = None
+    llms_to_query: list[Name] = Field(min_length=1)
+    concluding_llm: Name
+    concluding_prompt: Name | None = None
+    include_thinking_context: bool = False
+    thinking_format: Literal["think_tags", "reasoning_content"] = "think_tags"
+
+
+class MoMConfig(_Strict):
+    llm_definitions: list[LLMDefinition] = Field(min_length=1)
+    prompt_definitions: list[PromptDefinition] = Field(default_factory=list)
+    models: list[MoMModelConfig] = Field(min_length=1)
+
+    _llms: dict[str, LLMDefinition] = PrivateAttr(default_factory=dict)
+    _prompts: dict[str, PromptDefinition] = PrivateAttr(default_factory=dict)
+    _models: dict[str, MoMModelConfig] = PrivateAttr(default_factory=dict)
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._llms = {d.name: d for d in self.llm_definitions}
+        self._prompts = {p.name: p for p in self.prompt_definitions}
+        self._models = {m.name: m for m in self.models}
+
+    def llm(self, name: str) -> LLMDefinition:
+        return self._llms[name]
+
+    def mom_model(self, name: str) -> MoMModelConfig | None:
+        return self._models.get(name)
+
+    def concluding_prompt(self, model: MoMModelConfig) -> str:
+        if model.concluding_prompt is None:
+            return DEFAULT_CONCLUDING_PROMPT
+        return self._prompts[model.concluding_prompt].content
+
+
+def _entry_label(raw: Mapping[str, Any], section: str, index: int) -> str:
+    label = f"{section}[{index}]"
+    items = raw.get(section)
+    if isinstance(items, list) and index < len(items) and isinstance(items[index], dict):
+        name = items[index].get("name")
+        if isinstance(name, str):
+            label += f" (name '{name}')"
+    return label
+
+
+def _describe_validation_error(source: str, raw: Mapping[str, Any], exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = list(err["loc"])
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        if len(loc) >= 2 and isinstance(loc[0], str) and isinstance(loc[1], int):
+            entry = _entry_label(raw, loc[0], loc[1])
+            field = ".".join(str(p) for p in loc[2:])
+            where = f"{entry}: field '{field}'" if field else entry
+        else:
+            where = f"field '{'.'.join(str(p) for p in loc)}'"
+        lines.append(f"{source}: {where}: {msg}")
+    return "\n".join(lines)
+
+
+def _check_names_unique(source: str, section: str, names: list[str]) -> list[str]:
+    seen: set[str] = set()
+    problems = []
+    for index, name in enumerate(names):
+        if name in seen:
+            problems.append(f"{source}: {section}[{index}] (name '{name}'): field 'name': duplicate name '{name}'")
+        seen.add(name)
+    return problems
+
+
+def _check_references(source: str, config: MoMConfig) -> list[str]:
+    problems: list[str] = []
+    problems += _check_names_unique(source, "llm_definitions", [d.name for d in config.llm_definitions])
+    problems += _check_names_unique(source, "prompt_definitions", [p.name for p in config.prompt_definitions])
+    problems += _check_names_unique(source, "models", [m.name for m in config.models])
+    llms = {d.name for d in config.llm_definitions}
+    prompts = {p.name for p in config.prompt_definitions}
+    for index, model in enumerate(config.models):
+        entry = f"{source}: models[{index}] (name '{model.name}')"
+        for member in model.llms_to_query:
+            if member not in llms:
+                problems.append(f"{entry}: field 'llms_to_query': unknown LLM '{member}' (not in llm_definitions)")
+        if len(set(model.llms_to_query)) != len(model.llms_to_query):
+            problems.append(f"{entry}: field 'llms_to_query': an LLM is listed twice")
+        if model.concluding_llm not in llms:
+            problems.append(
+                f"{entry}: field 'concluding_llm': unknown LLM '{model.concluding_llm}' (not in llm_definitions)"
+            )
+        if model.concluding_prompt is not None and model.concluding_prompt not in prompts:
+            problems.append(
+                f"{entry}: field 'concluding_prompt': unknown prompt '{model.concluding_prompt}' "
+                "(not in prompt_definitions)"
+            )
+    return problems
+
+
+def parse_config(raw: Any, source: str) -> MoMConfig:
+    """Validate an already-parsed YAML document; every problem is named with its file, entry and field."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the file must be a YAML mapping with llm_definitions, prompt_definitions, models")
+    try:
+        config = MoMConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe_validation_error(source, raw, exc)) from None
+    problems = _check_references(source, config)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return config
+
+
+def load_config(path: str | Path) -> MoMConfig:
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read the file ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise ConfigError(f"{source}: invalid YAML{where}: {problem}") from None
+    return parse_config(raw, source)
+
+
+def demo_config() -> MoMConfig:
+    """The offline demo: a panel of mock models through LiteLLM's `mock_response`, no keys, no network."""
+    answers = {
+        "demo-analyst": "The analyst's view: break the question into parts and answer each one with facts.",
+        "demo-skeptic": "The skeptic's view: check the assumptions first; some claims need evidence.",
+        "demo-writer": "The writer's view: a short, clear answer with one example is easiest to follow.",
+    }
+    raw: dict[str, Any] = {
+        "llm_definitions": [
+            {
+                "name": name,
+                "model": "openai/gpt-4o-mini",
+                "params": {"mock_response": text},
+                "multimodal": True,
+                "pricing": {"input_per_million": "0.15", "output_per_million": "0.60"},
+            }
+            for name, text in answers.items()
+        ]
+        + [
+            {
+                "name": "demo-synthesizer",
+                "model": "openai/gpt-4o-mini",
+                "params": {
+                    "mock_response": "This is the demo synthesis of three mock panel answers: split the "
+                    "question into parts, check its assumptions, and answer clearly with an example. "
+                    "Configure real providers in config.yaml to get real answers."
+                },
+                "multimodal": True,
+                "pricing": {"input_per_million": "0.15", "output_per_million": "0.60"},
+            }
+        ],
+        "prompt_definitions": [{"name": "synth_default", "content": DEFAULT_CONCLUDING_PROMPT}],
+        "models": [
+            {
+                "name": "mom",
+                "description": "Demo panel of three mock models (offline)",
+                "llms_to_query": list(answers),
+                "concluding_llm": "demo-synthesizer",
+                "concluding_prompt": "synth_default",
+            },
+            {
+                "name": "mom-thinking",
+                "description": "The demo panel, showing each member's answer in a <think> block",
+                "llms_to_query": list(answers),
+                "concluding_llm": "demo-synthesizer",
+                "concluding_prompt": "synth_default",
+                "include_thinking_context": True,
+            },
+        ],
+    }
+    return parse_config(raw, "<built-in demo config>")
+
+
+def resolve_config(settings: Settings) -> tuple[MoMConfig, str | None]:
+    """The config to run: MOM_CONFIG, else ./config.yaml, else the demo. Returns it and its path (None for demo)."""
+    if settings.mom_config:
+        return load_config(settings.mom_config), settings.mom_config
+    if Path(DEFAULT_CONFIG_PATH).is_file():
+        return load_config(DEFAULT_CONFIG_PATH), DEFAULT_CONFIG_PATH
+    return demo_config(), None

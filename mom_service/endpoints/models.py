@@ -1,0 +1,254 @@
+"""The OpenAI wire models in one place: requests (validated), responses, stream chunks and errors (built lean).
+
+Requests accept unknown fields (clients send many) but only the fields declared here are ever read, and only the
+sampling parameters in SAMPLING_PARAMS reach LiteLLM. Responses are plain dicts typed with TypedDicts: they are
+built for every chunk, so they stay cheap; the tests validate them against OpenAI's published schemas.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from typing_extensions import TypedDict
+
+from mom_service.errors import InvalidRequest
+from mom_service.events import Breakdown, CallReport, Usage
+
+# ---------------------------------------------------------------------------------------------------- requests
+
+SAMPLING_PARAMS = (
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "stop",
+    "seed",
+    "user",
+    "presence_penalty",
+    "frequency_penalty",
+)
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class TextPart(_Open):
+    type: Literal["text"]
+    text: str
+
+    def to_upstream(self) -> dict[str, Any]:
+        return {"type": "text", "text": self.text}
+
+
+class ImageURL(_Open):
+    url: str = Field(min_length=1)
+    detail: Literal["auto", "low", "high"] | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _allowed_scheme(cls, value: str) -> str:
+        if not value.lower().startswith(("http://", "https://", "data:image/")):
+            raise ValueError("an image URL must be http, https or data:image/...")
+        return value
+
+
+class ImagePart(_Open):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+    def to_upstream(self) -> dict[str, Any]:
+        image: dict[str, Any] = {"url": self.image_url.url}
+        if self.image_url.detail is not None:
+            image["detail"] = self.image_url.detail
+        return {"type": "image_url", "image_url": image}
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(_Open):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+    name: str | None = Field(default=None, min_length=1, max_length=64)
+
+    def to_upstream(self) -> dict[str, Any]:
+        """The message as LiteLLM gets it: only the fields we know, no empty ones."""
+        message: dict[str, Any] = {"role": self.role}
+        if isinstance(self.content, str):
+            message["content"] = self.content
+        else:
+            message["content"] = [part.to_upstream() for part in self.content]
+        if self.name:
+            message["name"] = self.name
+        return message
+
+
+class StreamOptions(_Open):
+    include_usage: bool | None = None
+
+
+class ChatCompletionRequest(_Open):
+    model: str = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = Field(default=None, max_length=256)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling_params(self) -> dict[str, Any]:
+        """The allowlisted sampling parameters the client set: all that reaches the panel from the body."""
+        params: dict[str, Any] = {}
+        for name in SAMPLING_PARAMS:
+            value = getattr(self, name)
+            if value is not None:
+                params[name] = value
+        return params
+
+    def upstream_messages(self) -> list[dict[str, Any]]:
+        return [m.to_upstream() for m in self.messages]
+
+
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def _param_path(loc: tuple[int | str, ...]) -> str:
+    """`messages[0].content[1].text` from pydantic's location, without its union-branch and tag names."""
+    path = ""
+    skip_tag = False
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+            continue
+        if skip_tag:  # a tagged union names the tag before the field
+            skip_tag = False
+            continue
+        if "[" in part or part in _TYPE_NAMES:
+            skip_tag = "tagged-union" in part
+            continue
+        path += f".{part}" if path else part
+    return path
+
+
+def parse_chat_request(data: Any) -> ChatCompletionRequest:
+    """Validate a decoded body; raise an OpenAI-shaped 400 naming the first wrong parameter."""
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_request_body")
+    try:
+        request = ChatCompletionRequest.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        # A union failure lists one error per branch: report the most specific (longest) location.
+        first = max(errors, key=lambda e: len(e["loc"]), default=None)
+        if first is None:
+            raise InvalidRequest("Invalid request body.") from None
+        param = _param_path(first["loc"])
+        if first["type"] == "missing":
+            raise InvalidRequest(
+                f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+            ) from None
+        message = f"Invalid value for '{param}': {first['msg']}."
+        raise InvalidRequest(message, param=param, code="invalid_value") from None
+    if request.n is not None and request.n != 1:
+        raise InvalidRequest("Only n=1 is supported: a MoM model gives one answer.", param="n", code="invalid_value")
+    return request
+
+
+# --------------------------------------------------------------------------------------------------- responses
+
+
+class ModelObject(TypedDict):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(TypedDict):
+    object: Literal["list"]
+    data: list[ModelObject]
+
+
+OWNED_BY = "mom-service"
+
+
+def model_object(name: str, created: int) -> ModelObject:
+    return {"id": name, "object": "model", "created": created, "owned_by": OWNED_BY}
+
+
+def usage_dict(usage: Usage, cost: float | None = None) -> dict[str, Any]:
+    """OpenAI's CompletionUsage, with our `cost` (USD) beside the standard fields."""
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "cost": cost,
+    }
+
+
+def _report_dict(report: CallReport) -> dict[str, Any]:
+    return {
+        "name": report.name,
+        "model": report.model,
+        "status": report.status,
+        "error": report.error,
+        "latency_ms": report.latency_ms,
+        "ttft_ms": report.ttft_ms,
+        "usage": usage_dict(report.usage, report.cost) if report.usage is not None else None,
+        "cost": report.cost,
+        "cached": report.cached,
+    }
+
+
+def breakdown_dict(breakdown: Breakdown) -> dict[str, Any]:
+    """The `mom` object: what each member and the concluding call did."""
+    return {
+        "members": [_report_dict(m) for m in breakdown.members],
+        "concluding": _report_dict(breakdown.concluding),
+        "answered": breakdown.answered,
+        "asked": len(breakdown.members),
+        "degraded": breakdown.degraded,
+        "cost": None,
+        "cache": breakdown.cache,
+    }
+
+
+def completion_body(
+    *,
+    completion_id: str,
+    created: int,
+    model: str,
+    content: str,
+    reasoning_content: str | None,
+    finish_reason: str,
+    usage: Usage,
+    breakdown: Breakdown,
+) -> dict[str, Any]:
+    """A `chat.completion` (CreateChatCompletionResponse) with the `mom` breakdown beside it."""
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    if reasoning_content is not None:
+        message["reasoning_content"] = reasoning_content
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}],
+        "usage": usage_dict(usage),
+        "mom": breakdown_dict(breakdown),
+    }

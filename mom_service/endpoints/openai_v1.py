@@ -1,0 +1,113 @@
+"""`/v1/chat/completions` and `/v1/models`: validate, plan, run the engine, serialize. Thin by design."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from mom_service.auth import Authorized
+from mom_service.core_logic import make_plan
+from mom_service.endpoints.models import ModelList, ModelObject, model_object, parse_chat_request
+from mom_service.endpoints.serialize import CompletionCollector, StreamSerializer
+from mom_service.endpoints.streaming import ClientGone, SSEResponse, unless_disconnected
+from mom_service.errors import InternalError, InvalidRequest, NotFound
+from mom_service.events import Event, Failed
+from mom_service.state import StateDep
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1")
+
+# nginx answers 499 when the client closed the connection first; nobody reads it, but logs and metrics do.
+CLIENT_CLOSED = 499
+
+
+class ORJSONResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+@router.get("/models")
+async def list_models(state: StateDep, _: Authorized) -> ModelList:
+    return {"object": "list", "data": [model_object(m.name, state.started_at) for m in state.config.models]}
+
+
+@router.get("/models/{model_id:path}")
+async def get_model(model_id: str, state: StateDep, _: Authorized) -> ModelObject:
+    if state.config.mom_model(model_id) is None:
+        raise NotFound(f"The model '{model_id}' does not exist.", code="model_not_found", param="model")
+    return model_object(model_id, state.started_at)
+
+
+async def _read_json(request: Request) -> Any:
+    body = await request.body()
+    if not body:
+        raise InvalidRequest("The request body is empty: send a JSON object.", code="invalid_request_body")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON ({exc.msg}).", code="invalid_json") from None
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request, state: StateDep, _: Authorized) -> Response:
+    chat = parse_chat_request(await _read_json(request))
+    mom = state.config.mom_model(chat.model)
+    if mom is None:
+        raise NotFound(f"The model '{chat.model}' does not exist.", code="model_not_found", param="model")
+    plan = make_plan(state.config, mom, chat.upstream_messages(), chat.sampling_params())
+    events = state.engine.run(plan)
+
+    if not chat.stream:
+        collector = CompletionCollector(mom)
+
+        async def collect() -> dict[str, object]:
+            async with aclosing(events):
+                async for event in events:
+                    body = collector.feed(event)
+                    if body is not None:
+                        return body
+            raise RuntimeError("the engine ended without an answer")
+
+        try:
+            return ORJSONResponse(await unless_disconnected(request, collect()))
+        except ClientGone:
+            return Response(status_code=CLIENT_CLOSED)
+
+    serializer = StreamSerializer(mom, include_usage=chat.include_usage)
+
+    async def first_output() -> bytes:
+        """Wait for the first bytes worth sending; an error before them is answered with its HTTP status."""
+        async for event in events:
+            if isinstance(event, Failed):
+                await events.aclose()
+                raise event.error
+            out = serializer.feed(event)
+            if out:
+                return out
+        return b""
+
+    try:
+        first = await unless_disconnected(request, first_output())
+    except ClientGone:
+        await events.aclose()
+        return Response(status_code=CLIENT_CLOSED)
+    return SSEResponse(_sse(first, events, serializer))
+
+
+async def _sse(first: bytes, events: AsyncGenerator[Event], serializer: StreamSerializer) -> AsyncGenerator[bytes]:
+    async with aclosing(events):
+        yield first
+        try:
+            async for event in events:
+                out = serializer.feed(event)
+                if out:
+                    yield out
+        except Exception as exc:  # a bug must still end the stream in OpenAI's shape
+            logger.error("stream failed: %s", type(exc).__name__)
+            yield serializer.error(InternalError("The service failed while answering.", code="internal_error"))

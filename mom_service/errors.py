@@ -1,0 +1,113 @@
+"""Errors the service answers with, always in OpenAI's shape.
+
+Hierarchy::
+
+    MoMError                      any error we answer with: status, type, code, param, message
+    ├── InvalidRequest            400 invalid_request_error (bad JSON, wrong field, n != 1, ...)
+    ├── AuthenticationFailed      401 authentication_error (missing or wrong bearer token)
+    ├── NotFound                  404 not_found_error / model_not_found
+    ├── MethodNotAllowed          405 invalid_request_error
+    ├── PayloadTooLarge           413 invalid_request_error
+    ├── InternalError             500 server_error (a bug; the message says nothing more)
+    ├── UpstreamFailed            502 upstream_error (code: members_failed, concluding_failed)
+    └── ServiceUnavailable        503 service_unavailable (code: service_misconfigured, ...)
+
+    ConfigError                   a wrong config.yaml: stops start-up, never reaches a client
+
+The JSON body is ``{"error": {"message", "type", "param", "code"}}``; after streaming began the same object is
+sent as one SSE ``data:`` event, followed by ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import orjson
+
+
+class MoMError(Exception):
+    """An error answered to the client in OpenAI's shape."""
+
+    default_status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        status_code: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code if status_code is not None else self.default_status
+        self.message = message
+        self.code = code if code is not None else self.default_code
+        self.param = param
+        self.headers = headers or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.to_dict())
+
+    def to_sse(self) -> bytes:
+        return b"data: " + self.to_json() + b"\n\ndata: [DONE]\n\n"
+
+
+class InvalidRequest(MoMError):
+    default_status = 400
+    error_type = "invalid_request_error"
+
+
+class AuthenticationFailed(MoMError):
+    default_status = 401
+    error_type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class NotFound(MoMError):
+    default_status = 404
+    error_type = "not_found_error"
+
+
+class MethodNotAllowed(MoMError):
+    default_status = 405
+    error_type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
+class PayloadTooLarge(MoMError):
+    default_status = 413
+    error_type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class UpstreamFailed(MoMError):
+    default_status = 502
+    error_type = "upstream_error"
+
+
+class InternalError(MoMError):
+    default_status = 500
+    error_type = "server_error"
+    default_code = "internal_error"
+
+
+class ServiceUnavailable(MoMError):
+    default_status = 503
+    error_type = "service_unavailable"
+
+
+class ConfigError(Exception):
+    """config.yaml is wrong; the message names the file, the entry and the field."""

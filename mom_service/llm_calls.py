@@ -1,0 +1,201 @@
+"""The only door to LiteLLM: one call, one stream, exceptions mapped to ours, usage normalized."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from mom_service.config import LLMDefinition, MoMConfig
+from mom_service.events import Usage
+from mom_service.redaction import Redactor
+
+# LiteLLM fetches its model cost map from the internet at import unless told to use the bundled one.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import litellm  # must follow the environment variable above
+import openai
+
+_MAX_ERROR_CHARS = 300
+NO_KEY = "no-key"
+# A stale pooled connection fails at once with a connection error; one quick retry covers it.
+_CONNECTION_RETRIES = 1
+
+
+class LLMCallError(Exception):
+    """An upstream call failed. `kind` is timeout, rate_limited, http_error, connection, missing_key or error."""
+
+    def __init__(self, kind: str, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.status = status
+
+
+@dataclass(slots=True)
+class StreamEnd:
+    """The last item of a stream: why it ended, and the usage when the provider reported it."""
+
+    finish_reason: str
+    usage: Usage | None
+
+
+@dataclass(slots=True)
+class CallResult:
+    text: str
+    usage: Usage | None
+    latency_ms: float
+
+
+def configure_litellm(verbose: bool) -> None:
+    """Process-wide LiteLLM settings, applied once at start-up."""
+    litellm.suppress_debug_info = True
+    litellm.drop_params = True
+    litellm.telemetry = False
+    if verbose:
+        litellm._turn_on_debug()
+
+
+def _usage_from(raw: Any) -> Usage | None:
+    if raw is None:
+        return None
+    details = getattr(raw, "completion_tokens_details", None)
+    prompt_details = getattr(raw, "prompt_tokens_details", None)
+    return Usage(
+        prompt_tokens=int(getattr(raw, "prompt_tokens", 0) or 0),
+        completion_tokens=int(getattr(raw, "completion_tokens", 0) or 0),
+        reasoning_tokens=int(getattr(details, "reasoning_tokens", 0) or 0),
+        cached_tokens=int(getattr(prompt_details, "cached_tokens", 0) or 0),
+    )
+
+
+class LLMCaller:
+    """Calls the configured LLMs. Keys are read once from the environment; per-call work stays small."""
+
+    def __init__(self, config: MoMConfig, env: Mapping[str, str], redactor: Redactor) -> None:
+        self._redact = redactor
+        self._static: dict[str, dict[str, Any]] = {}
+        self._missing_key: dict[str, str] = {}
+        for llm in config.llm_definitions:
+            static: dict[str, Any] = dict(llm.params)
+            static["model"] = llm.model
+            static["num_retries"] = 0  # LiteLLM's own retries: off, ours are the only ones
+            static["max_retries"] = 0  # the OpenAI client's hidden retries: off
+            static["timeout"] = llm.timeout
+            if llm.api_base:
+                static["api_base"] = llm.api_base
+            if llm.api_key_env:
+                key = env.get(llm.api_key_env)
+                if key:
+                    static["api_key"] = key
+                else:
+                    self._missing_key[llm.name] = llm.api_key_env
+            elif llm.api_base:
+                # Without this LiteLLM would send the provider's default key (OPENAI_API_KEY, ...) from the
+                # environment to whatever server api_base names. A keyless local server ignores this value.
+                static["api_key"] = NO_KEY
+            self._static[llm.name] = static
+
+    def missing_key(self, llm: LLMDefinition) -> str | None:
+        """The environment variable an LLM's key should be in, when it is not set."""
+        return self._missing_key.get(llm.name)
+
+    def _kwargs(self, llm: LLMDefinition, messages: list[dict[str, Any]], params: Mapping[str, Any]) -> dict[str, Any]:
+        env_var = self._missing_key.get(llm.name)
+        if env_var is not None:
+            raise LLMCallError("missing_key", f"no API key: environment variable {env_var} is not set")
+        kwargs = {**self._static[llm.name], **params}
+        kwargs["messages"] = messages
+        return kwargs
+
+    def _map_error(self, llm: LLMDefinition, exc: BaseException) -> LLMCallError:
+        if isinstance(exc, LLMCallError):
+            return exc
+        if isinstance(exc, TimeoutError | openai.APITimeoutError):
+            return LLMCallError("timeout", f"timed out after {llm.timeout:g} s")
+        status = getattr(exc, "status_code", None)
+        text = self._redact(" ".join(str(exc).split()))[:_MAX_ERROR_CHARS]
+        if isinstance(exc, openai.RateLimitError):
+            return LLMCallError("rate_limited", text or "rate limited", 429)
+        if isinstance(exc, openai.APIConnectionError):
+            return LLMCallError("connection", text or "connection error")
+        if isinstance(status, int):
+            return LLMCallError("http_error", text or f"upstream HTTP {status}", status)
+        return LLMCallError("error", f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+
+    async def complete(
+        self, llm: LLMDefinition, messages: list[dict[str, Any]], params: Mapping[str, Any]
+    ) -> CallResult:
+        """One whole (non-streamed) call, bounded by the LLM's timeout in total."""
+        started = time.perf_counter()
+        try:
+            kwargs = self._kwargs(llm, messages, params)
+            async with asyncio.timeout(llm.timeout):
+                attempt = 0
+                while True:
+                    try:
+                        response = await litellm.acompletion(**kwargs)
+                        break
+                    except openai.APIConnectionError as exc:
+                        if isinstance(exc, openai.APITimeoutError) or attempt >= _CONNECTION_RETRIES:
+                            raise
+                        attempt += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise self._map_error(llm, exc) from None
+        choice = response.choices[0] if response.choices else None
+        text = (getattr(choice.message, "content", None) if choice is not None else None) or ""
+        return CallResult(
+            text=text,
+            usage=_usage_from(getattr(response, "usage", None)),
+            latency_ms=(time.perf_counter() - started) * 1000,
+        )
+
+    async def stream(
+        self, llm: LLMDefinition, messages: list[dict[str, Any]], params: Mapping[str, Any]
+    ) -> AsyncGenerator[str | StreamEnd]:
+        """A streamed call: yields content deltas as they arrive, then one StreamEnd.
+
+        The LLM's timeout bounds the whole stream, not only the gaps between chunks. The deadline guards each
+        wait for the next chunk, never a `yield`, so it cannot fire into the consumer's code.
+        """
+        deadline = asyncio.get_running_loop().time() + llm.timeout
+        response: Any = None
+        try:
+            kwargs = self._kwargs(llm, messages, params)
+            kwargs["stream"] = True
+            kwargs["stream_options"] = {"include_usage": True}
+            async with asyncio.timeout_at(deadline):
+                response = await litellm.acompletion(**kwargs)
+            chunks = response.__aiter__()
+            usage: Usage | None = None
+            finish_reason = "stop"
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                choices = chunk.choices
+                if choices:
+                    choice = choices[0]
+                    content = choice.delta.content
+                    if content:
+                        yield content
+                    if choice.finish_reason:
+                        finish_reason = choice.finish_reason
+                raw_usage = getattr(chunk, "usage", None)
+                if raw_usage is not None:
+                    usage = _usage_from(raw_usage)
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            raise self._map_error(llm, exc) from None
+        finally:
+            if response is not None:
+                await response.aclose()
+        yield StreamEnd(finish_reason, usage)

@@ -1,0 +1,254 @@
+"""The app factory: middleware, routers, error handlers, and the lifespan that builds and closes the state."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import cache
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mom_service import __version__
+from mom_service.config import MoMConfig, Settings, environment, resolve_config
+from mom_service.core_logic import Engine
+from mom_service.endpoints import health_api, openai_v1
+from mom_service.errors import (
+    ConfigError,
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
+    MoMError,
+    NotFound,
+    PayloadTooLarge,
+)
+from mom_service.llm_calls import LLMCaller, configure_litellm
+from mom_service.logs import LOGGER_NAME, setup_logging
+from mom_service.redaction import Redactor
+from mom_service.state import AppState
+
+logger = logging.getLogger(LOGGER_NAME)
+
+DEMO_BANNER = (
+    "No config.yaml found: running the built-in DEMO config (a mock panel through LiteLLM's mock_response: "
+    "no keys, no network). To use real providers, copy config.yaml_template to config.yaml (or point MOM_CONFIG "
+    "at a file), name your LLMs and the environment variables holding their keys, and restart."
+)
+
+
+def _error_response(error: MoMError) -> Response:
+    return Response(
+        content=error.to_json(),
+        status_code=error.status_code,
+        media_type="application/json",
+        headers=error.headers,
+    )
+
+
+class BodySizeLimit:
+    """Refuses bodies over the limit with 413 before they are parsed: by Content-Length, or while reading."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if not value.isdigit():
+                    await _error_response(InvalidRequest("Invalid Content-Length header."))(scope, receive, send)
+                    return
+                if int(value) > self.max_bytes:
+                    await self._too_large()(scope, receive, send)
+                    return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._too_large_error()
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _too_large_error(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"The request body is larger than the limit of {self.max_bytes} bytes.")
+
+    def _too_large(self) -> Response:
+        response = _error_response(self._too_large_error())
+        response.headers["Connection"] = "close"
+        return response
+
+
+class QuietStartupFailure:
+    """Keeps a failed start-up to our one clean log line: no traceback passed on to the server's log."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def quiet_send(message: Message) -> None:
+            if message["type"] in ("lifespan.startup.failed", "lifespan.shutdown.failed"):
+                message = {"type": message["type"], "message": ""}
+            await send(message)
+
+        await self.app(scope, receive, quiet_send)
+
+
+def build_state(settings: Settings, config: MoMConfig, config_path: str | None) -> AppState:
+    env = environment()
+    secrets = [*(t.decode() for t in settings.api_tokens)]
+    secrets += [env[d.api_key_env] for d in config.llm_definitions if d.api_key_env and env.get(d.api_key_env)]
+    for value in (settings.langfuse_secret_key, settings.langfuse_public_key):
+        if value:
+            secrets.append(value)
+    redactor = Redactor(secrets)
+    caller = LLMCaller(config, env, redactor)
+    return AppState(
+        settings=settings,
+        config=config,
+        config_path=config_path,
+        engine=Engine(caller),
+        redactor=redactor,
+        started_at=int(time.time()),
+    )
+
+
+def log_startup(state: AppState) -> None:
+    config = state.config
+    if state.config_path is None:
+        logger.warning(DEMO_BANNER)
+    else:
+        logger.info("Loaded config %s", state.config_path)
+    logger.info(
+        "MoM models: %s; LLMs: %s",
+        ", ".join(m.name for m in config.models),
+        ", ".join(d.name for d in config.llm_definitions),
+    )
+    if not state.settings.api_tokens:
+        logger.warning("API_TOKEN is not set: protected endpoints answer 503 service_misconfigured until it is.")
+    for llm in config.llm_definitions:
+        if llm.api_key_env and state.engine.caller.missing_key(llm) is not None:
+            logger.warning(
+                "LLM '%s': environment variable %s is not set; its calls will fail", llm.name, llm.api_key_env
+            )
+
+
+def create_app(
+    settings: Settings | None = None, config: MoMConfig | None = None, config_path: str | None = None
+) -> FastAPI:
+    """Build the app. Nothing is read or connected here: the lifespan does that when the server starts."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        setup_logging(Redactor())
+        configure_litellm(settings.litellm_verbose)
+        try:
+            if config is not None:
+                state = build_state(settings, config, config_path)
+            else:
+                loaded, path = resolve_config(settings)
+                state = build_state(settings, loaded, path)
+                log_startup(state)
+        except ConfigError as exc:
+            logger.error("Invalid config, not starting:\n%s", exc)
+            raise
+        setup_logging(state.redactor)
+        app.state.mom = state
+        yield
+        app.state.mom = None
+
+    app = FastAPI(
+        title="MoM Service",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    _install_error_handlers(app)
+    app.include_router(openai_v1.router)
+    app.include_router(health_api.router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "Cache-Control", "X-Request-ID"],
+            allow_credentials=False,
+            max_age=600,
+        )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.mom_max_body_bytes)
+    app.add_middleware(QuietStartupFailure)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def on_mom_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, MoMError)
+        return _error_response(exc)
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        error: MoMError
+        if exc.status_code == 404:
+            error = NotFound(f"No such endpoint: {request.method} {request.url.path}", code="not_found")
+        elif exc.status_code == 405:
+            error = MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}.")
+        else:
+            error = InvalidRequest(str(exc.detail), status_code=exc.status_code)
+        response = _error_response(error)
+        for name, value in (exc.headers or {}).items():
+            response.headers[name] = value
+        return response
+
+    async def on_validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        first: dict[str, Any] = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
+        param = ".".join(loc) or None
+        message = f"Invalid value for '{param}': {first.get('msg', 'invalid')}."
+        return _error_response(InvalidRequest(message, param=param))
+
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        logger.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
+        return _error_response(InternalError("The service failed to answer this request."))
+
+    handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
+        MoMError: on_mom_error,
+        StarletteHTTPException: on_http_error,
+        RequestValidationError: on_validation_error,
+        Exception: on_unexpected,
+    }
+    for exc_class, handler in handlers.items():
+        app.add_exception_handler(exc_class, handler)
+
+
+@cache
+def _default_app() -> FastAPI:
+    return create_app()
+
+
+def __getattr__(name: str) -> Any:
+    """`uvicorn mom_service.main:app` works; the app is built on first access, not at import."""
+    if name == "app":
+        return _default_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,33 @@
+"""The application's state: one typed object on `app.state`, reached through an Annotated dependency."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from mom_service.config import MoMConfig, Settings
+from mom_service.core_logic import Engine
+from mom_service.errors import ServiceUnavailable
+from mom_service.redaction import Redactor
+
+
+@dataclass(slots=True)
+class AppState:
+    settings: Settings
+    config: MoMConfig
+    config_path: str | None
+    engine: Engine
+    redactor: Redactor
+    started_at: int
+
+
+def get_state(request: Request) -> AppState:
+    state = getattr(request.app.state, "mom", None)
+    if not isinstance(state, AppState):
+        raise ServiceUnavailable("The service is starting or stopping.", code="service_unavailable")
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]

@@ -1,0 +1,192 @@
+"""Upstream failures: one member, all members, the concluding LLM, timeouts, and clients that leave."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from tests.conftest import TOKEN, Service
+from tests.fake_upstream import FakeUpstream
+from tests.openai_schema import validate
+
+QUESTION = [{"role": "user", "content": "Tell me something."}]
+
+
+def post(service: Service, model: str = "mom", **extra: Any) -> httpx.Response:
+    return httpx.post(
+        f"{service.base_url}/chat/completions",
+        headers=service.headers(),
+        json={"model": model, "messages": QUESTION, **extra},
+        timeout=30,
+    )
+
+
+def test_one_member_failing_is_reported_and_the_rest_synthesized(service: Service, fake: FakeUpstream) -> None:
+    fake.configure({"beta": {"status": 500, "error_message": "beta is down"}, "judge": {"text": "Synthesis."}})
+    response = post(service)
+    assert response.status_code == 200
+    body = response.json()
+    validate(body, "CreateChatCompletionResponse")
+    members = {m["name"]: m for m in body["mom"]["members"]}
+    assert members["beta"]["status"] == "error"
+    assert "beta is down" in members["beta"]["error"]
+    assert members["beta"]["usage"] is None
+    assert members["alpha"]["status"] == members["gamma"]["status"] == "ok"
+    assert body["mom"]["degraded"] is True and body["mom"]["answered"] == 2
+    # the failure is named to the concluding LLM, and the usage adds only the calls that answered
+    judge = next(e for e in fake.log() if e["model"] == "judge")
+    assert 'name="beta" status="error"' in judge["body"]["messages"][-1]["content"]
+    assert (
+        body["usage"]["total_tokens"]
+        == sum(m["usage"]["total_tokens"] for m in body["mom"]["members"] if m["usage"])
+        + (body["mom"]["concluding"]["usage"]["total_tokens"])
+    )
+    # our retries are off: the failing member was called exactly once
+    assert len([e for e in fake.log() if e["model"] == "beta"]) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_all_members_failing_is_a_502(service: Service, fake: FakeUpstream, stream: bool) -> None:
+    fake.configure(
+        {name: {"status": 503, "error_message": f"{name} overloaded"} for name in ("alpha", "beta", "gamma")}
+    )
+    response = post(service, stream=stream)
+    assert response.status_code == 502
+    body = response.json()
+    validate(body, "ErrorResponse")
+    assert body["error"]["code"] == "members_failed"
+    assert body["error"]["type"] == "upstream_error"
+    assert "alpha overloaded" in body["error"]["message"]
+    assert not [e for e in fake.log() if e["model"] == "judge"]  # no synthesis of nothing
+
+
+def test_all_members_failing_through_the_sdk(service: Service, fake: FakeUpstream) -> None:
+    fake.configure({name: {"status": 500} for name in ("alpha", "beta", "gamma")})
+    client = openai.OpenAI(base_url=service.base_url, api_key=TOKEN, max_retries=0)
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="mom", messages=QUESTION)  # type: ignore[arg-type]
+    assert info.value.status_code == 502
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_concluding_failing_before_answering_is_a_502(service: Service, fake: FakeUpstream, stream: bool) -> None:
+    fake.configure({"judge": {"status": 500, "error_message": "judge crashed"}})
+    response = post(service, stream=stream)
+    assert response.status_code == 502
+    body = response.json()
+    validate(body, "ErrorResponse")
+    assert body["error"]["code"] == "concluding_failed"
+    assert "judge crashed" in body["error"]["message"]
+
+
+def test_concluding_failing_mid_stream_ends_with_an_error_event_then_done(service: Service, fake: FakeUpstream) -> None:
+    fake.configure({"judge": {"text": "one two three four five six", "stop_after_tokens": 3}})
+    response = post(service, stream=True)
+    assert response.status_code == 200
+    frames = [f.removeprefix("data: ") for f in response.text.split("\n\n") if f.strip()]
+    assert frames[-1] == "[DONE]"
+    error = orjson.loads(frames[-2])
+    validate(error, "ErrorResponse")
+    assert error["error"]["code"] == "concluding_failed"
+    content = "".join(
+        orjson.loads(f)["choices"][0]["delta"].get("content") or ""
+        for f in frames[:-2]
+        if orjson.loads(f).get("choices")
+    )
+    assert content == "one two three "
+
+
+def test_concluding_failing_mid_stream_through_the_sdk(service: Service, fake: FakeUpstream) -> None:
+    fake.configure({"judge": {"text": "one two three four five six", "stop_after_tokens": 2}})
+    client = openai.OpenAI(base_url=service.base_url, api_key=TOKEN, max_retries=0)
+    stream = client.chat.completions.create(model="mom", messages=QUESTION, stream=True)  # type: ignore[arg-type]
+    parts = []
+    with pytest.raises(openai.APIError):
+        for chunk in stream:
+            if chunk.choices:
+                parts.append(chunk.choices[0].delta.content or "")
+    assert "".join(parts) == "one two "
+
+
+def test_member_timing_out_is_reported_within_its_timeout(service: Service, fake: FakeUpstream) -> None:
+    fake.configure({"sloth": {"hang": True}, "alpha": {"text": "Fast answer."}})
+    started = time.monotonic()
+    response = post(service, model="mom-slow-member")
+    elapsed = time.monotonic() - started
+    assert response.status_code == 200
+    members = {m["name"]: m for m in response.json()["mom"]["members"]}
+    assert members["sloth"]["status"] == "error"
+    assert "timed out" in members["sloth"]["error"]
+    assert members["alpha"]["status"] == "ok"
+    assert elapsed < 5  # the sloth's timeout is 1 s
+    # the hung upstream call was abandoned, not left open
+    fake.wait_for(lambda log: any(e["model"] == "sloth" and e["outcome"] == "disconnected" for e in log))
+
+
+def test_all_members_hanging_answers_502_within_the_timeout(service: Service, fake: FakeUpstream) -> None:
+    fake.configure({"sloth": {"hang": True}, "alpha": {"status": 500}})
+    started = time.monotonic()
+    response = post(service, model="mom-slow-member", stream=True)
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "members_failed"
+    assert time.monotonic() - started < 5
+
+
+def _disconnect_after(service: Service, body: dict[str, Any], seconds: float) -> None:
+    """Send a request and drop the connection after `seconds`, like a user closing the tab."""
+
+    def run() -> None:
+        try:
+            with httpx.Client(timeout=seconds) as client:
+                client.post(f"{service.base_url}/chat/completions", headers=service.headers(), json=body)
+        except httpx.TimeoutException:
+            pass
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(seconds + 5)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_disconnect_during_the_panel_cancels_every_member_call(
+    service: Service, fake: FakeUpstream, stream: bool
+) -> None:
+    fake.configure({name: {"hang": True} for name in ("alpha", "beta", "gamma")})
+    _disconnect_after(service, {"model": "mom", "messages": QUESTION, "stream": stream}, 0.5)
+    left = time.time()
+    log = fake.wait_for(lambda log: len(log) == 3 and all(e["outcome"] == "disconnected" for e in log), timeout=5)
+    assert max(e["disconnected_at"] for e in log) - left < 1.0
+    assert not [e for e in log if e["model"] == "judge"]
+
+
+def test_disconnect_during_the_synthesis_stream_cancels_the_concluding_call(
+    service: Service, fake: FakeUpstream
+) -> None:
+    fake.configure({"judge": {"text": " ".join(["token"] * 200), "token_delay_ms": 50}})
+    received = []
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream(
+            "POST",
+            f"{service.base_url}/chat/completions",
+            headers=service.headers(),
+            json={"model": "mom", "messages": QUESTION, "stream": True},
+        ) as response,
+    ):
+        for text in response.iter_text():
+            received.append(text)
+            if sum(t.count("token") for t in received) >= 5:
+                break  # leave mid-stream
+    left = time.time()
+    log = fake.wait_for(
+        lambda log: any(e["model"] == "judge" and e["outcome"] == "disconnected" for e in log), timeout=5
+    )
+    judge = next(e for e in log if e["model"] == "judge")
+    assert judge["disconnected_at"] - left < 1.0
+    assert judge["tokens_sent"] < 200

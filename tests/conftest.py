@@ -1,0 +1,182 @@
+"""Fixtures: free ports, the fake upstream process, live service processes started as users start them."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.fake_upstream import FakeUpstream
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "test-token-123456"
+FAKE_KEY = "sk-fake-upstream-key-abcdef123456"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Service:
+    """The service as a user runs it (`mom-service serve`), in its own process and working directory."""
+
+    def __init__(self, workdir: Path, config: dict[str, Any] | None, env: dict[str, str]) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.log_path = workdir / "service.log"
+        self.env = env
+        if config is not None:
+            (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def start(self, timeout: float = 30.0) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("API_TOKEN", "MOM_", "LITELLM_", "OPENAI_"))}
+        env.update({"PORT": str(self.port), "HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1"})
+        env.update(self.env)
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "mom_service.cli", "serve"],
+                cwd=self.workdir,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"service exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"service did not start in {timeout} s:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def headers(self, token: str = TOKEN) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"}
+
+
+def llm(name: str, fake: FakeUpstream, **extra: Any) -> dict[str, Any]:
+    """An LLM definition served by the fake upstream under the model name `name`."""
+    return {"name": name, "model": f"openai/{name}", "api_base": fake.base_url, "api_key_env": "FAKE_KEY"} | extra
+
+
+def panel_config(fake: FakeUpstream) -> dict[str, Any]:
+    """The standard test panel: three members and a judge, in several MoM models."""
+    members = ["alpha", "beta", "gamma"]
+    return {
+        "llm_definitions": [
+            llm("alpha", fake),
+            llm("beta", fake),
+            llm("gamma", fake),
+            llm("judge", fake),
+            llm("sloth", fake, timeout=1),
+            # a model name in LiteLLM's OpenAI catalog: LiteLLM forwards `user` only to those
+            llm("catalog", fake, model="openai/gpt-4o-mini"),
+        ],
+        "prompt_definitions": [{"name": "synth", "content": "SYNTH-PROMPT: combine the panel's answers."}],
+        "models": [
+            {"name": "mom", "llms_to_query": members, "concluding_llm": "judge", "concluding_prompt": "synth"},
+            {
+                "name": "mom-think",
+                "llms_to_query": members,
+                "concluding_llm": "judge",
+                "concluding_prompt": "synth",
+                "include_thinking_context": True,
+            },
+            {
+                "name": "mom-reason",
+                "llms_to_query": members,
+                "concluding_llm": "judge",
+                "concluding_prompt": "synth",
+                "include_thinking_context": True,
+                "thinking_format": "reasoning_content",
+            },
+            {
+                "name": "mom-slow-member",
+                "llms_to_query": ["alpha", "sloth"],
+                "concluding_llm": "judge",
+                "concluding_prompt": "synth",
+            },
+            {"name": "mom-catalog", "llms_to_query": ["catalog"], "concluding_llm": "judge"},
+        ],
+    }
+
+
+@pytest.fixture(scope="session")
+def fake_server() -> Iterator[FakeUpstream]:
+    server = FakeUpstream(free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fake(fake_server: FakeUpstream) -> FakeUpstream:
+    """The fake upstream, reset for this test."""
+    fake_server.reset()
+    return fake_server
+
+
+StartService = Callable[..., Service]
+
+
+@pytest.fixture(scope="session")
+def start_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartService]:
+    """Start a service process with a config and environment; every one is stopped at the end of the session."""
+    started: list[Service] = []
+
+    def start(
+        config: dict[str, Any] | None, env: dict[str, str] | None = None, *, token: str | None = TOKEN
+    ) -> Service:
+        environment = {"FAKE_KEY": FAKE_KEY}
+        if token is not None:
+            environment["API_TOKEN"] = token
+        environment.update(env or {})
+        service = Service(tmp_path_factory.mktemp("service"), config, environment)
+        started.append(service)
+        service.start()
+        return service
+
+    yield start
+    for service in started:
+        service.stop()
+
+
+@pytest.fixture(scope="session")
+def service(fake_server: FakeUpstream, start_service: StartService) -> Service:
+    """One live service over the standard test panel, shared by the API tests."""
+    return start_service(panel_config(fake_server))

@@ -1,0 +1,217 @@
+"""The request model: what is accepted, what reaches the panel, and OpenAI-shaped 400s naming the parameter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from mom_service.endpoints.models import SAMPLING_PARAMS, parse_chat_request
+from mom_service.errors import InvalidRequest
+
+USER = [{"role": "user", "content": "Hello"}]
+
+
+def request(**fields: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "mom", "messages": USER}
+    body.update(fields)
+    return body
+
+
+def rejected(data: Any) -> InvalidRequest:
+    with pytest.raises(InvalidRequest) as info:
+        parse_chat_request(data)
+    assert info.value.status_code == 400
+    assert info.value.to_dict()["error"]["type"] == "invalid_request_error"
+    return info.value
+
+
+def test_minimal_request() -> None:
+    parsed = parse_chat_request(request())
+    assert parsed.model == "mom"
+    assert parsed.stream is False
+    assert parsed.include_usage is False
+    assert parsed.sampling_params() == {}
+    assert parsed.upstream_messages() == [{"role": "user", "content": "Hello"}]
+
+
+def test_include_usage() -> None:
+    assert parse_chat_request(request(stream=True, stream_options={"include_usage": True})).include_usage is True
+
+
+def test_n_equal_one_is_accepted() -> None:
+    assert parse_chat_request(request(n=1)).n == 1
+
+
+def test_sampling_params_keeps_only_allowlisted_params_that_were_set() -> None:
+    allowed = {
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "max_tokens": 100,
+        "max_completion_tokens": 200,
+        "stop": ["\n\n", "END"],
+        "seed": 7,
+        "user": "user-1",
+        "presence_penalty": 0.1,
+        "frequency_penalty": -0.2,
+    }
+    assert set(allowed) == set(SAMPLING_PARAMS)
+    dangerous = {
+        "api_base": "http://attacker.example/v1",
+        "api_key": "sk-attacker-key-123456",
+        "base_url": "http://attacker.example/v1",
+        "mock_response": "pwned",
+        "custom_llm_provider": "openai",
+        "fallbacks": ["gpt-4o"],
+        "metadata": {"x": "y"},
+        "logit_bias": {"1": 100},
+        "tools": [],
+    }
+    parsed = parse_chat_request(request(**allowed, **dangerous))
+    assert parsed.sampling_params() == allowed
+
+
+def test_sampling_params_only_those_set() -> None:
+    parsed = parse_chat_request(request(temperature=0, stop="END"))
+    assert parsed.sampling_params() == {"temperature": 0, "stop": "END"}
+
+
+def test_upstream_messages_drop_unknown_fields() -> None:
+    parsed = parse_chat_request(
+        request(
+            messages=[
+                {"role": "system", "content": "Be brief.", "api_base": "http://attacker.example"},
+                {
+                    "role": "user",
+                    "name": "bob",
+                    "api_key": "sk-attacker-key-123456",
+                    "content": [
+                        {"type": "text", "text": "What is this?", "evil": 1},
+                        {
+                            "type": "image_url",
+                            "image_url": {"url": "https://example.com/cat.png", "detail": "low", "evil": 2},
+                            "evil": 3,
+                        },
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+                    ],
+                },
+                {"role": "assistant", "content": "A cat.", "mock_response": "x"},
+                {"role": "developer", "content": "Dev note."},
+            ]
+        )
+    )
+    assert parsed.upstream_messages() == [
+        {"role": "system", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is this?"},
+                {"type": "image_url", "image_url": {"url": "https://example.com/cat.png", "detail": "low"}},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+            ],
+            "name": "bob",
+        },
+        {"role": "assistant", "content": "A cat."},
+        {"role": "developer", "content": "Dev note."},
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+
+
+def test_body_not_an_object() -> None:
+    error = rejected([{"model": "mom", "messages": USER}])
+    assert error.param is None
+    assert error.code == "invalid_request_body"
+
+
+def test_missing_model() -> None:
+    error = rejected({"messages": USER})
+    assert error.param == "model"
+    assert error.code == "missing_required_parameter"
+    assert error.message == "Missing required parameter: 'model'."
+
+
+def test_empty_messages() -> None:
+    error = rejected(request(messages=[]))
+    assert error.param == "messages"
+    assert error.code == "invalid_value"
+
+
+def test_missing_messages() -> None:
+    error = rejected({"model": "mom"})
+    assert error.param == "messages"
+    assert error.code == "missing_required_parameter"
+
+
+@pytest.mark.parametrize(
+    ("message", "param"),
+    [
+        ({"role": "wizard", "content": "x"}, "messages[0].role"),
+        ({"role": "tool", "content": "x", "tool_call_id": "call_1"}, "messages[0].role"),
+        ({"role": "function", "content": "x", "name": "f"}, "messages[0].role"),
+        ({"content": "x"}, "messages[0].role"),
+        ({"role": "user"}, "messages[0].content"),
+        ({"role": "user", "content": 42}, "messages[0].content"),
+        ({"role": "user", "content": [{"type": "audio", "input_audio": {}}]}, "messages[0].content[0]"),
+        ({"role": "user", "content": [{"type": "text", "text": 5}]}, "messages[0].content[0].text"),
+        ({"role": "user", "content": [{"type": "text"}]}, "messages[0].content[0].text"),
+        (
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]},
+            "messages[0].content[0].image_url.url",
+        ),
+        (
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "ftp://example.com/cat.png"}}]},
+            "messages[0].content[0].image_url.url",
+        ),
+    ],
+    ids=[
+        "unknown-role",
+        "tool-role",
+        "function-role",
+        "missing-role",
+        "missing-content",
+        "content-number",
+        "unknown-part-type",
+        "text-not-string",
+        "text-missing",
+        "file-url",
+        "ftp-url",
+    ],
+)
+def test_bad_message(message: dict[str, Any], param: str) -> None:
+    error = rejected(request(messages=[message]))
+    assert error.param == param
+    assert f"'{param}'" in error.message
+
+
+def test_bad_second_message_is_named() -> None:
+    error = rejected(request(messages=[*USER, {"role": "tool", "content": "x"}]))
+    assert error.param == "messages[1].role"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", 2.5),
+        ("temperature", -0.1),
+        ("temperature", "hot"),
+        ("top_p", 1.5),
+        ("max_tokens", 0),
+        ("presence_penalty", 3),
+        ("stream", "maybe"),
+        ("model", ""),
+    ],
+)
+def test_bad_parameter(field: str, value: Any) -> None:
+    error = rejected(request(**{field: value}))
+    assert error.param == field
+    assert error.code == "invalid_value"
+    assert error.message.startswith(f"Invalid value for '{field}': ")
+
+
+@pytest.mark.parametrize("n", [2, 0])
+def test_only_n_one(n: int) -> None:
+    error = rejected(request(n=n))
+    assert error.param == "n"
+    assert error.code == "invalid_value"

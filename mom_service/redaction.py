@@ -8,7 +8,9 @@ from collections.abc import Iterable
 
 # Shapes of credentials that may appear in a provider's error text even when we do not know the value.
 _KEY_SHAPES = re.compile(
-    r"(?:sk|pk|rk|ak)-[A-Za-z0-9_\-]{8,}|(?i:bearer)\s+[A-Za-z0-9._~+/=\-]{8,}|AIza[0-9A-Za-z_\-]{20,}"
+    r"\b(?:sk|pk|rk|ak)-[A-Za-z0-9_\-]{8,}"
+    r"|\b(?i:bearer)\s+(?:(?=\S*\d)[A-Za-z0-9._~+/=\-]{8,}|[A-Za-z0-9._~+/=\-]{16,})"
+    r"|\bAIza[0-9A-Za-z_\-]{20,}"
 )
 MASK = "***"
 
@@ -33,19 +35,25 @@ class RedactingFilter(logging.Filter):
         super().__init__()
         self.redactor = redactor
 
+    def _arg(self, value: object) -> object:
+        if isinstance(value, int | float) or value is None:
+            return value  # numbers keep their type for %d and friends
+        return self.redactor(value if isinstance(value, str) else str(value))
+
     def filter(self, record: logging.LogRecord) -> bool:
+        message = record.msg if isinstance(record.msg, str) else str(record.msg)
         if record.exc_info:
             exc = record.exc_info[1]
             if exc is not None:
-                record.msg = f"{record.msg} ({type(exc).__name__}: {exc})"
+                detail = f" ({type(exc).__name__}: {exc})"
+                message += detail.replace("%", "%%") if record.args else detail
             record.exc_info = None
             record.exc_text = None
         record.stack_info = None
-        if isinstance(record.msg, str):
-            record.msg = self.redactor(record.msg)
+        record.msg = self.redactor(message)
         if isinstance(record.args, tuple):
             # formatters such as uvicorn's access log read the arguments themselves: redact them in place
-            record.args = tuple(self.redactor(a) if isinstance(a, str) else a for a in record.args)
+            record.args = tuple(self._arg(a) for a in record.args)
         elif isinstance(record.args, dict):
-            record.args = {k: self.redactor(v) if isinstance(v, str) else v for k, v in record.args.items()}
+            record.args = {k: self._arg(v) for k, v in record.args.items()}
         return True

@@ -88,6 +88,25 @@ class Service:
     def headers(self, token: str = TOKEN) -> dict[str, str]:
         return {"Authorization": f"Bearer {token}"}
 
+    def sse(self, body: dict[str, Any]) -> Iterator[tuple[float, str]]:
+        """POST a streaming chat request and yield (arrival time, `data:` payload) as each SSE frame arrives.
+
+        Stopping the iteration closes the connection, as a client leaving mid-stream does.
+        """
+        with (
+            httpx.Client(timeout=30) as client,
+            client.stream("POST", f"{self.base_url}/chat/completions", headers=self.headers(), json=body) as response,
+        ):
+            assert response.status_code == 200, response.read()
+            assert response.headers["content-type"].startswith("text/event-stream")
+            buffer = ""
+            for text in response.iter_text():
+                buffer += text
+                while "\n\n" in buffer:
+                    frame, buffer = buffer.split("\n\n", 1)
+                    assert frame.startswith("data: "), frame
+                    yield time.monotonic(), frame[len("data: ") :]
+
 
 def llm(name: str, fake: FakeUpstream, **extra: Any) -> dict[str, Any]:
     """An LLM definition served by the fake upstream under the model name `name`."""

@@ -130,26 +130,10 @@ def test_members_are_called_concurrently(service: Service, fake: FakeUpstream) -
 def test_streaming_is_incremental_and_ends_with_usage_and_done(service: Service, fake: FakeUpstream) -> None:
     words = " ".join(f"word{i}" for i in range(12))
     fake.configure({"judge": {"text": words, "token_delay_ms": 100}})
-    arrivals: list[tuple[float, dict[str, Any] | str]] = []
-    with (
-        httpx.Client(timeout=30) as client,
-        client.stream(
-            "POST",
-            f"{service.base_url}/chat/completions",
-            headers=service.headers(),
-            json={"model": "mom", "messages": QUESTION, "stream": True, "stream_options": {"include_usage": True}},
-        ) as response,
-    ):
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/event-stream")
-        buffer = ""
-        for text in response.iter_text():
-            buffer += text
-            while "\n\n" in buffer:
-                frame, buffer = buffer.split("\n\n", 1)
-                assert frame.startswith("data: ")
-                payload = frame[len("data: ") :]
-                arrivals.append((time.monotonic(), payload if payload == "[DONE]" else orjson.loads(payload)))
+    body = {"model": "mom", "messages": QUESTION, "stream": True, "stream_options": {"include_usage": True}}
+    arrivals: list[tuple[float, dict[str, Any] | str]] = [
+        (at, payload if payload == "[DONE]" else orjson.loads(payload)) for at, payload in service.sse(body)
+    ]
     assert arrivals[-1][1] == "[DONE]"
     chunks = [c for _, c in arrivals[:-1]]
     assert isinstance(chunks[0], dict)

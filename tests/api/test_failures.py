@@ -169,20 +169,11 @@ def test_disconnect_during_the_synthesis_stream_cancels_the_concluding_call(
     service: Service, fake: FakeUpstream
 ) -> None:
     fake.configure({"judge": {"text": " ".join(["token"] * 200), "token_delay_ms": 50}})
-    received = []
-    with (
-        httpx.Client(timeout=30) as client,
-        client.stream(
-            "POST",
-            f"{service.base_url}/chat/completions",
-            headers=service.headers(),
-            json={"model": "mom", "messages": QUESTION, "stream": True},
-        ) as response,
-    ):
-        for text in response.iter_text():
-            received.append(text)
-            if sum(t.count("token") for t in received) >= 5:
-                break  # leave mid-stream
+    tokens = 0
+    for _, payload in service.sse({"model": "mom", "messages": QUESTION, "stream": True}):
+        tokens += payload.count("token")
+        if tokens >= 5:
+            break  # leave mid-stream: the connection closes here
     left = time.time()
     log = fake.wait_for(
         lambda log: any(e["model"] == "judge" and e["outcome"] == "disconnected" for e in log), timeout=5

@@ -109,34 +109,26 @@ def test_plain_uvicorn_serves_the_app(tmp_path: Path) -> None:
         process.wait(10)
 
 
+def _check_config(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mom_service.cli", "check-config", str(path)],
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_check_config_command(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(BAD_CONFIG)
-    result = subprocess.run(
-        [sys.executable, "-m", "mom_service.cli", "check-config", str(bad)],
-        env=_clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _check_config(bad)
     assert result.returncode == 1
     assert f"{bad}: llm_definitions[1] (name 'broken'): field 'timeout'" in result.stderr
     bad.write_text(BAD_CONFIG.replace("timeout: soon", "timeout: 5"))
-    result = subprocess.run(
-        [sys.executable, "-m", "mom_service.cli", "check-config", str(bad)],
-        env=_clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _check_config(bad)
     assert result.returncode == 1
     assert f"{bad}: models[0] (name 'mom'): field 'llms_to_query': unknown LLM 'missing-llm'" in result.stderr
-    good = subprocess.run(
-        [sys.executable, "-m", "mom_service.cli", "check-config", str(ROOT / "config.yaml_template")],
-        env=_clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    good = _check_config(ROOT / "config.yaml_template")
     assert good.returncode == 0, good.stderr
     assert "OK" in good.stdout

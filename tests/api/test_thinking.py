@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import httpx
@@ -29,26 +28,11 @@ def _panel(fake: FakeUpstream) -> None:
 
 def _stream(service: Service, model: str) -> list[tuple[float, dict[str, Any]]]:
     chunks: list[tuple[float, dict[str, Any]]] = []
-    with (
-        httpx.Client(timeout=30) as client,
-        client.stream(
-            "POST",
-            f"{service.base_url}/chat/completions",
-            headers=service.headers(),
-            json={"model": model, "messages": QUESTION, "stream": True},
-        ) as response,
-    ):
-        assert response.status_code == 200
-        buffer = ""
-        for text in response.iter_text():
-            buffer += text
-            while "\n\n" in buffer:
-                frame, buffer = buffer.split("\n\n", 1)
-                payload = frame.removeprefix("data: ")
-                if payload != "[DONE]":
-                    chunk = orjson.loads(payload)
-                    validate(chunk, "CreateChatCompletionStreamResponse")
-                    chunks.append((time.monotonic(), chunk))
+    for at, payload in service.sse({"model": model, "messages": QUESTION, "stream": True}):
+        if payload != "[DONE]":
+            chunk = orjson.loads(payload)
+            validate(chunk, "CreateChatCompletionStreamResponse")
+            chunks.append((at, chunk))
     return chunks
 
 

@@ -58,10 +58,6 @@ def test_normal_text_unchanged(text: str) -> None:
     assert Redactor([SECRET])(text) == text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="redaction._KEY_SHAPES has no word boundary: 'network-timeout-error' matches 'rk-...' and is masked",
-)
 @pytest.mark.parametrize("text", ["network-timeout-error", "task-management", "disk-cache-enabled"])
 def test_hyphenated_words_unchanged(text: str) -> None:
     assert Redactor()(text) == text
@@ -134,32 +130,18 @@ def test_uvicorn_access_record_still_formats() -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RedactingFilter redacts only str args: an exception (or any object) passed as an argument "
-    "is formatted later with its secret",
-)
 def test_secret_in_exception_argument_redacted(logged: tuple[logging.Logger, io.StringIO]) -> None:
     logger, buffer = logged
     logger.error("member failed: %s", RuntimeError(f"401 for key {KEY}"))
     assert KEY not in buffer.getvalue()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RedactingFilter redacts record.msg only when it is a str: logger.error(exc) keeps the secret",
-)
 def test_secret_in_non_string_message_redacted(logged: tuple[logging.Logger, io.StringIO]) -> None:
     logger, buffer = logged
     logger.error(RuntimeError(f"401 for key {KEY}"))
     assert KEY not in buffer.getvalue()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RedactingFilter appends the exception text to record.msg, which is then %-formatted with the args: "
-    "a '%' in the exception message breaks the record (logging prints '--- Logging error ---' and a traceback)",
-)
 def test_percent_in_exception_message_with_args(
     logged: tuple[logging.Logger, io.StringIO], capsys: pytest.CaptureFixture[str]
 ) -> None:

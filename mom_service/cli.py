@@ -37,11 +37,11 @@ def _serve(settings: Settings, host: str | None, port: int | None) -> int:
     import uvicorn
 
     from mom_service.logs import setup_logging
-    from mom_service.main import build_state, create_app, log_startup
+    from mom_service.main import create_app, log_config
     from mom_service.redaction import Redactor
 
     setup_logging(Redactor())
-    log_startup(build_state(settings, config, path))
+    log_config(config, path)
     app = create_app(settings, config, path)
     uvicorn.run(
         app,

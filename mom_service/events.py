@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Literal
 
 from mom_service.errors import MoMError
@@ -39,9 +40,11 @@ class CallReport:
     latency_ms: float | None = None
     ttft_ms: float | None = None
     usage: Usage | None = None
-    cost: float | None = None
+    cost: Decimal | None = None  # USD; None when the LLM's price is unknown
     cached: bool = False
     text: str = ""
+    role: Literal["member", "concluding"] = "member"
+    estimated: bool = False  # usage counted by us (a cancelled stream), not reported by the provider
 
 
 @dataclass(slots=True)
@@ -58,12 +61,27 @@ class Breakdown:
     def degraded(self) -> bool:
         return self.answered < len(self.members)
 
+    @property
+    def calls(self) -> tuple[CallReport, ...]:
+        return (*self.members, self.concluding)
+
     def usage(self) -> Usage:
         total = Usage()
-        for report in (*self.members, self.concluding):
+        for report in self.calls:
             if report.usage is not None:
                 total.add(report.usage)
         return total
+
+    @property
+    def cost(self) -> Decimal | None:
+        """USD of every call whose price is known (exact, in Decimal); None when none is known."""
+        known = [r.cost for r in self.calls if r.cost is not None]
+        return sum(known, Decimal(0)) if known else None
+
+    @property
+    def unpriced(self) -> list[str]:
+        """The LLMs whose calls used tokens but have no known price: left out of `cost`."""
+        return [r.name for r in self.calls if r.cost is None]
 
 
 @dataclass(slots=True)
@@ -99,3 +117,20 @@ class Failed:
 
 
 Event = MemberFinished | PanelDone | ContentDelta | Completed | Failed
+
+RequestStatus = Literal["ok", "error", "cancelled"]
+
+
+@dataclass(slots=True)
+class RequestOutcome:
+    """What a finished request leaves for the usage records: how it ended and every upstream call."""
+
+    request_id: str
+    mom_model: str
+    stream: bool
+    status: RequestStatus
+    error_code: str | None
+    started_at: float  # unix seconds
+    latency_ms: float
+    ttft_ms: float | None
+    breakdown: Breakdown

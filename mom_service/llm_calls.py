@@ -59,6 +59,15 @@ def configure_litellm(verbose: bool) -> None:
         litellm._turn_on_debug()
 
 
+def cost_map_entry(model: str) -> dict[str, Any] | None:
+    """LiteLLM's bundled cost-map entry for a model string, or None when the model is not in it."""
+    try:
+        info = litellm.get_model_info(model)
+    except Exception:
+        return None
+    return dict(info)
+
+
 def _usage_from(raw: Any) -> Usage | None:
     if raw is None:
         return None
@@ -98,6 +107,16 @@ class LLMCaller:
                 # environment to whatever server api_base names. A keyless local server ignores this value.
                 static["api_key"] = NO_KEY
             self._static[llm.name] = static
+
+    def estimate_usage(self, llm: LLMDefinition, messages: list[dict[str, Any]], text: str) -> Usage:
+        """Our own count of a call's tokens, for a stream cut off before the provider reported its usage."""
+        try:
+            prompt = litellm.token_counter(model=llm.model, messages=messages) if messages else 0
+            completion = litellm.token_counter(model=llm.model, text=text, count_response_tokens=True) if text else 0
+        except Exception:  # a tokenizer problem must not hide the call: count roughly, 4 characters a token
+            prompt = sum(len(str(m.get("content", ""))) for m in messages) // 4
+            completion = len(text) // 4
+        return Usage(prompt_tokens=int(prompt), completion_tokens=int(completion))
 
     def missing_key(self, llm: LLMDefinition) -> str | None:
         """The environment variable an LLM's key should be in, when it is not set."""

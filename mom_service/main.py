@@ -13,13 +13,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
+from sqlalchemy.engine import make_url
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mom_service import __version__
 from mom_service.config import MoMConfig, Settings, environment, resolve_config
 from mom_service.core_logic import Engine
-from mom_service.endpoints import health_api, openai_v1
+from mom_service.endpoints import health_api, metrics_api, openai_v1
 from mom_service.errors import (
     ConfigError,
     InternalError,
@@ -29,8 +30,10 @@ from mom_service.errors import (
     NotFound,
     PayloadTooLarge,
 )
-from mom_service.llm_calls import LLMCaller, configure_litellm
+from mom_service.llm_calls import LLMCaller, configure_litellm, cost_map_entry
 from mom_service.logs import LOGGER_NAME, setup_logging
+from mom_service.metrics_db import SCHEMA_VERSION, UsageWriter, create_engine, migrate
+from mom_service.pricing_utils import build_price_book
 from mom_service.redaction import Redactor
 from mom_service.state import AppState
 
@@ -113,48 +116,67 @@ class QuietStartupFailure:
 
 
 def build_state(settings: Settings, config: MoMConfig, config_path: str | None) -> AppState:
+    """Everything the app needs, built without network I/O: the database is connected by the lifespan."""
     env = environment()
     secrets = [*(t.decode() for t in settings.api_tokens)]
     secrets += [env[d.api_key_env] for d in config.llm_definitions if d.api_key_env and env.get(d.api_key_env)]
     for value in (settings.langfuse_secret_key, settings.langfuse_public_key):
         if value:
             secrets.append(value)
+    database_password = make_url(settings.database_url).password
+    if database_password:
+        secrets.append(str(database_password))
     redactor = Redactor(secrets)
     caller = LLMCaller(config, env, redactor)
+    usage_db = create_engine(settings.database_url)
+    writer = UsageWriter(usage_db, max_queue=settings.mom_usage_queue_size)
+    prices = build_price_book(config, cost_map_entry)
     return AppState(
         settings=settings,
         config=config,
         config_path=config_path,
-        engine=Engine(caller),
+        engine=Engine(caller, prices, writer.submit),
         redactor=redactor,
         started_at=int(time.time()),
+        usage_db=usage_db,
+        usage_writer=writer,
     )
 
 
-def log_startup(state: AppState) -> None:
-    config = state.config
-    if state.config_path is None:
+def log_config(config: MoMConfig, config_path: str | None) -> None:
+    """The first lines: which config runs (and, for the demo, how to configure real providers)."""
+    if config_path is None:
         logger.warning(DEMO_BANNER)
     else:
-        logger.info("Loaded config %s", state.config_path)
+        logger.info("Loaded config %s", config_path)
     logger.info(
         "MoM models: %s; LLMs: %s",
         ", ".join(m.name for m in config.models),
         ", ".join(d.name for d in config.llm_definitions),
     )
+
+
+def log_warnings(state: AppState) -> None:
     if not state.settings.api_tokens:
         logger.warning("API_TOKEN is not set: protected endpoints answer 503 service_misconfigured until it is.")
-    for llm in config.llm_definitions:
+    for llm in state.config.llm_definitions:
         if llm.api_key_env and state.engine.caller.missing_key(llm) is not None:
             logger.warning(
                 "LLM '%s': environment variable %s is not set; its calls will fail", llm.name, llm.api_key_env
             )
 
 
+class StartupFailed(Exception):
+    """Start-up cannot go on; the reason has been logged."""
+
+
 def create_app(
     settings: Settings | None = None, config: MoMConfig | None = None, config_path: str | None = None
 ) -> FastAPI:
-    """Build the app. Nothing is read or connected here: the lifespan does that when the server starts."""
+    """Build the app. Nothing is read or connected here: the lifespan does that when the server starts.
+
+    `config` is given when the caller (the CLI) has already loaded and announced it.
+    """
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -162,19 +184,36 @@ def create_app(
         setup_logging(Redactor())
         configure_litellm(settings.litellm_verbose)
         try:
-            if config is not None:
-                state = build_state(settings, config, config_path)
-            else:
+            if config is None:
                 loaded, path = resolve_config(settings)
-                state = build_state(settings, loaded, path)
-                log_startup(state)
+                log_config(loaded, path)
+            else:
+                loaded, path = config, config_path
+            state = build_state(settings, loaded, path)
         except ConfigError as exc:
             logger.error("Invalid config, not starting:\n%s", exc)
-            raise
+            raise StartupFailed from None
         setup_logging(state.redactor)
+        log_warnings(state)
+        database = make_url(settings.database_url).render_as_string(hide_password=True)
+        try:
+            version = await migrate(state.usage_db)
+        except Exception as exc:
+            logger.error("Usage database %s is not usable, not starting: %s", database, state.redactor(str(exc)))
+            await state.usage_db.dispose()
+            raise StartupFailed from None
+        logger.info("Usage database %s (schema version %d, was %d)", database, SCHEMA_VERSION, version)
+        state.usage_writer.start()
         app.state.mom = state
-        yield
-        app.state.mom = None
+        try:
+            yield
+        finally:
+            app.state.mom = None
+            await state.usage_writer.close()
+            logger.info(
+                "Usage records written: %d, dropped: %d", state.usage_writer.written, state.usage_writer.dropped
+            )
+            await state.usage_db.dispose()
 
     app = FastAPI(
         title="MoM Service",
@@ -186,6 +225,7 @@ def create_app(
     )
     _install_error_handlers(app)
     app.include_router(openai_v1.router)
+    app.include_router(metrics_api.router)
     app.include_router(health_api.router)
     if settings.cors_origins:
         app.add_middleware(

@@ -6,10 +6,12 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mom_service.config import MoMConfig, Settings
 from mom_service.core_logic import Engine
 from mom_service.errors import ServiceUnavailable
+from mom_service.metrics_db import UsageWriter
 from mom_service.redaction import Redactor
 
 
@@ -21,6 +23,8 @@ class AppState:
     engine: Engine
     redactor: Redactor
     started_at: int
+    usage_db: AsyncEngine
+    usage_writer: UsageWriter
 
 
 def get_state(request: Request) -> AppState:

@@ -7,11 +7,13 @@ built for every chunk, so they stay cheap; the tests validate them against OpenA
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from typing_extensions import TypedDict
 
+from mom_service.cost_calculation import usd
 from mom_service.errors import InvalidRequest
 from mom_service.events import Breakdown, CallReport, Usage
 
@@ -189,7 +191,7 @@ def model_object(name: str, created: int) -> ModelObject:
     return {"id": name, "object": "model", "created": created, "owned_by": OWNED_BY}
 
 
-def usage_dict(usage: Usage, cost: float | None = None) -> dict[str, Any]:
+def usage_dict(usage: Usage, cost: Decimal | None = None) -> dict[str, Any]:
     """OpenAI's CompletionUsage, with our `cost` (USD) beside the standard fields."""
     return {
         "prompt_tokens": usage.prompt_tokens,
@@ -197,7 +199,7 @@ def usage_dict(usage: Usage, cost: float | None = None) -> dict[str, Any]:
         "total_tokens": usage.total_tokens,
         "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
-        "cost": cost,
+        "cost": usd(cost),
     }
 
 
@@ -210,7 +212,7 @@ def _report_dict(report: CallReport) -> dict[str, Any]:
         "latency_ms": report.latency_ms,
         "ttft_ms": report.ttft_ms,
         "usage": usage_dict(report.usage, report.cost) if report.usage is not None else None,
-        "cost": report.cost,
+        "cost": usd(report.cost),
         "cached": report.cached,
     }
 
@@ -223,7 +225,8 @@ def breakdown_dict(breakdown: Breakdown) -> dict[str, Any]:
         "answered": breakdown.answered,
         "asked": len(breakdown.members),
         "degraded": breakdown.degraded,
-        "cost": None,
+        "cost": usd(breakdown.cost),
+        "unpriced": breakdown.unpriced,
         "cache": breakdown.cache,
     }
 
@@ -249,6 +252,6 @@ def completion_body(
         "created": created,
         "model": model,
         "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}],
-        "usage": usage_dict(usage),
+        "usage": usage_dict(usage, breakdown.cost),
         "mom": breakdown_dict(breakdown),
     }

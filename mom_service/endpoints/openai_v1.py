@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
@@ -60,7 +61,14 @@ async def chat_completions(request: Request, state: StateDep, _: Authorized) -> 
     mom = state.config.mom_model(chat.model)
     if mom is None:
         raise NotFound(f"The model '{chat.model}' does not exist.", code="model_not_found", param="model")
-    plan = make_plan(state.config, mom, chat.upstream_messages(), chat.sampling_params())
+    plan = make_plan(
+        state.config,
+        mom,
+        chat.upstream_messages(),
+        chat.sampling_params(),
+        request_id=str(uuid.uuid4()),
+        stream=bool(chat.stream),
+    )
     events = state.engine.run(plan)
 
     if not chat.stream:

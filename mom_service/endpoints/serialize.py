@@ -100,7 +100,7 @@ class StreamSerializer:
                 out += (
                     self._head
                     + b',"choices":[],"usage":'
-                    + orjson.dumps(usage_dict(event.usage))
+                    + orjson.dumps(usage_dict(event.usage, event.breakdown.cost))
                     + b',"mom":'
                     + orjson.dumps(breakdown_dict(event.breakdown))
                     + b"}\n\n"

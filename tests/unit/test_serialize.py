@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from decimal import Decimal
 from typing import Any, Literal
 
 import jsonschema
@@ -32,7 +33,7 @@ ALPHA = CallReport(
     latency_ms=12.5,
     ttft_ms=3.0,
     usage=Usage(prompt_tokens=10, completion_tokens=5, reasoning_tokens=2, cached_tokens=4),
-    cost=0.001,
+    cost=Decimal("0.001"),
 )
 BETA = CallReport(name="beta", model="openai/beta", status="error", error="HTTP 500", latency_ms=8.0)
 JUDGE = CallReport(
@@ -278,6 +279,10 @@ def test_completion_body() -> None:
     }
     assert breakdown_["concluding"]["name"] == "judge"
     assert breakdown_["concluding"]["usage"]["completion_tokens"] == 7
+    # only alpha has a known cost: the totals add it, and the others are listed as unpriced
+    assert breakdown_["cost"] == 0.001
+    assert body["usage"]["cost"] == 0.001
+    assert breakdown_["unpriced"] == ["beta", "judge"]
 
 
 def test_completion_with_think_tags() -> None:

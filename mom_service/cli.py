@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 
 from mom_service.config import Settings, load_config, resolve_config
 from mom_service.errors import ConfigError
@@ -27,6 +29,10 @@ def _check_config(path: str | None, settings: Settings) -> int:
     return 0
 
 
+def _after_graceful_shutdown(signum: int, frame: FrameType | None) -> None:
+    """Installed as the pre-uvicorn handler: the shutdown it asked for has already happened."""
+
+
 def _serve(settings: Settings, host: str | None, port: int | None) -> int:
     # Validate before the server starts, so a wrong config is one clear message and exit 1.
     try:
@@ -43,6 +49,10 @@ def _serve(settings: Settings, host: str | None, port: int | None) -> int:
     setup_logging(Redactor())
     log_config(config, path)
     app = create_app(settings, config, path)
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler that was there
+    # before it: make that one a no-op, so a graceful shutdown (records drained) exits with status 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _after_graceful_shutdown)
     uvicorn.run(
         app,
         host=host or settings.host,

@@ -113,16 +113,30 @@ def llm(name: str, fake: FakeUpstream, **extra: Any) -> dict[str, Any]:
     return {"name": name, "model": f"openai/{name}", "api_base": fake.base_url, "api_key_env": "FAKE_KEY"} | extra
 
 
+# USD per million tokens, as config.yaml gives them
+PRICES: dict[str, dict[str, str]] = {
+    "alpha": {
+        "input_per_million": "1.25",
+        "output_per_million": "2.5",
+        "reasoning_per_million": "7.5",
+        "cached_input_per_million": "0.3",
+    },
+    "beta": {"input_per_million": "3", "output_per_million": "15"},
+    "gamma": {"input_per_million": "0.15", "output_per_million": "0.6"},
+    "judge": {"input_per_million": "5", "output_per_million": "20"},
+}
+
+
 def panel_config(fake: FakeUpstream) -> dict[str, Any]:
     """The standard test panel: three members and a judge, in several MoM models."""
     members = ["alpha", "beta", "gamma"]
     return {
         "llm_definitions": [
-            llm("alpha", fake),
-            llm("beta", fake),
-            llm("gamma", fake),
-            llm("judge", fake),
-            llm("sloth", fake, timeout=1),
+            llm("alpha", fake, pricing=PRICES["alpha"]),
+            llm("beta", fake, pricing=PRICES["beta"]),
+            llm("gamma", fake, pricing=PRICES["gamma"]),
+            llm("judge", fake, pricing=PRICES["judge"]),
+            llm("sloth", fake, timeout=1),  # no pricing, not in LiteLLM's cost map: its cost is unknown
             # a model name in LiteLLM's OpenAI catalog: LiteLLM forwards `user` only to those
             llm("catalog", fake, model="openai/gpt-4o-mini"),
         ],

@@ -91,6 +91,7 @@ class Engine:
         except LLMCallError as exc:
             report.status = "error"
             report.error = exc.message
+            report.error_type = exc.kind
         else:
             report.text = result.text
             report.usage = result.usage
@@ -107,7 +108,13 @@ class Engine:
         started_at = time.time()
         started = time.perf_counter()
         members = [
-            CallReport(name=llm.name, model=llm.model, status="cancelled", error="cancelled before it answered")
+            CallReport(
+                name=llm.name,
+                model=llm.model,
+                status="cancelled",
+                error="cancelled before it answered",
+                error_type="cancelled",
+            )
             for llm in plan.members
         ]
         concluding = CallReport(
@@ -158,6 +165,7 @@ class Engine:
             except LLMCallError as exc:
                 concluding.status = "error"
                 concluding.error = exc.message
+                concluding.error_type = exc.kind
                 concluding.latency_ms = _ms_since(concluding_started)
                 concluding.cost = call_cost(concluding.usage, self.prices.get(plan.concluding.name))
                 when = "after it began answering" if concluding.ttft_ms is not None else "before answering"
@@ -202,6 +210,7 @@ class Engine:
     ) -> None:
         """A stream cut off by the client leaving still costs the tokens it produced: count them ourselves."""
         report.error = "cancelled: the client disconnected"
+        report.error_type = "cancelled"
         report.latency_ms = _ms_since(started)
         report.usage = self.caller.estimate_usage(llm, messages, "".join(synthesis))
         report.estimated = True

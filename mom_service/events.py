@@ -37,6 +37,7 @@ class CallReport:
     model: str
     status: MemberStatus = "ok"
     error: str | None = None
+    error_type: str | None = None  # timeout, rate_limited, http_error, connection, missing_key, cancelled, ...
     latency_ms: float | None = None
     ttft_ms: float | None = None
     usage: Usage | None = None

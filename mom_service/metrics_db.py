@@ -76,7 +76,8 @@ calls_table = Table(
     Column("model", String(256), nullable=False),
     Column("role", String(16), nullable=False),  # member | concluding
     Column("status", String(16), nullable=False),  # ok | error | cancelled
-    Column("error_type", String(300)),
+    Column("error_type", String(32)),  # timeout, rate_limited, http_error, connection, cancelled, ...
+    Column("error", String(300)),  # the (redacted) message
     Column("prompt_tokens", Integer, nullable=False),
     Column("completion_tokens", Integer, nullable=False),
     Column("reasoning_tokens", Integer, nullable=False),
@@ -168,7 +169,8 @@ def _call_row(request: RequestOutcome, report: CallReport, created_ms: int) -> d
         "model": report.model,
         "role": report.role,
         "status": report.status,
-        "error_type": report.error[:300] if report.error else None,
+        "error_type": report.error_type,
+        "error": report.error[:300] if report.error else None,
         "prompt_tokens": usage.prompt_tokens if usage else 0,
         "completion_tokens": usage.completion_tokens if usage else 0,
         "reasoning_tokens": usage.reasoning_tokens if usage else 0,

@@ -273,7 +273,7 @@ def test_rows_for_one_row_per_call_that_ran() -> None:
     assert (alpha["latency_ms"], alpha["ttft_ms"]) == (120.0, 40.0)
     assert beta["reasoning_tokens"] == 4
     assert gamma["prompt_tokens"] == gamma["completion_tokens"] == 0  # no usage reported
-    assert gamma["error_type"] == "x" * 300  # the column holds 300 characters
+    assert gamma["error"] == "x" * 300  # the column holds 300 characters
     assert delta["usage_estimated"] is True
     assert alpha["usage_estimated"] is False
     assert judge["cached_tokens"] == 12

@@ -88,6 +88,15 @@ class Service:
     def headers(self, token: str = TOKEN) -> dict[str, str]:
         return {"Authorization": f"Bearer {token}"}
 
+    def chat(self, model: str = "mom", messages: list[dict[str, Any]] | None = None, **extra: Any) -> httpx.Response:
+        """POST a chat completion with the test token (a short question unless `messages` is given)."""
+        return httpx.post(
+            f"{self.base_url}/chat/completions",
+            headers=self.headers(),
+            json={"model": model, "messages": messages or [{"role": "user", "content": "A question."}], **extra},
+            timeout=30,
+        )
+
     def sse(self, body: dict[str, Any]) -> Iterator[tuple[float, str]]:
         """POST a streaming chat request and yield (arrival time, `data:` payload) as each SSE frame arrives.
 

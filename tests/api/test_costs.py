@@ -46,18 +46,9 @@ def configure_priced_panel(fake: FakeUpstream) -> None:
     )
 
 
-def post(service: Service, model: str = "mom", **extra: Any) -> httpx.Response:
-    return httpx.post(
-        f"{service.base_url}/chat/completions",
-        headers=service.headers(),
-        json={"model": model, "messages": QUESTION, **extra},
-        timeout=30,
-    )
-
-
 def test_each_cost_is_the_price_table_times_the_fakes_tokens(service: Service, fake: FakeUpstream) -> None:
     configure_priced_panel(fake)
-    body = post(service).json()
+    body = service.chat(messages=QUESTION).json()
     mom = body["mom"]
     members = {m["name"]: m for m in mom["members"]}
     assert members["alpha"]["usage"]["completion_tokens"] == 3 + 400
@@ -98,7 +89,7 @@ def test_unknown_price_is_null_never_zero(service: Service, fake: FakeUpstream) 
     fake.configure(
         {"alpha": {"text": "quick", "prompt_tokens": 10}, "sloth": {"text": "slow but priceless", "prompt_tokens": 10}}
     )
-    body = post(service, model="mom-slow-member").json()
+    body = service.chat(messages=QUESTION, model="mom-slow-member").json()
     mom = body["mom"]
     members = {m["name"]: m for m in mom["members"]}
     assert members["sloth"]["status"] == "ok"
@@ -114,7 +105,7 @@ def test_unknown_price_is_null_never_zero(service: Service, fake: FakeUpstream) 
 
 def test_cost_map_prices_apply_without_config_pricing(service: Service, fake: FakeUpstream) -> None:
     fake.configure({"gpt-4o-mini": {"text": "catalog answer", "prompt_tokens": 1_000_000}})
-    body = post(service, model="mom-catalog").json()
+    body = service.chat(messages=QUESTION, model="mom-catalog").json()
     (member,) = body["mom"]["members"]
     # LiteLLM's bundled cost map: gpt-4o-mini input is $0.15 per million tokens, output $0.60
     expected = Decimal("0.15") + member["usage"]["completion_tokens"] * Decimal("0.0000006")
@@ -123,7 +114,7 @@ def test_cost_map_prices_apply_without_config_pricing(service: Service, fake: Fa
 
 def test_failed_member_costs_zero(service: Service, fake: FakeUpstream) -> None:
     fake.configure({"beta": {"status": 500}})
-    body = post(service).json()
+    body = service.chat(messages=QUESTION).json()
     beta = next(m for m in body["mom"]["members"] if m["name"] == "beta")
     assert beta["status"] == "error" and beta["usage"] is None and beta["cost"] == 0
 
@@ -155,8 +146,8 @@ def test_usage_api_totals_and_groups_match_the_answers(fresh_service: Service, f
     service = fresh_service
     start = time.time() - 1
     configure_priced_panel(fake)
-    answers = [post(service).json() for _ in range(3)]
-    answers.append(post(service, model="mom-think").json())
+    answers = [service.chat(messages=QUESTION).json() for _ in range(3)]
+    answers.append(service.chat(messages=QUESTION, model="mom-think").json())
     streamed = [
         p
         for _, p in service.sse(
@@ -165,7 +156,7 @@ def test_usage_api_totals_and_groups_match_the_answers(fresh_service: Service, f
     ]
     answers.append(orjson.loads(streamed[-2]))
     fake.configure({name: {"status": 500} for name in ("alpha", "beta", "gamma")})
-    assert post(service).status_code == 502  # an error: recorded, costs nothing
+    assert service.chat(messages=QUESTION).status_code == 502  # an error: recorded, costs nothing
 
     report = wait_for_requests(service, 6, start=start)
     totals = report["totals"]

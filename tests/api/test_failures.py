@@ -18,18 +18,9 @@ from tests.openai_schema import validate
 QUESTION = [{"role": "user", "content": "Tell me something."}]
 
 
-def post(service: Service, model: str = "mom", **extra: Any) -> httpx.Response:
-    return httpx.post(
-        f"{service.base_url}/chat/completions",
-        headers=service.headers(),
-        json={"model": model, "messages": QUESTION, **extra},
-        timeout=30,
-    )
-
-
 def test_one_member_failing_is_reported_and_the_rest_synthesized(service: Service, fake: FakeUpstream) -> None:
     fake.configure({"beta": {"status": 500, "error_message": "beta is down"}, "judge": {"text": "Synthesis."}})
-    response = post(service)
+    response = service.chat(messages=QUESTION)
     assert response.status_code == 200
     body = response.json()
     validate(body, "CreateChatCompletionResponse")
@@ -56,7 +47,7 @@ def test_all_members_failing_is_a_502(service: Service, fake: FakeUpstream, stre
     fake.configure(
         {name: {"status": 503, "error_message": f"{name} overloaded"} for name in ("alpha", "beta", "gamma")}
     )
-    response = post(service, stream=stream)
+    response = service.chat(messages=QUESTION, stream=stream)
     assert response.status_code == 502
     body = response.json()
     validate(body, "ErrorResponse")
@@ -77,7 +68,7 @@ def test_all_members_failing_through_the_sdk(service: Service, fake: FakeUpstrea
 @pytest.mark.parametrize("stream", [False, True])
 def test_concluding_failing_before_answering_is_a_502(service: Service, fake: FakeUpstream, stream: bool) -> None:
     fake.configure({"judge": {"status": 500, "error_message": "judge crashed"}})
-    response = post(service, stream=stream)
+    response = service.chat(messages=QUESTION, stream=stream)
     assert response.status_code == 502
     body = response.json()
     validate(body, "ErrorResponse")
@@ -87,7 +78,7 @@ def test_concluding_failing_before_answering_is_a_502(service: Service, fake: Fa
 
 def test_concluding_failing_mid_stream_ends_with_an_error_event_then_done(service: Service, fake: FakeUpstream) -> None:
     fake.configure({"judge": {"text": "one two three four five six", "stop_after_tokens": 3}})
-    response = post(service, stream=True)
+    response = service.chat(messages=QUESTION, stream=True)
     assert response.status_code == 200
     frames = [f.removeprefix("data: ") for f in response.text.split("\n\n") if f.strip()]
     assert frames[-1] == "[DONE]"
@@ -117,7 +108,7 @@ def test_concluding_failing_mid_stream_through_the_sdk(service: Service, fake: F
 def test_member_timing_out_is_reported_within_its_timeout(service: Service, fake: FakeUpstream) -> None:
     fake.configure({"sloth": {"hang": True}, "alpha": {"text": "Fast answer."}})
     started = time.monotonic()
-    response = post(service, model="mom-slow-member")
+    response = service.chat(messages=QUESTION, model="mom-slow-member")
     elapsed = time.monotonic() - started
     assert response.status_code == 200
     members = {m["name"]: m for m in response.json()["mom"]["members"]}
@@ -132,7 +123,7 @@ def test_member_timing_out_is_reported_within_its_timeout(service: Service, fake
 def test_all_members_hanging_answers_502_within_the_timeout(service: Service, fake: FakeUpstream) -> None:
     fake.configure({"sloth": {"hang": True}, "alpha": {"status": 500}})
     started = time.monotonic()
-    response = post(service, model="mom-slow-member", stream=True)
+    response = service.chat(messages=QUESTION, model="mom-slow-member", stream=True)
     assert response.status_code == 502
     assert response.json()["error"]["code"] == "members_failed"
     assert time.monotonic() - started < 5

@@ -7,7 +7,7 @@ import calendar
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -131,23 +131,6 @@ async def bare_engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
 async def engine(bare_engine: AsyncEngine) -> AsyncEngine:
     await migrate(bare_engine)
     return bare_engine
-
-
-@pytest.fixture
-def mom_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """caplog attached to the "mom_service" logger itself: it still captures when that logger stops propagating."""
-    logger = logging.getLogger("mom_service")
-    previous = logger.level, logger.propagate
-    logger.addHandler(caplog.handler)
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False  # each record reaches caplog once, through our handler
-    caplog.handler.setLevel(logging.DEBUG)
-    try:
-        yield caplog
-    finally:
-        logger.removeHandler(caplog.handler)
-        logger.setLevel(previous[0])
-        logger.propagate = previous[1]
 
 
 def errors(log: pytest.LogCaptureFixture) -> list[str]:

@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     mom_max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
     mom_max_in_flight: int = Field(default=512, gt=0)
     mom_usage_queue_size: int = Field(default=10_000, gt=0)
+    mom_allow_private_image_urls: bool = False
+    mom_max_images: int = Field(default=20, ge=0)
     metrics_public: bool = False
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)

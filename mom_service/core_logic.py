@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from mom_service.config import LLMDefinition, MoMConfig, MoMModelConfig
 from mom_service.cost_calculation import call_cost
-from mom_service.errors import UpstreamFailed
+from mom_service.errors import InvalidRequest, UpstreamFailed
 from mom_service.events import (
     Breakdown,
     CallReport,
@@ -26,6 +26,7 @@ from mom_service.events import (
     RequestStatus,
 )
 from mom_service.llm_calls import LLMCaller, LLMCallError, StreamEnd
+from mom_service.multimodal_utils import RULES, family, sanitize
 from mom_service.pricing_utils import PriceBook
 from mom_service.synthesis import concluding_messages
 
@@ -35,15 +36,25 @@ Recorder = Callable[[RequestOutcome], None]
 
 
 @dataclass(slots=True, frozen=True)
+class Member:
+    """A panel member as this request asks it: the conversation in its provider's shapes, or why it is skipped."""
+
+    llm: LLMDefinition
+    messages: list[dict[str, Any]]
+    skipped: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
 class Plan:
     """One request, resolved against the config: who is asked, who concludes, with what."""
 
     request_id: str
     mom: MoMModelConfig
-    members: tuple[LLMDefinition, ...]
+    members: tuple[Member, ...]
     concluding: LLMDefinition
     prompt: str
-    messages: tuple[dict[str, Any], ...]
+    concluding_conversation: tuple[dict[str, Any], ...]  # sanitized for the concluding LLM
+    concluding_images: Literal["sent", "placeholders"] | None
     params: dict[str, Any]
     stream: bool
 
@@ -54,16 +65,36 @@ def make_plan(
     messages: list[dict[str, Any]],
     params: dict[str, Any],
     *,
+    vision: Mapping[str, bool],
+    has_images: bool,
     request_id: str,
     stream: bool,
 ) -> Plan:
+    """Who is asked: with images, only the members that can see them (400 when none can)."""
+    members = []
+    for name in mom.llms_to_query:
+        llm = config.llm(name)
+        if has_images and not vision[name]:
+            members.append(Member(llm, [], skipped="cannot see images (multimodal: false, or not in LiteLLM's info)"))
+        else:
+            members.append(Member(llm, sanitize(messages, RULES[family(llm)], vision=True)))
+    if not any(m.skipped is None for m in members):
+        raise InvalidRequest(
+            f"The MoM model '{mom.name}' cannot answer a request with images: none of its panel members "
+            f"({', '.join(mom.llms_to_query)}) can see images.",
+            param="messages",
+            code="images_not_supported",
+        )
+    concluding = config.llm(mom.concluding_llm)
+    concluding_vision = vision[concluding.name]
     return Plan(
         request_id=request_id,
         mom=mom,
-        members=tuple(config.llm(name) for name in mom.llms_to_query),
-        concluding=config.llm(mom.concluding_llm),
+        members=tuple(members),
+        concluding=concluding,
         prompt=config.concluding_prompt(mom),
-        messages=tuple(messages),
+        concluding_conversation=tuple(sanitize(messages, RULES[family(concluding)], vision=concluding_vision)),
+        concluding_images=("sent" if concluding_vision else "placeholders") if has_images else None,
         params=params,
         stream=stream,
     )
@@ -83,11 +114,12 @@ class Engine:
         self.prices = prices
         self._record = record
 
-    async def _ask_member(self, plan: Plan, llm: LLMDefinition) -> CallReport:
-        report = CallReport(name=llm.name, model=llm.model)
+    async def _ask_member(self, plan: Plan, member: Member) -> CallReport:
+        llm = member.llm
+        report = CallReport(name=llm.name, model=llm.model, images="sent" if plan.concluding_images else None)
         started = time.perf_counter()
         try:
-            result = await self.caller.complete(llm, list(plan.messages), plan.params)
+            result = await self.caller.complete(llm, member.messages, plan.params)
         except LLMCallError as exc:
             report.status = "error"
             report.error = exc.message
@@ -109,22 +141,30 @@ class Engine:
         started = time.perf_counter()
         members = [
             CallReport(
-                name=llm.name,
-                model=llm.model,
-                status="cancelled",
-                error="cancelled before it answered",
-                error_type="cancelled",
+                name=m.llm.name,
+                model=m.llm.model,
+                status="skipped" if m.skipped else "cancelled",
+                error=m.skipped or "cancelled before it answered",
+                error_type="skipped" if m.skipped else "cancelled",
             )
-            for llm in plan.members
+            for m in plan.members
         ]
         concluding = CallReport(
-            name=plan.concluding.name, model=plan.concluding.model, role="concluding", status="skipped"
+            name=plan.concluding.name,
+            model=plan.concluding.model,
+            role="concluding",
+            status="skipped",
+            images=plan.concluding_images,
         )
         breakdown = Breakdown(members=members, concluding=concluding)
         status: RequestStatus = "cancelled"
         error_code: str | None = None
         ttft_ms: float | None = None
-        tasks = {asyncio.create_task(self._ask_member(plan, llm)): i for i, llm in enumerate(plan.members)}
+        tasks = {
+            asyncio.create_task(self._ask_member(plan, member)): i
+            for i, member in enumerate(plan.members)
+            if member.skipped is None
+        }
         synthesis: list[str] = []
         messages: list[dict[str, Any]] = []
         concluding_started = 0.0
@@ -139,14 +179,17 @@ class Engine:
 
             yield PanelDone(members)
             if not any(r.status == "ok" for r in members):
-                failures = "; ".join(f"{r.name}: {r.error}" for r in members)
+                failures = "; ".join(f"{r.name}: {r.error}" for r in members if r.status != "skipped")
                 concluding.error = "no panel member answered"
-                error = UpstreamFailed(f"All {len(members)} panel members failed ({failures})", code="members_failed")
+                error = UpstreamFailed(
+                    f"All {breakdown.asked} panel members asked failed ({failures})", code="members_failed"
+                )
                 status, error_code = "error", error.code
                 yield Failed(error, breakdown)
                 return
 
-            messages = concluding_messages(plan.prompt, plan.messages, members)
+            answered = [r for r in members if r.status != "skipped"]
+            messages = concluding_messages(plan.prompt, plan.concluding_conversation, answered)
             concluding_started = time.perf_counter()
             concluding.status = "cancelled"
             finish_reason = "stop"

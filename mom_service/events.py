@@ -45,6 +45,7 @@ class CallReport:
     cached: bool = False
     text: str = ""
     role: Literal["member", "concluding"] = "member"
+    images: Literal["sent", "placeholders"] | None = None  # how the request's images reached this call
     estimated: bool = False  # usage counted by us (a cancelled stream), not reported by the provider
 
 
@@ -59,8 +60,13 @@ class Breakdown:
         return sum(1 for m in self.members if m.status == "ok")
 
     @property
+    def asked(self) -> int:
+        """Members asked: all but those skipped (e.g. text-only members of a request with images)."""
+        return sum(1 for m in self.members if m.status != "skipped")
+
+    @property
     def degraded(self) -> bool:
-        return self.answered < len(self.members)
+        return self.answered < self.asked
 
     @property
     def calls(self) -> tuple[CallReport, ...]:

@@ -68,6 +68,14 @@ def cost_map_entry(model: str) -> dict[str, Any] | None:
     return dict(info)
 
 
+def supports_vision(model: str) -> bool | None:
+    """Whether LiteLLM's model info says the model sees images; None when the model is unknown to it."""
+    try:
+        return bool(litellm.supports_vision(model=model))
+    except Exception:
+        return None
+
+
 def _usage_from(raw: Any) -> Usage | None:
     if raw is None:
         return None

@@ -30,9 +30,10 @@ from mom_service.errors import (
     NotFound,
     PayloadTooLarge,
 )
-from mom_service.llm_calls import LLMCaller, configure_litellm, cost_map_entry
+from mom_service.llm_calls import LLMCaller, configure_litellm, cost_map_entry, supports_vision
 from mom_service.logs import LOGGER_NAME, setup_logging
 from mom_service.metrics_db import SCHEMA_VERSION, UsageWriter, create_engine, migrate
+from mom_service.multimodal_utils import sees_images
 from mom_service.pricing_utils import build_price_book
 from mom_service.redaction import Redactor
 from mom_service.state import AppState
@@ -140,6 +141,7 @@ def build_state(settings: Settings, config: MoMConfig, config_path: str | None) 
         started_at=int(time.time()),
         usage_db=usage_db,
         usage_writer=writer,
+        vision={d.name: sees_images(d, supports_vision) for d in config.llm_definitions},
     )
 
 

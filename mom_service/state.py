@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from mom_service.config import MoMConfig, Settings
+from mom_service.config import MoMConfig, MoMModelConfig, Settings
 from mom_service.core_logic import Engine
 from mom_service.errors import ServiceUnavailable
 from mom_service.metrics_db import UsageWriter
@@ -25,6 +25,11 @@ class AppState:
     started_at: int
     usage_db: AsyncEngine
     usage_writer: UsageWriter
+    vision: dict[str, bool]  # per LLM: can it see images
+
+    def accepts_images(self, model: MoMModelConfig) -> bool:
+        """A MoM model accepts images when at least one panel member can see them."""
+        return any(self.vision[name] for name in model.llms_to_query)
 
 
 def get_state(request: Request) -> AppState:

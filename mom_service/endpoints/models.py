@@ -10,7 +10,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from typing_extensions import TypedDict
 
 from mom_service.cost_calculation import usd
@@ -47,13 +47,6 @@ class TextPart(_Open):
 class ImageURL(_Open):
     url: str = Field(min_length=1)
     detail: Literal["auto", "low", "high"] | None = None
-
-    @field_validator("url")
-    @classmethod
-    def _allowed_scheme(cls, value: str) -> str:
-        if not value.lower().startswith(("http://", "https://", "data:image/")):
-            raise ValueError("an image URL must be http, https or data:image/...")
-        return value
 
 
 class ImagePart(_Open):
@@ -172,11 +165,16 @@ def parse_chat_request(data: Any) -> ChatCompletionRequest:
 # --------------------------------------------------------------------------------------------------- responses
 
 
+class Capabilities(TypedDict):
+    vision: bool
+
+
 class ModelObject(TypedDict):
     id: str
     object: Literal["model"]
     created: int
     owned_by: str
+    capabilities: Capabilities  # ours, beside the standard fields: does the MoM model accept images
 
 
 class ModelList(TypedDict):
@@ -187,8 +185,8 @@ class ModelList(TypedDict):
 OWNED_BY = "mom-service"
 
 
-def model_object(name: str, created: int) -> ModelObject:
-    return {"id": name, "object": "model", "created": created, "owned_by": OWNED_BY}
+def model_object(name: str, created: int, *, vision: bool) -> ModelObject:
+    return {"id": name, "object": "model", "created": created, "owned_by": OWNED_BY, "capabilities": {"vision": vision}}
 
 
 def usage_dict(usage: Usage, cost: Decimal | None = None) -> dict[str, Any]:
@@ -214,6 +212,7 @@ def _report_dict(report: CallReport) -> dict[str, Any]:
         "usage": usage_dict(report.usage, report.cost) if report.usage is not None else None,
         "cost": usd(report.cost),
         "cached": report.cached,
+        "images": report.images,
     }
 
 
@@ -223,7 +222,7 @@ def breakdown_dict(breakdown: Breakdown) -> dict[str, Any]:
         "members": [_report_dict(m) for m in breakdown.members],
         "concluding": _report_dict(breakdown.concluding),
         "answered": breakdown.answered,
-        "asked": len(breakdown.members),
+        "asked": breakdown.asked,
         "degraded": breakdown.degraded,
         "cost": usd(breakdown.cost),
         "unpriced": breakdown.unpriced,

@@ -19,6 +19,7 @@ from mom_service.endpoints.serialize import CompletionCollector, StreamSerialize
 from mom_service.endpoints.streaming import ClientGone, SSEResponse, unless_disconnected
 from mom_service.errors import InternalError, InvalidRequest, NotFound
 from mom_service.events import Event, Failed
+from mom_service.multimodal_utils import check_images
 from mom_service.state import StateDep
 
 logger = logging.getLogger(__name__)
@@ -35,14 +36,16 @@ class ORJSONResponse(JSONResponse):
 
 @router.get("/models")
 async def list_models(state: StateDep, _: Authorized) -> ModelList:
-    return {"object": "list", "data": [model_object(m.name, state.started_at) for m in state.config.models]}
+    data = [model_object(m.name, state.started_at, vision=state.accepts_images(m)) for m in state.config.models]
+    return {"object": "list", "data": data}
 
 
 @router.get("/models/{model_id:path}")
 async def get_model(model_id: str, state: StateDep, _: Authorized) -> ModelObject:
-    if state.config.mom_model(model_id) is None:
+    mom = state.config.mom_model(model_id)
+    if mom is None:
         raise NotFound(f"The model '{model_id}' does not exist.", code="model_not_found", param="model")
-    return model_object(model_id, state.started_at)
+    return model_object(model_id, state.started_at, vision=state.accepts_images(mom))
 
 
 async def _read_json(request: Request) -> Any:
@@ -61,11 +64,18 @@ async def chat_completions(request: Request, state: StateDep, _: Authorized) -> 
     mom = state.config.mom_model(chat.model)
     if mom is None:
         raise NotFound(f"The model '{chat.model}' does not exist.", code="model_not_found", param="model")
+    messages = chat.upstream_messages()
+    settings = state.settings
+    images = await check_images(
+        messages, max_images=settings.mom_max_images, allow_private=settings.mom_allow_private_image_urls
+    )
     plan = make_plan(
         state.config,
         mom,
-        chat.upstream_messages(),
+        messages,
         chat.sampling_params(),
+        vision=state.vision,
+        has_images=images > 0,
         request_id=str(uuid.uuid4()),
         stream=bool(chat.stream),
     )

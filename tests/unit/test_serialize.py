@@ -276,6 +276,7 @@ def test_completion_body() -> None:
         "usage": None,
         "cost": None,
         "cached": False,
+        "images": None,
     }
     assert breakdown_["concluding"]["name"] == "judge"
     assert breakdown_["concluding"]["usage"]["completion_tokens"] == 7
@@ -336,6 +337,10 @@ def test_breakdown_degraded_when_a_member_is_not_ok() -> None:
     healthy = Breakdown(members=[ALPHA], concluding=JUDGE)
     assert healthy.degraded is False
     assert healthy.answered == 1
-    for status in ("error", "skipped", "cancelled"):
+    for status in ("error", "cancelled"):
         other = CallReport(name="x", model="m", status=status)  # type: ignore[arg-type]
         assert Breakdown(members=[ALPHA, other], concluding=JUDGE).degraded is True
+    # a member skipped by design (it cannot see the request's images) was not asked: not a degradation
+    skipped = Breakdown(members=[ALPHA, CallReport(name="x", model="m", status="skipped")], concluding=JUDGE)
+    assert skipped.degraded is False
+    assert skipped.asked == 1

@@ -1,0 +1,234 @@
+"""Images in requests: the URL guard, who may see them, and per-provider message sanitization.
+
+The sanitizer is table-driven: each provider family has one row of rules (`RULES`), and one function applies
+a row to a conversation. Adding a provider is adding a row, not a branch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import ipaddress
+import re
+import socket
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from mom_service.config import LLMDefinition
+from mom_service.errors import InvalidRequest
+
+# ------------------------------------------------------------------------------------------------ URL guard
+
+_DATA_URL = re.compile(r"^data:(image/[a-z0-9.+-]+)((?:;[a-z0-9.+=-]+)*);base64,(.*)$", re.IGNORECASE | re.DOTALL)
+DNS_TIMEOUT_S = 2.0
+
+Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
+
+
+async def resolve_host(host: str, port: int) -> list[str]:
+    """The addresses a host name or literal resolves to (legacy forms such as 2130706433 included)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+def _internal(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        mapped = ip.ipv4_mapped or ip.sixtofour
+        if mapped is not None:
+            ip = mapped
+    return not ip.is_global or ip.is_multicast
+
+
+def check_data_url(url: str, param: str) -> None:
+    match = _DATA_URL.match(url)
+    if match is None:
+        raise InvalidRequest(
+            "An image data URL must be 'data:image/<type>;base64,<data>'.", param=param, code="invalid_image_url"
+        )
+    try:
+        decoded = base64.b64decode(match.group(3).strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest("The image data URL is not valid base64.", param=param, code="invalid_image_url") from None
+    if not decoded:
+        raise InvalidRequest("The image data URL is empty.", param=param, code="invalid_image_url")
+
+
+async def check_image_url(url: str, param: str, *, allow_private: bool, resolve: Resolver = resolve_host) -> None:
+    """Raise a 400 for anything but http(s) to a public address or a valid base64 `data:image/...` URL.
+
+    LiteLLM downloads image URLs for some providers, so a URL pointing inside our network would be a
+    server-side request forgery. A name that does not resolve is passed on, for the provider to report.
+    """
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "data":
+        check_data_url(url, param)
+        return
+    if scheme not in ("http", "https"):
+        raise InvalidRequest(
+            "An image URL must be http, https or data:image/...;base64.", param=param, code="invalid_image_url"
+        )
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError:
+        host = None
+    if not host:
+        raise InvalidRequest("The image URL has no valid host.", param=param, code="invalid_image_url")
+    if allow_private:
+        return
+    try:
+        async with asyncio.timeout(DNS_TIMEOUT_S):
+            addresses = await resolve(host, port)
+    except (OSError, TimeoutError, UnicodeError):
+        return  # does not resolve (here): the provider will say so
+    if any(_internal(address) for address in addresses):
+        raise InvalidRequest(
+            "The image URL points to a private, loopback, link-local or otherwise internal address.",
+            param=param,
+            code="invalid_image_url",
+        )
+
+
+def image_parts(messages: Iterable[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(param path, url) of every image in upstream-shaped messages."""
+    found = []
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if part.get("type") == "image_url":
+                    found.append((f"messages[{i}].content[{j}].image_url.url", part["image_url"]["url"]))
+    return found
+
+
+async def check_images(
+    messages: Sequence[dict[str, Any]], *, max_images: int, allow_private: bool, resolve: Resolver = resolve_host
+) -> int:
+    """Validate every image of a request; returns how many there are."""
+    images = image_parts(messages)
+    if len(images) > max_images:
+        raise InvalidRequest(
+            f"Too many images: {len(images)}, at most {max_images} are accepted.",
+            param="messages",
+            code="too_many_images",
+        )
+    await asyncio.gather(
+        *(check_image_url(url, param, allow_private=allow_private, resolve=resolve) for param, url in images)
+    )
+    return len(images)
+
+
+# ------------------------------------------------------------------------------------------------ capability
+
+
+def sees_images(llm: LLMDefinition, supports_vision: Callable[[str], bool | None]) -> bool:
+    """The config's `multimodal` decides; when it is null, LiteLLM's model info (`supports_vision`) does."""
+    if llm.multimodal is not None:
+        return llm.multimodal
+    return bool(supports_vision(llm.model))
+
+
+# ---------------------------------------------------------------------------------------------- sanitization
+
+Family = Literal["openai", "anthropic", "gemini", "ollama", "compatible"]
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """What one provider family's LiteLLM adapter accepts."""
+
+    join_text_parts: bool  # a content list of text parts only becomes one string
+    keep_name: bool  # the optional `name` of a message
+    developer_role: bool  # `developer` accepted (else it becomes `system`)
+    drop_empty: bool  # messages with empty content are dropped (the provider refuses them)
+    merge_same_role: bool  # consecutive messages of one role are merged (the provider wants turns to alternate)
+    image_detail: bool  # `image_url.detail` accepted
+
+
+RULES: dict[Family, Rules] = {
+    "openai": Rules(False, True, True, False, False, True),
+    "anthropic": Rules(True, False, False, True, True, False),
+    "gemini": Rules(True, False, False, True, True, False),
+    "ollama": Rules(True, False, False, True, False, False),
+    # any other OpenAI-compatible server (vLLM, llama.cpp, LM Studio, ...): the plainest shapes
+    "compatible": Rules(True, False, False, True, False, True),
+}
+
+_PREFIX_FAMILY: dict[str, Family] = {
+    "openai": "openai",
+    "azure": "openai",
+    "anthropic": "anthropic",
+    "gemini": "gemini",
+    "vertex_ai": "gemini",
+    "ollama": "ollama",
+    "ollama_chat": "ollama",
+}
+
+
+def family(llm: LLMDefinition) -> Family:
+    prefix = llm.model.split("/", 1)[0] if "/" in llm.model else "openai"
+    found = _PREFIX_FAMILY.get(prefix, "compatible")
+    if found == "openai" and llm.api_base:
+        return "compatible"  # `openai/...` with an api_base is another server speaking OpenAI's protocol
+    return found
+
+
+IMAGE_PLACEHOLDER = "[image {n}: not shown to you; the panel's answers describe it]"
+
+
+def _content(content: Any, rules: Rules, vision: bool, counter: list[int]) -> Any:
+    if isinstance(content, str):
+        return content
+    parts: list[dict[str, Any]] = []
+    for part in content:
+        if part["type"] == "image_url":
+            counter[0] += 1
+            if not vision:
+                parts.append({"type": "text", "text": IMAGE_PLACEHOLDER.format(n=counter[0])})
+                continue
+            image = dict(part["image_url"])
+            if not rules.image_detail:
+                image.pop("detail", None)
+            parts.append({"type": "image_url", "image_url": image})
+        elif part.get("text"):
+            parts.append({"type": "text", "text": part["text"]})
+    if rules.join_text_parts and all(p["type"] == "text" for p in parts):
+        return "\n".join(p["text"] for p in parts)
+    return parts
+
+
+def _is_empty(content: Any) -> bool:
+    return not content if isinstance(content, str) else len(content) == 0
+
+
+def _merge(first: Any, second: Any) -> Any:
+    if isinstance(first, str) and isinstance(second, str):
+        return f"{first}\n\n{second}"
+    as_parts = [c if isinstance(c, list) else [{"type": "text", "text": c}] for c in (first, second)]
+    return as_parts[0] + as_parts[1]
+
+
+def sanitize(messages: Sequence[dict[str, Any]], rules: Rules, *, vision: bool) -> list[dict[str, Any]]:
+    """The conversation in the shapes this family accepts; images become placeholders when `vision` is False."""
+    counter = [0]
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        role = message["role"]
+        if role == "developer" and not rules.developer_role:
+            role = "system"
+        content = _content(message["content"], rules, vision, counter)
+        if rules.drop_empty and _is_empty(content):
+            continue
+        cleaned: dict[str, Any] = {"role": role, "content": content}
+        if rules.keep_name and message.get("name"):
+            cleaned["name"] = message["name"]
+        if rules.merge_same_role and out and out[-1]["role"] == role and "name" not in out[-1]:
+            out[-1]["content"] = _merge(out[-1]["content"], content)
+            continue
+        out.append(cleaned)
+    return out

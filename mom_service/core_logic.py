@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from mom_service.config import LLMDefinition, MoMConfig, MoMModelConfig
-from mom_service.cost_calculation import call_cost
+from mom_service.cost_calculation import ZERO, call_cost
 from mom_service.errors import InvalidRequest, UpstreamFailed
 from mom_service.events import (
     Breakdown,
@@ -146,6 +146,7 @@ class Engine:
                 status="skipped" if m.skipped else "cancelled",
                 error=m.skipped or "cancelled before it answered",
                 error_type="skipped" if m.skipped else "cancelled",
+                cost=ZERO,  # no usage, nothing to pay
             )
             for m in plan.members
         ]
@@ -155,6 +156,7 @@ class Engine:
             role="concluding",
             status="skipped",
             images=plan.concluding_images,
+            cost=ZERO,
         )
         breakdown = Breakdown(members=members, concluding=concluding)
         status: RequestStatus = "cancelled"

@@ -141,10 +141,12 @@ def panel_config(fake: FakeUpstream) -> dict[str, Any]:
     members = ["alpha", "beta", "gamma"]
     return {
         "llm_definitions": [
-            llm("alpha", fake, pricing=PRICES["alpha"]),
-            llm("beta", fake, pricing=PRICES["beta"]),
+            # who sees images: alpha says so, beta says not, gamma leaves it to LiteLLM (which does not know it)
+            llm("alpha", fake, pricing=PRICES["alpha"], multimodal=True),
+            llm("beta", fake, pricing=PRICES["beta"], multimodal=False),
             llm("gamma", fake, pricing=PRICES["gamma"]),
-            llm("judge", fake, pricing=PRICES["judge"]),
+            llm("judge", fake, pricing=PRICES["judge"], multimodal=False),
+            llm("seer", fake, pricing=PRICES["judge"], multimodal=True),
             llm("sloth", fake, timeout=1),  # no pricing, not in LiteLLM's cost map: its cost is unknown
             # a model name in LiteLLM's OpenAI catalog: LiteLLM forwards `user` only to those
             llm("catalog", fake, model="openai/gpt-4o-mini"),
@@ -174,6 +176,8 @@ def panel_config(fake: FakeUpstream) -> dict[str, Any]:
                 "concluding_prompt": "synth",
             },
             {"name": "mom-catalog", "llms_to_query": ["catalog"], "concluding_llm": "judge"},
+            {"name": "mom-vision-judge", "llms_to_query": members, "concluding_llm": "seer"},
+            {"name": "mom-blind", "llms_to_query": ["beta", "gamma"], "concluding_llm": "judge"},
         ],
     }
 

@@ -259,7 +259,15 @@ def test_models_endpoints_validate(service: Service, path: str) -> None:
 
 def test_models_through_the_sdk(service: Service) -> None:
     client = openai.OpenAI(base_url=service.base_url, api_key=TOKEN, max_retries=0)
-    assert [m.id for m in client.models.list()] == ["mom", "mom-think", "mom-reason", "mom-slow-member", "mom-catalog"]
+    assert [m.id for m in client.models.list()] == [
+        "mom",
+        "mom-think",
+        "mom-reason",
+        "mom-slow-member",
+        "mom-catalog",
+        "mom-vision-judge",
+        "mom-blind",
+    ]
     model = client.models.retrieve("mom-think")
     assert model.id == "mom-think" and model.object == "model" and model.owned_by
     with pytest.raises(openai.NotFoundError) as info:

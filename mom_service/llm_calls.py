@@ -118,6 +118,13 @@ class LLMCaller:
 
     def estimate_usage(self, llm: LLMDefinition, messages: list[dict[str, Any]], text: str) -> Usage:
         """Our own count of a call's tokens, for a stream cut off before the provider reported its usage."""
+        # Count text only: LiteLLM's counter would download an image URL to size it.
+        messages = [
+            {**m, "content": [p for p in m["content"] if p.get("type") == "text"]}
+            if isinstance(m.get("content"), list)
+            else m
+            for m in messages
+        ]
         try:
             prompt = litellm.token_counter(model=llm.model, messages=messages) if messages else 0
             completion = litellm.token_counter(model=llm.model, text=text, count_response_tokens=True) if text else 0

@@ -34,12 +34,18 @@ async def resolve_host(host: str, port: int) -> list[str]:
     return [str(info[4][0]) for info in infos]
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
 def _internal(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address):
-        mapped = ip.ipv4_mapped or ip.sixtofour
-        if mapped is not None:
-            ip = mapped
+        # an IPv4 address carried inside IPv6 (mapped, 6to4, NAT64) is judged as the IPv4 address it reaches
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            ip = embedded
     return not ip.is_global or ip.is_multicast
 
 
@@ -172,10 +178,9 @@ _PREFIX_FAMILY: dict[str, Family] = {
 
 def family(llm: LLMDefinition) -> Family:
     prefix = llm.model.split("/", 1)[0] if "/" in llm.model else "openai"
-    found = _PREFIX_FAMILY.get(prefix, "compatible")
-    if found == "openai" and llm.api_base:
+    if prefix == "openai" and llm.api_base:
         return "compatible"  # `openai/...` with an api_base is another server speaking OpenAI's protocol
-    return found
+    return _PREFIX_FAMILY.get(prefix, "compatible")
 
 
 IMAGE_PLACEHOLDER = "[image {n}: not shown to you; the panel's answers describe it]"

@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     langfuse_public_key: str | None = None
     langfuse_secret_key: str | None = None
     langfuse_host: str | None = None
+    langfuse_base_url: str | None = None
     litellm_verbose: bool = False
     mom_max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
     mom_max_in_flight: int = Field(default=512, gt=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -29,6 +29,7 @@ from mom_service.llm_calls import LLMCaller, LLMCallError, StreamEnd
 from mom_service.multimodal_utils import RULES, family, sanitize
 from mom_service.pricing_utils import PriceBook
 from mom_service.synthesis import concluding_messages
+from mom_service.tracing import NO_GENERATION, NO_TRACE, Trace, Tracer
 
 logger = logging.getLogger("mom_service")
 
@@ -57,6 +58,8 @@ class Plan:
     concluding_images: Literal["sent", "placeholders"] | None
     params: dict[str, Any]
     stream: bool
+    user: str | None = None
+    conversation: tuple[dict[str, Any], ...] = ()  # as the client sent it (for the trace)
 
 
 def make_plan(
@@ -69,6 +72,7 @@ def make_plan(
     has_images: bool,
     request_id: str,
     stream: bool,
+    user: str | None = None,
 ) -> Plan:
     """Who is asked: with images, only the members that can see them (400 when none can)."""
     members = []
@@ -97,6 +101,8 @@ def make_plan(
         concluding_images=("sent" if concluding_vision else "placeholders") if has_images else None,
         params=params,
         stream=stream,
+        user=user,
+        conversation=tuple(messages),
     )
 
 
@@ -104,19 +110,23 @@ def _ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 1)
 
 
-def _ignore(outcome: RequestOutcome) -> None:
-    return None
-
-
 class Engine:
-    def __init__(self, caller: LLMCaller, prices: PriceBook, record: Recorder = _ignore) -> None:
+    def __init__(
+        self,
+        caller: LLMCaller,
+        prices: PriceBook,
+        recorders: Sequence[Recorder] = (),
+        tracer: Tracer | None = None,
+    ) -> None:
         self.caller = caller
         self.prices = prices
-        self._record = record
+        self._recorders = recorders
+        self.tracer = tracer
 
-    async def _ask_member(self, plan: Plan, member: Member) -> CallReport:
+    async def _ask_member(self, plan: Plan, member: Member, trace: Trace) -> CallReport:
         llm = member.llm
         report = CallReport(name=llm.name, model=llm.model, images="sent" if plan.concluding_images else None)
+        generation = trace.generation(report, member.messages, plan.params)
         started = time.perf_counter()
         try:
             result = await self.caller.complete(llm, member.messages, plan.params)
@@ -124,11 +134,17 @@ class Engine:
             report.status = "error"
             report.error = exc.message
             report.error_type = exc.kind
+        except asyncio.CancelledError:
+            report.status, report.error, report.error_type = "cancelled", "cancelled before it answered", "cancelled"
+            report.latency_ms = _ms_since(started)
+            generation.finish(report, "")
+            raise
         else:
             report.text = result.text
             report.usage = result.usage
         report.latency_ms = _ms_since(started)
         report.cost = call_cost(report.usage, self.prices.get(llm.name))
+        generation.finish(report, report.text)
         return report
 
     async def run(self, plan: Plan) -> AsyncGenerator[Event]:
@@ -162,8 +178,19 @@ class Engine:
         status: RequestStatus = "cancelled"
         error_code: str | None = None
         ttft_ms: float | None = None
+        trace: Trace = (
+            self.tracer.start(
+                mom_model=plan.mom.name, request_id=plan.request_id, user=plan.user, messages=list(plan.conversation)
+            )
+            if self.tracer is not None
+            else NO_TRACE
+        )
+        for report in members:
+            if report.status == "skipped":
+                trace.generation(report, [], plan.params).finish(report, "")
+        concluding_generation = NO_GENERATION
         tasks = {
-            asyncio.create_task(self._ask_member(plan, member)): i
+            asyncio.create_task(self._ask_member(plan, member, trace)): i
             for i, member in enumerate(plan.members)
             if member.skipped is None
         }
@@ -194,6 +221,7 @@ class Engine:
             messages = concluding_messages(plan.prompt, plan.concluding_conversation, answered)
             concluding_started = time.perf_counter()
             concluding.status = "cancelled"
+            concluding_generation = trace.generation(concluding, messages, plan.params)
             finish_reason = "stop"
             try:
                 async with aclosing(self.caller.stream(plan.concluding, messages, plan.params)) as pieces:
@@ -205,6 +233,7 @@ class Engine:
                         if concluding.ttft_ms is None:
                             concluding.ttft_ms = _ms_since(concluding_started)
                             ttft_ms = _ms_since(started)
+                            trace.first_token(concluding_generation)
                         synthesis.append(piece)
                         yield ContentDelta(piece)
             except LLMCallError as exc:
@@ -231,19 +260,21 @@ class Engine:
                 task.cancel()
             if concluding.status == "cancelled":
                 self._settle_cancelled_stream(plan.concluding, concluding, concluding_started, messages, synthesis)
-            self._emit(
-                RequestOutcome(
-                    request_id=plan.request_id,
-                    mom_model=plan.mom.name,
-                    stream=plan.stream,
-                    status=status,
-                    error_code=error_code,
-                    started_at=started_at,
-                    latency_ms=_ms_since(started),
-                    ttft_ms=ttft_ms,
-                    breakdown=breakdown,
-                )
+            answer = "".join(synthesis)
+            concluding_generation.finish(concluding, answer)
+            outcome = RequestOutcome(
+                request_id=plan.request_id,
+                mom_model=plan.mom.name,
+                stream=plan.stream,
+                status=status,
+                error_code=error_code,
+                started_at=started_at,
+                latency_ms=_ms_since(started),
+                ttft_ms=ttft_ms,
+                breakdown=breakdown,
             )
+            trace.finish(outcome, answer)
+            self._emit(outcome)
 
     def _settle_cancelled_stream(
         self,
@@ -262,7 +293,8 @@ class Engine:
         report.cost = call_cost(report.usage, self.prices.get(llm.name))
 
     def _emit(self, outcome: RequestOutcome) -> None:
-        try:
-            self._record(outcome)
-        except Exception as exc:  # recording must never break an answer
-            logger.error("could not record request %s: %s", outcome.request_id, type(exc).__name__)
+        for record in self._recorders:
+            try:
+                record(outcome)
+            except Exception as exc:  # recording must never break an answer
+                logger.error("could not record request %s: %s", outcome.request_id, type(exc).__name__)

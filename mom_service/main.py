@@ -37,6 +37,7 @@ from mom_service.multimodal_utils import sees_images
 from mom_service.pricing_utils import build_price_book
 from mom_service.redaction import Redactor
 from mom_service.state import AppState
+from mom_service.tracing import Tracer
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -132,15 +133,17 @@ def build_state(settings: Settings, config: MoMConfig, config_path: str | None) 
     usage_db = create_engine(settings.database_url)
     writer = UsageWriter(usage_db, max_queue=settings.mom_usage_queue_size)
     prices = build_price_book(config, cost_map_entry)
+    tracer = Tracer(settings)
     return AppState(
         settings=settings,
         config=config,
         config_path=config_path,
-        engine=Engine(caller, prices, writer.submit),
+        engine=Engine(caller, prices, [writer.submit], tracer),
         redactor=redactor,
         started_at=int(time.time()),
         usage_db=usage_db,
         usage_writer=writer,
+        tracer=tracer,
         vision={d.name: sees_images(d, supports_vision) for d in config.llm_definitions},
     )
 
@@ -203,6 +206,7 @@ def create_app(
         except Exception as exc:
             logger.error("Usage database %s is not usable, not starting: %s", database, state.redactor(str(exc)))
             await state.usage_db.dispose()
+            state.tracer.shutdown()
             raise StartupFailed from None
         logger.info("Usage database %s (schema version %d, was %d)", database, SCHEMA_VERSION, version)
         state.usage_writer.start()

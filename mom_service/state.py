@@ -13,6 +13,7 @@ from mom_service.core_logic import Engine
 from mom_service.errors import ServiceUnavailable
 from mom_service.metrics_db import UsageWriter
 from mom_service.redaction import Redactor
+from mom_service.tracing import Tracer
 
 
 @dataclass(slots=True)
@@ -25,6 +26,7 @@ class AppState:
     started_at: int
     usage_db: AsyncEngine
     usage_writer: UsageWriter
+    tracer: Tracer
     vision: dict[str, bool]  # per LLM: can it see images
 
     def accepts_images(self, model: MoMModelConfig) -> bool:

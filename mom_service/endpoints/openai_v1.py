@@ -78,6 +78,7 @@ async def chat_completions(request: Request, state: StateDep, _: Authorized) -> 
         has_images=images > 0,
         request_id=str(uuid.uuid4()),
         stream=bool(chat.stream),
+        user=chat.user,
     )
     events = state.engine.run(plan)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -171,6 +172,9 @@ def log_warnings(state: AppState) -> None:
             )
 
 
+MIGRATION_TIMEOUT_S = 15.0
+
+
 class StartupFailed(Exception):
     """Start-up cannot go on; the reason has been logged."""
 
@@ -202,13 +206,19 @@ def create_app(
         log_warnings(state)
         database = make_url(settings.database_url).render_as_string(hide_password=True)
         try:
-            version = await migrate(state.usage_db)
+            async with asyncio.timeout(MIGRATION_TIMEOUT_S):
+                version = await migrate(state.usage_db)
         except Exception as exc:
-            logger.error("Usage database %s is not usable, not starting: %s", database, state.redactor(str(exc)))
-            await state.usage_db.dispose()
-            state.tracer.shutdown()
-            raise StartupFailed from None
-        logger.info("Usage database %s (schema version %d, was %d)", database, SCHEMA_VERSION, version)
+            # Answers do not need the database: start anyway, keep records queued, and let the writer
+            # migrate and write once the database answers. Health reports the database as down meanwhile.
+            logger.error(
+                "Usage database %s is not usable (%s): starting without it; records are queued until it answers",
+                database,
+                state.redactor(str(exc)) or type(exc).__name__,
+            )
+        else:
+            state.usage_writer.schema_ready = True
+            logger.info("Usage database %s (schema version %d, was %d)", database, SCHEMA_VERSION, version)
         state.usage_writer.start()
         app.state.mom = state
         try:

@@ -230,6 +230,7 @@ class UsageWriter:
         self.queue: asyncio.Queue[Batch] = asyncio.Queue(max_queue)
         self.dropped = 0
         self.written = 0
+        self.schema_ready = False  # set once migrations ran; until then each flush tries them first
         self._pending: list[Batch] = []
         self._task: asyncio.Task[None] | None = None
         self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
@@ -287,6 +288,10 @@ class UsageWriter:
         batch = self._pending[: self.batch_size]
         if not batch:
             return
+        if not self.schema_ready:
+            await migrate(self.engine)
+            self.schema_ready = True
+            logger.info("usage database answers again: schema version %d", SCHEMA_VERSION)
         requests = [request for request, _ in batch]
         calls = [call for _, rows in batch for call in rows]
         async with self.engine.begin() as conn:

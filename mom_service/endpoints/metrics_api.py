@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import UTC, datetime
 from typing import Any, get_args
 
 from fastapi import APIRouter
+from sqlalchemy.exc import SQLAlchemyError
 
 from mom_service.auth import Authorized
-from mom_service.errors import InvalidRequest
+from mom_service.errors import InvalidRequest, ServiceUnavailable
 from mom_service.metrics_db import GroupBy, usage_report
 from mom_service.state import StateDep
 
+logger = logging.getLogger("mom_service")
 router = APIRouter(prefix="/v1")
 
 DEFAULT_PERIOD_S = 24 * 3600
@@ -72,12 +75,18 @@ async def usage(
             param="group_by",
             code="invalid_value",
         )
-    report = await usage_report(
-        state.usage_db,
-        start_ms=int(start_s * 1000),
-        end_ms=int(end_s * 1000),
-        model=model,
-        llm=llm,
-        group_by=group_by,  # type: ignore[arg-type]
-    )
+    try:
+        report = await usage_report(
+            state.usage_db,
+            start_ms=int(start_s * 1000),
+            end_ms=int(end_s * 1000),
+            model=model,
+            llm=llm,
+            group_by=group_by,  # type: ignore[arg-type]
+        )
+    except SQLAlchemyError as exc:
+        logger.error("usage query failed: %s", type(exc).__name__)
+        raise ServiceUnavailable(
+            "The usage database is not answering; try again later.", code="usage_database_unavailable"
+        ) from None
     return {"period": {"start": iso(start_s), "end": iso(end_s)}, **report}

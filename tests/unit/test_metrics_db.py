@@ -343,7 +343,8 @@ async def test_writer_logs_every_hundredth_drop(engine: AsyncEngine, mom_log: py
 async def test_writer_failed_flush_keeps_rows_then_writes_them(
     bare_engine: AsyncEngine, mom_log: pytest.LogCaptureFixture
 ) -> None:
-    writer = UsageWriter(bare_engine)  # no tables yet: every flush fails
+    writer = UsageWriter(bare_engine)
+    writer.schema_ready = True  # it believes the schema is there, but no tables exist: every flush fails
     for i in range(3):
         writer.submit(simple(f"r{i}"))
     writer.start()
@@ -360,10 +361,21 @@ async def test_writer_failed_flush_keeps_rows_then_writes_them(
     assert await count(bare_engine, calls_table) == 6
 
 
+async def test_writer_migrates_a_database_that_was_down_at_start(
+    bare_engine: AsyncEngine, mom_log: pytest.LogCaptureFixture
+) -> None:
+    writer = UsageWriter(bare_engine)  # start-up could not migrate: the writer does it before its first flush
+    writer.submit(simple("r0"))
+    await writer.close()
+    assert writer.schema_ready is True
+    assert await request_ids(bare_engine) == ["r0"]
+
+
 async def test_writer_close_gives_up_after_the_drain_deadline(
     bare_engine: AsyncEngine, mom_log: pytest.LogCaptureFixture
 ) -> None:
     writer = UsageWriter(bare_engine)
+    writer.schema_ready = True  # no tables behind it: every flush fails
     writer.submit(simple("r0"))
     writer.submit(simple("r1"))
     started = time.monotonic()

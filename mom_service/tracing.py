@@ -188,7 +188,11 @@ class Tracer:
                 "metadata": {"request_id": request_id, "mom_model": mom_model},
             }
             with self._propagate(**attributes):
-                return self._client.start_observation(name=mom_model, as_type="span", input=messages)
+                # a trace of its own, never a child of whatever HTTP span the server may have open
+                trace_context = {"trace_id": self._client.create_trace_id()}
+                return self._client.start_observation(
+                    trace_context=trace_context, name=mom_model, as_type="span", input=messages
+                )
 
         root = _guard("starting a trace", start_root)
         if root is None:

@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     mom_allow_private_image_urls: bool = False
     mom_max_images: int = Field(default=20, ge=0)
     metrics_public: bool = False
+    log_format: Literal["text", "json"] = "text"
+    log_content: bool = False  # log the last user message (truncated); off: no message content in any log
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
 

@@ -33,10 +33,12 @@ from mom_service.errors import (
 )
 from mom_service.llm_calls import LLMCaller, configure_litellm, cost_map_entry, supports_vision
 from mom_service.logs import LOGGER_NAME, setup_logging
+from mom_service.metrics import Metrics
 from mom_service.metrics_db import SCHEMA_VERSION, UsageWriter, create_engine, migrate
 from mom_service.multimodal_utils import sees_images
 from mom_service.pricing_utils import build_price_book
 from mom_service.redaction import Redactor
+from mom_service.request_log import RequestLog, remember_outcome
 from mom_service.state import AppState
 from mom_service.tracing import Tracer
 
@@ -135,17 +137,19 @@ def build_state(settings: Settings, config: MoMConfig, config_path: str | None) 
     writer = UsageWriter(usage_db, max_queue=settings.mom_usage_queue_size)
     prices = build_price_book(config, cost_map_entry)
     tracer = Tracer(settings)
+    metrics = Metrics(config, writer)
     return AppState(
         settings=settings,
         config=config,
         config_path=config_path,
-        engine=Engine(caller, prices, [writer.submit], tracer),
+        engine=Engine(caller, prices, [writer.submit, metrics.record, remember_outcome], tracer),
         redactor=redactor,
         started_at=int(time.time()),
         usage_db=usage_db,
         usage_writer=writer,
         tracer=tracer,
         vision={d.name: sees_images(d, supports_vision) for d in config.llm_definitions},
+        metrics=metrics,
     )
 
 
@@ -190,7 +194,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        setup_logging(Redactor())
+        setup_logging(Redactor(), log_format=settings.log_format)
         configure_litellm(settings.litellm_verbose)
         try:
             if config is None:
@@ -242,6 +246,7 @@ def create_app(
     _install_error_handlers(app)
     app.include_router(openai_v1.router)
     app.include_router(metrics_api.router)
+    app.include_router(metrics_api.prometheus_router)
     app.include_router(health_api.router)
     if settings.cors_origins:
         app.add_middleware(
@@ -250,9 +255,11 @@ def create_app(
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "Cache-Control", "X-Request-ID"],
             allow_credentials=False,
+            expose_headers=["X-Request-ID"],
             max_age=600,
         )
     app.add_middleware(BodySizeLimit, max_bytes=settings.mom_max_body_bytes)
+    app.add_middleware(RequestLog, settings=settings)
     app.add_middleware(QuietStartupFailure)
     return app
 

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from mom_service.config import MoMConfig, MoMModelConfig, Settings
 from mom_service.core_logic import Engine
 from mom_service.errors import ServiceUnavailable
+from mom_service.metrics import Metrics
 from mom_service.metrics_db import UsageWriter
 from mom_service.redaction import Redactor
 from mom_service.tracing import Tracer
@@ -28,6 +29,7 @@ class AppState:
     usage_writer: UsageWriter
     tracer: Tracer
     vision: dict[str, bool]  # per LLM: can it see images
+    metrics: Metrics  # Prometheus metrics of this app (its own registry)
 
     def accepts_images(self, model: MoMModelConfig) -> bool:
         """A MoM model accepts images when at least one panel member can see them."""

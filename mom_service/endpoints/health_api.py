@@ -1,12 +1,53 @@
-"""`/health`: liveness, fast, no I/O, reveals nothing."""
+"""Health endpoints.
+
+`/health` and `/health/live`: liveness, fast, no I/O, no auth, reveal nothing. `/health/ready`: no auth; ready when
+the config is loaded and the usage database answers. `/health/detailed[?check_llm=true]`: bearer; every component.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+
+from mom_service import health
+from mom_service.auth import Authorized
+from mom_service.state import AppState, StateDep
 
 router = APIRouter()
 
+_NO_STORE = {"Cache-Control": "no-store"}
+
+
+def _json(body: dict[str, Any], status_code: int = 200) -> JSONResponse:
+    return JSONResponse(body, status_code=status_code, headers=_NO_STORE)
+
 
 @router.get("/health")
-async def health() -> dict[str, str]:
+async def liveness() -> dict[str, str]:
     return {"status": "ok"}
+
+
+@router.get("/health/live")
+async def live() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/health/ready")
+async def ready(request: Request) -> JSONResponse:
+    state = getattr(request.app.state, "mom", None)
+    reason = await health.readiness(state if isinstance(state, AppState) else None)
+    if reason is None:
+        return _json({"status": "ready"})
+    return _json({"status": "not_ready", "reason": reason}, 503)
+
+
+@router.get("/health/detailed")
+async def detailed(
+    state: StateDep,
+    _: Authorized,
+    check_llm: Annotated[bool, Query(description="make one single-token call to every LLM")] = False,
+) -> JSONResponse:
+    report = await health.detailed_report(state, check_llms=check_llm)
+    return _json(report, 503 if report["status"] == "error" else 200)

@@ -1,4 +1,4 @@
-"""`/v1/metrics/usage`: usage and cost over a time range, with filters and grouping."""
+"""`/v1/metrics/usage`: usage and cost over a time range, with filters and grouping; `/metrics` for Prometheus."""
 
 from __future__ import annotations
 
@@ -7,16 +7,19 @@ import time
 from datetime import UTC, datetime
 from typing import Any, get_args
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy.exc import SQLAlchemyError
 
-from mom_service.auth import Authorized
+from mom_service.auth import Authorized, require_token
 from mom_service.errors import InvalidRequest, ServiceUnavailable
 from mom_service.metrics_db import GroupBy, usage_report
 from mom_service.state import StateDep
 
 logger = logging.getLogger("mom_service")
 router = APIRouter(prefix="/v1")
+prometheus_router = APIRouter()
 
 DEFAULT_PERIOD_S = 24 * 3600
 MAX_UNIX_S = 253402300800  # 10000-01-01
@@ -90,3 +93,15 @@ async def usage(
             "The usage database is not answering; try again later.", code="usage_database_unavailable"
         ) from None
     return {"period": {"start": iso(start_s), "end": iso(end_s)}, **report}
+
+
+def scrape_allowed(request: Request, state: StateDep) -> None:
+    """The bearer token, unless METRICS_PUBLIC=true opens `/metrics` to scrapers without one."""
+    if not state.settings.metrics_public:
+        require_token(request, state)
+
+
+@prometheus_router.get("/metrics", dependencies=[Depends(scrape_allowed)])
+async def prometheus_metrics(state: StateDep) -> Response:
+    """Every metric in Prometheus' text format; the usage queue is read now, at scrape time."""
+    return Response(content=state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

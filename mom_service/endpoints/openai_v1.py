@@ -76,7 +76,7 @@ async def chat_completions(request: Request, state: StateDep, _: Authorized) -> 
         chat.sampling_params(),
         vision=state.vision,
         has_images=images > 0,
-        request_id=str(uuid.uuid4()),
+        request_id=getattr(request.state, "request_id", None) or str(uuid.uuid4()),
         stream=bool(chat.stream),
         user=chat.user,
     )

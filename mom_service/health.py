@@ -1,0 +1,210 @@
+"""Health checks: readiness, and the detailed report of every component (config, database, cache, tracing, LLMs).
+
+Nothing here may leak a secret. The database is named by its backend only, never its URL; error texts are redacted
+and stripped of URLs and of every configured `api_base`; the tracing host is not shown at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import anyio
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from mom_service import metrics_db
+from mom_service.config import LLMDefinition
+from mom_service.llm_calls import LLMCaller, LLMCallError
+from mom_service.state import AppState
+
+Status = Literal["ok", "degraded", "error"]
+KeyState = Literal["present", "missing", "not_needed"]
+
+DATABASE_TIMEOUT_S = 2.0
+LLM_CHECK_MAX_S = 10.0
+# A component that is down makes the whole service `error` (503); any other one only `degraded`.
+CRITICAL = frozenset({"config", "database"})
+
+_PING_PARAMS: Mapping[str, Any] = {"max_tokens": 1}
+_MAX_ERROR_CHARS = 200
+_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.\-]*://\S+")
+
+
+@dataclass(slots=True)
+class Component:
+    status: Status
+    latency_ms: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "latency_ms": self.latency_ms, **self.details}
+
+
+def _elapsed_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)
+
+
+class DatabaseFileMissing(Exception):
+    """The SQLite file the service was started with is gone (or is no longer a regular file)."""
+
+
+class Scrubber:
+    """Makes an error text safe to show: redacted, URLs and api_base hosts removed, one short line."""
+
+    def __init__(self, state: AppState) -> None:
+        self._redact = state.redactor
+        bases = {d.api_base.rstrip("/") for d in state.config.llm_definitions if d.api_base}
+        self._bases = sorted(bases, key=len, reverse=True)
+        self._hosts = sorted({urlsplit(b).netloc for b in bases} - {""}, key=len, reverse=True)
+
+    def __call__(self, message: str) -> str:
+        message = self._redact(" ".join(message.split()))
+        for base in self._bases:
+            message = message.replace(base, "<api_base>")
+        message = _URL.sub("<url>", message)
+        for host in self._hosts:
+            message = message.replace(host, "<host>")
+        return message[:_MAX_ERROR_CHARS]
+
+
+# ------------------------------------------------------------------------------------------------ database
+
+
+async def database_round_trip(engine: AsyncEngine) -> None:
+    """One real round trip to the usage database; raises when it does not answer.
+
+    SQLite needs more than `SELECT 1`, which a pooled connection answers without touching the file: the file must
+    still be there (a pooled connection keeps writing into a deleted one) and its schema page must read.
+    """
+    if engine.url.get_backend_name() != "sqlite":
+        await metrics_db.ping(engine)
+        return
+    database = engine.url.database
+    on_disk = bool(database) and database != ":memory:" and not engine.url.query.get("uri")
+    if on_disk and not await anyio.Path(str(database)).is_file():
+        raise DatabaseFileMissing("the database file is missing or is not a regular file")
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT count(*) FROM sqlite_master"))
+
+
+def _database_error(exc: BaseException) -> str:
+    """The driver's own error (not SQLAlchemy's wrapper, which adds the SQL and a link), first line only."""
+    original = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    lines = str(original).strip().splitlines()
+    return f"{type(original).__name__}: {lines[0]}" if lines else type(original).__name__
+
+
+async def probe_database(engine: AsyncEngine, scrub: Callable[[str], str] = str) -> tuple[float, str | None]:
+    """(latency in ms, None when the database answered, else a short, safe reason)."""
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(DATABASE_TIMEOUT_S):
+            await database_round_trip(engine)
+    except TimeoutError:
+        return _elapsed_ms(started), f"no answer within {DATABASE_TIMEOUT_S:g} s"
+    except Exception as exc:
+        return _elapsed_ms(started), scrub(_database_error(exc))
+    return _elapsed_ms(started), None
+
+
+async def check_database(state: AppState, scrub: Callable[[str], str]) -> Component:
+    latency_ms, error = await probe_database(state.usage_db, scrub)
+    writer = state.usage_writer
+    details: dict[str, Any] = {
+        "backend": state.usage_db.url.get_backend_name(),
+        "schema_ready": writer.schema_ready,
+        "queue_depth": writer.depth,
+        "dropped": writer.dropped,
+    }
+    if error is not None:
+        details["error"] = error
+    return Component("error" if error else "ok", latency_ms, details)
+
+
+async def readiness(state: AppState | None) -> str | None:
+    """None when the service is ready to answer, else a short reason (shown without auth: nothing specific)."""
+    if state is None:
+        return "starting or stopping"
+    _, error = await probe_database(state.usage_db)
+    return None if error is None else "database unavailable"
+
+
+# --------------------------------------------------------------------------------------------------- LLMs
+
+
+def key_state(caller: LLMCaller, llm: LLMDefinition) -> KeyState:
+    if not llm.api_key_env:
+        return "not_needed"
+    return "missing" if caller.missing_key(llm) is not None else "present"
+
+
+async def check_llm(caller: LLMCaller, llm: LLMDefinition, *, live: bool, scrub: Callable[[str], str]) -> Component:
+    """The LLM's configuration; with `live`, one single-token call, bounded by min(its timeout, 10 s)."""
+    started = time.perf_counter()
+    key = key_state(caller, llm)
+    details: dict[str, Any] = {"configured": llm.model, "key": key, "checked": False}
+    if key == "missing":
+        details["error"] = f"no API key: environment variable {llm.api_key_env} is not set"
+        return Component("degraded", _elapsed_ms(started), details)
+    if not live:
+        return Component("ok", _elapsed_ms(started), details)
+    details["checked"] = True
+    bound = min(llm.timeout, LLM_CHECK_MAX_S)
+    try:
+        async with asyncio.timeout(bound):
+            await caller.complete(llm, [{"role": "user", "content": "ping"}], _PING_PARAMS)
+    except TimeoutError:
+        details["error"] = f"timed out after {bound:g} s"
+    except LLMCallError as exc:
+        details["error"] = scrub(exc.message)
+    except Exception as exc:  # a bug in a provider adapter must not break the report
+        details["error"] = type(exc).__name__
+    return Component("error" if "error" in details else "ok", _elapsed_ms(started), details)
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def overall(components: Mapping[str, Component]) -> Status:
+    if any(c.status == "error" for name, c in components.items() if name in CRITICAL):
+        return "error"
+    if any(c.status != "ok" for c in components.values()):
+        return "degraded"
+    return "ok"
+
+
+async def detailed_report(state: AppState, *, check_llms: bool) -> dict[str, Any]:
+    """`{"status", "components": {name: {"status", "latency_ms", ...}}}`; the database and the LLMs concurrently."""
+    scrub = Scrubber(state)
+    config = state.config
+    caller = state.engine.caller
+    database, *llms = await asyncio.gather(
+        check_database(state, scrub),
+        *(check_llm(caller, llm, live=check_llms, scrub=scrub) for llm in config.llm_definitions),
+    )
+    components: dict[str, Component] = {
+        "config": Component(
+            "ok",
+            0.0,
+            {
+                "demo": state.config_path is None,
+                "mom_model_count": len(config.models),
+                "mom_models": [m.name for m in config.models],
+                "llm_count": len(config.llm_definitions),
+                "llms": [d.name for d in config.llm_definitions],
+            },
+        ),
+        "database": database,
+        "cache": Component("ok", 0.0, {"backend": "none"}),  # no response cache exists yet
+        "tracing": Component("ok", 0.0, {"enabled": state.tracer.enabled}),
+    }
+    for llm, component in zip(config.llm_definitions, llms, strict=True):
+        components[f"llm:{llm.name}"] = component
+    return {"status": overall(components), "components": {n: c.as_dict() for n, c in components.items()}}

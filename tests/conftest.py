@@ -117,6 +117,14 @@ class Service:
                     yield time.monotonic(), frame[len("data: ") :]
 
 
+def wait_until(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll `check` until it holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
 def llm(name: str, fake: FakeUpstream, **extra: Any) -> dict[str, Any]:
     """An LLM definition served by the fake upstream under the model name `name`."""
     return {"name": name, "model": f"openai/{name}", "api_base": fake.base_url, "api_key_env": "FAKE_KEY"} | extra

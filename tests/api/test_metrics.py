@@ -20,7 +20,7 @@ from mom_service.config import parse_config
 from mom_service.events import Breakdown, CallReport, RequestOutcome, Usage
 from mom_service.metrics import Metrics
 from tests.api.test_images import image_question
-from tests.conftest import Service, StartService, panel_config
+from tests.conftest import Service, StartService, panel_config, wait_until
 from tests.fake_upstream import FakeUpstream
 
 QUESTION = [{"role": "user", "content": "How many legs does a spider have?"}]
@@ -62,13 +62,6 @@ def grew(before: Scrape, after: Scrape) -> Callable[..., float]:
         return after.value(name, **labels) - before.value(name, **labels)
 
     return delta
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import logging
 import re
 import sqlite3
 import time
-from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -17,7 +16,7 @@ import pytest
 
 from mom_service.config import Settings
 from mom_service.main import create_app
-from tests.conftest import FAKE_KEY, TOKEN, Service, StartService, panel_config
+from tests.conftest import FAKE_KEY, TOKEN, Service, StartService, panel_config, wait_until
 from tests.fake_upstream import FakeUpstream
 
 QUESTION_TEXT = "Which walrus painted the zeppelin-7f3a?"
@@ -79,13 +78,6 @@ def post(service: Service, body: Any, request_id: str | None = None, token: str 
 def recorded_ids(service: Service) -> list[str]:
     with sqlite3.connect(service.workdir / "data" / "mom.db") as db:
         return [row[0] for row in db.execute("SELECT id FROM mom_requests")]
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

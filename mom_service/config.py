@@ -97,6 +97,7 @@ class LLMDefinition(_Strict):
     api_base: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     timeout: float = Field(default=DEFAULT_LLM_TIMEOUT_S, gt=0)
+    retries: int = Field(default=1, ge=0, le=10)
     multimodal: bool | None = None
     pricing: Pricing | None = None
 

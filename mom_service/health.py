@@ -159,7 +159,7 @@ async def check_llm(caller: LLMCaller, llm: LLMDefinition, *, live: bool, scrub:
     bound = min(llm.timeout, LLM_CHECK_MAX_S)
     try:
         async with asyncio.timeout(bound):
-            await caller.complete(llm, [{"role": "user", "content": "ping"}], _PING_PARAMS)
+            await caller.complete(llm, [{"role": "user", "content": "ping"}], _PING_PARAMS, retries=0)
     except TimeoutError:
         details["error"] = f"timed out after {bound:g} s"
     except LLMCallError as exc:

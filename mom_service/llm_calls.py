@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import os
+import random
 import time
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
@@ -20,9 +22,10 @@ import litellm  # must follow the environment variable above
 import openai
 
 _MAX_ERROR_CHARS = 300
+BACKOFF_BASE_S = 0.25
+BACKOFF_MAX_S = 8.0
+TRANSIENT_KINDS = frozenset({"rate_limited", "connection", "timeout"})
 NO_KEY = "no-key"
-# A stale pooled connection fails at once with a connection error; one quick retry covers it.
-_CONNECTION_RETRIES = 1
 
 
 class LLMCallError(Exception):
@@ -57,6 +60,43 @@ def configure_litellm(verbose: bool) -> None:
     litellm.telemetry = False
     if verbose:
         litellm._turn_on_debug()
+
+
+def is_transient(error: LLMCallError) -> bool:
+    """Worth another try: 429, 5xx, connection errors and timeouts; never 400/401/403/404/422 or a policy refusal."""
+    if error.kind in TRANSIENT_KINDS:
+        return True
+    return error.kind == "http_error" and error.status is not None and (error.status >= 500 or error.status == 408)
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """Seconds from a Retry-After header on the provider's answer (seconds or an HTTP date), if any."""
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None) or getattr(exc, "litellm_response_headers", None)
+    if not headers:
+        return None
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
+
+
+def retry_delay(error: LLMCallError, after: float | None, attempt: int, retries: int, remaining: float) -> float | None:
+    """How long to wait before the next attempt, or None when there is none: not transient, retries used up, or
+    the wait (Retry-After, else exponential backoff with full jitter) does not fit before the deadline."""
+    if attempt >= retries or not is_transient(error):
+        return None
+    backoff = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**attempt)
+    delay = after if after is not None else random.uniform(0, backoff)  # full jitter
+    return delay if delay < remaining else None
 
 
 def cost_map_entry(model: str) -> dict[str, Any] | None:
@@ -145,6 +185,31 @@ class LLMCaller:
         kwargs["messages"] = messages
         return kwargs
 
+    async def _attempts(self, llm: LLMDefinition, kwargs: dict[str, Any], deadline: float, retries: int) -> Any:
+        """`acompletion` with our retries: transient errors only, exponential backoff with jitter, honouring
+        Retry-After when it fits, and never past the deadline (the LLM's timeout covers every attempt)."""
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    kwargs["timeout"] = max(deadline - loop.time(), 0.001)
+                    response = await litellm.acompletion(**kwargs)
+                if response is None:
+                    # LiteLLM (with drop_params) answers a 422 by dropping the parameters it names and trying
+                    # once more; when that fails too it returns None instead of raising.
+                    raise LLMCallError("http_error", "the provider refused the request (HTTP 422)", 422)
+                return response
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                error = self._map_error(llm, exc)
+                delay = retry_delay(error, retry_after(exc), attempt, retries, deadline - loop.time())
+                if delay is None:
+                    raise error from None
+                attempt += 1
+                await asyncio.sleep(delay)
+
     def _map_error(self, llm: LLMDefinition, exc: BaseException) -> LLMCallError:
         if isinstance(exc, LLMCallError):
             return exc
@@ -161,26 +226,19 @@ class LLMCaller:
         return LLMCallError("error", f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
 
     async def complete(
-        self, llm: LLMDefinition, messages: list[dict[str, Any]], params: Mapping[str, Any]
+        self,
+        llm: LLMDefinition,
+        messages: list[dict[str, Any]],
+        params: Mapping[str, Any],
+        *,
+        retries: int | None = None,
     ) -> CallResult:
-        """One whole (non-streamed) call, bounded by the LLM's timeout in total."""
+        """One whole (non-streamed) call, bounded by the LLM's timeout in total, retries included (`retries`
+        overrides the LLM's own setting, e.g. 0 for a health probe)."""
         started = time.perf_counter()
-        try:
-            kwargs = self._kwargs(llm, messages, params)
-            async with asyncio.timeout(llm.timeout):
-                attempt = 0
-                while True:
-                    try:
-                        response = await litellm.acompletion(**kwargs)
-                        break
-                    except openai.APIConnectionError as exc:
-                        if isinstance(exc, openai.APITimeoutError) or attempt >= _CONNECTION_RETRIES:
-                            raise
-                        attempt += 1
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            raise self._map_error(llm, exc) from None
+        deadline = asyncio.get_running_loop().time() + llm.timeout
+        kwargs = self._kwargs(llm, messages, params)
+        response = await self._attempts(llm, kwargs, deadline, llm.retries if retries is None else retries)
         choice = response.choices[0] if response.choices else None
         text = (getattr(choice.message, "content", None) if choice is not None else None) or ""
         return CallResult(
@@ -203,8 +261,7 @@ class LLMCaller:
             kwargs = self._kwargs(llm, messages, params)
             kwargs["stream"] = True
             kwargs["stream_options"] = {"include_usage": True}
-            async with asyncio.timeout_at(deadline):
-                response = await litellm.acompletion(**kwargs)
+            response = await self._attempts(llm, kwargs, deadline, llm.retries)  # retried only before any token
             chunks = response.__aiter__()
             usage: Usage | None = None
             finish_reason = "stop"

@@ -133,6 +133,9 @@ class MoMModelConfig(_Strict):
     concluding_prompt: Name | None = None
     include_thinking_context: bool = False
     thinking_format: Literal["think_tags", "reasoning_content"] = "think_tags"
+    min_successful: int = Field(default=1, ge=1)
+    quorum: int | None = Field(default=None, ge=1)
+    member_deadline_ms: int | None = Field(default=None, gt=0)
 
 
 class MoMConfig(_Strict):
@@ -208,6 +211,14 @@ def _check_references(source: str, config: MoMConfig) -> list[str]:
         for member in model.llms_to_query:
             if member not in llms:
                 problems.append(f"{entry}: field 'llms_to_query': unknown LLM '{member}' (not in llm_definitions)")
+        for field in ("min_successful", "quorum"):
+            value = getattr(model, field)
+            if value is not None and value > len(model.llms_to_query):
+                problems.append(
+                    f"{entry}: field '{field}': {value} is more than the {len(model.llms_to_query)} LLMs to query"
+                )
+        if model.quorum is not None and model.quorum < model.min_successful:
+            problems.append(f"{entry}: field 'quorum': {model.quorum} is less than min_successful")
         if len(set(model.llms_to_query)) != len(model.llms_to_query):
             problems.append(f"{entry}: field 'llms_to_query': an LLM is listed twice")
         if model.concluding_llm not in llms:

@@ -198,20 +198,41 @@ class Engine:
         messages: list[dict[str, Any]] = []
         concluding_started = 0.0
         try:
+            mom = plan.mom
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + mom.member_deadline_ms / 1000 if mom.member_deadline_ms else None
             pending = set(tasks)
+            cut_reason = ""
             while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                wait_s = max(deadline - loop.time(), 0) if deadline is not None else None
+                done, pending = await asyncio.wait(pending, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     report = task.result()
                     members[tasks[task]] = report
                     yield MemberFinished(report)
+                answers = sum(1 for r in members if r.status == "ok")
+                if mom.quorum is not None and answers >= mom.quorum:
+                    cut_reason = f"cut off: the quorum of {mom.quorum} had answered"
+                    break
+                if deadline is not None and loop.time() >= deadline:
+                    if answers >= mom.min_successful:
+                        cut_reason = f"cut off: member_deadline_ms ({mom.member_deadline_ms}) passed"
+                        break
+                    deadline = None  # too few answers: wait for the rest, each within its own timeout
+            for task in pending:  # members cut off by the quorum or the deadline: cancelled, reported as such
+                task.cancel()
+                report = members[tasks[task]]
+                report.error, report.latency_ms = cut_reason, _ms_since(started)
+                yield MemberFinished(report)
 
             yield PanelDone(members)
-            if not any(r.status == "ok" for r in members):
-                failures = "; ".join(f"{r.name}: {r.error}" for r in members if r.status != "skipped")
-                concluding.error = "no panel member answered"
+            if breakdown.answered < plan.mom.min_successful:
+                failures = "; ".join(f"{r.name}: {r.error}" for r in members if r.status not in ("ok", "skipped"))
+                concluding.error = "too few panel members answered"
                 error = UpstreamFailed(
-                    f"All {breakdown.asked} panel members asked failed ({failures})", code="members_failed"
+                    f"{breakdown.answered} of {breakdown.asked} panel members answered, "
+                    f"{plan.mom.min_successful} needed ({failures})",
+                    code="members_failed",
                 )
                 status, error_code = "error", error.code
                 yield Failed(error, breakdown)

@@ -410,3 +410,23 @@ def test_cli_check_config_without_path_uses_demo(clean_env: Path, capsys: pytest
     assert main(["check-config"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("the built-in demo config (no config.yaml found): OK: 2 MoM model(s) (mom, mom-thinking)")
+
+
+@pytest.mark.parametrize(
+    ("rules", "message"),
+    [
+        ({"quorum": 4}, "field 'quorum': 4 is more than the 3 LLMs to query"),
+        ({"min_successful": 5}, "field 'min_successful': 5 is more than the 3 LLMs to query"),
+        ({"quorum": 1, "min_successful": 2}, "field 'quorum': 1 is less than min_successful"),
+        ({"member_deadline_ms": 0}, "field 'member_deadline_ms'"),
+        ({"min_successful": 0}, "field 'min_successful'"),
+    ],
+)
+def test_panel_rules_are_checked(rules: dict[str, int], message: str) -> None:
+    raw = {
+        "llm_definitions": [{"name": n, "model": f"openai/{n}"} for n in ("a", "b", "c")],
+        "models": [{"name": "mom", "llms_to_query": ["a", "b", "c"], "concluding_llm": "a", **rules}],
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, "config.yaml")
+    assert f"config.yaml: models[0] (name 'mom'): {message}" in str(info.value)

@@ -1,0 +1,96 @@
+"""Per MoM model: min_successful, quorum and member_deadline_ms decide when synthesis starts."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from tests.conftest import Service, StartService, llm
+from tests.fake_upstream import FakeUpstream
+
+QUESTION = [{"role": "user", "content": "Who answers first?"}]
+MEMBERS = ["qa", "qb", "qc"]
+
+
+@pytest.fixture(scope="module")
+def ruled(fake_server: FakeUpstream, start_service: StartService) -> Service:
+    config: dict[str, Any] = {
+        "llm_definitions": [llm(name, fake_server, retries=0, timeout=10) for name in [*MEMBERS, "qj"]],
+        "models": [
+            {"name": "quorum-2", "llms_to_query": MEMBERS, "concluding_llm": "qj", "quorum": 2},
+            {"name": "deadline", "llms_to_query": MEMBERS, "concluding_llm": "qj", "member_deadline_ms": 500},
+            {
+                "name": "deadline-min-2",
+                "llms_to_query": MEMBERS,
+                "concluding_llm": "qj",
+                "member_deadline_ms": 300,
+                "min_successful": 2,
+            },
+            {"name": "min-2", "llms_to_query": MEMBERS, "concluding_llm": "qj", "min_successful": 2},
+        ],
+    }
+    return start_service(config)
+
+
+def members(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {m["name"]: m for m in body["mom"]["members"]}
+
+
+def test_quorum_starts_synthesis_and_cancels_the_rest(ruled: Service, fake: FakeUpstream) -> None:
+    fake.configure({"qc": {"hang": True}, "qj": {"text": "From two."}})
+    started = time.monotonic()
+    body = ruled.chat("quorum-2", messages=QUESTION).json()
+    assert time.monotonic() - started < 3  # qc would hang for its whole 10 s timeout
+    assert body["choices"][0]["message"]["content"] == "From two."
+    found = members(body)
+    assert found["qa"]["status"] == found["qb"]["status"] == "ok"
+    assert found["qc"]["status"] == "cancelled" and "quorum of 2" in found["qc"]["error"]
+    assert body["mom"]["answered"] == 2 and body["mom"]["asked"] == 3 and body["mom"]["degraded"] is True
+    fake.wait_for(lambda log: any(e["model"] == "qc" and e["outcome"] == "disconnected" for e in log))
+    judge = next(e for e in fake.log() if e["model"] == "qj")
+    # the concluding LLM is told the cut-off member gave no answer
+    assert (
+        'name="qc" status="cancelled">\n(no answer: cut off: the quorum of 2 had answered)'
+        in (judge["body"]["messages"][-1]["content"])
+    )
+
+
+def test_member_deadline_starts_synthesis_with_the_answers_in_hand(ruled: Service, fake: FakeUpstream) -> None:
+    fake.configure({"qc": {"ttft_ms": 5000}})
+    started = time.monotonic()
+    body = ruled.chat("deadline", messages=QUESTION, stream=True, stream_options={"include_usage": True})
+    elapsed = time.monotonic() - started
+    assert body.status_code == 200
+    assert 0.4 < elapsed < 3
+    usage_chunk = next(line for line in body.text.split("\n\n") if '"choices":[]' in line)
+    assert '"name":"qc","model":"openai/qc","status":"cancelled"' in usage_chunk
+    assert "member_deadline_ms (500) passed" in usage_chunk
+
+
+def test_deadline_waits_on_when_too_few_have_answered(ruled: Service, fake: FakeUpstream) -> None:
+    fake.configure({"qb": {"ttft_ms": 900}, "qc": {"status": 500}})
+    started = time.monotonic()
+    body = ruled.chat("deadline-min-2", messages=QUESTION).json()
+    elapsed = time.monotonic() - started
+    assert elapsed >= 0.9  # past the 300 ms deadline only one had answered: it waited for qb
+    found = members(body)
+    assert found["qa"]["status"] == found["qb"]["status"] == "ok"
+    assert found["qc"]["status"] == "error"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_fewer_than_min_successful_is_a_502_naming_the_failures(
+    ruled: Service, fake: FakeUpstream, stream: bool
+) -> None:
+    fake.configure(
+        {"qb": {"status": 500, "error_message": "qb down"}, "qc": {"status": 503, "error_message": "qc down"}}
+    )
+    response = ruled.chat("min-2", messages=QUESTION, stream=stream)
+    assert response.status_code == 502
+    error = response.json()["error"]
+    assert error["code"] == "members_failed"
+    assert "1 of 3 panel members answered, 2 needed" in error["message"]
+    assert "qb down" in error["message"] and "qc down" in error["message"]
+    assert not [e for e in fake.log() if e["model"] == "qj"]

@@ -136,6 +136,7 @@ class MoMModelConfig(_Strict):
     min_successful: int = Field(default=1, ge=1)
     quorum: int | None = Field(default=None, ge=1)
     member_deadline_ms: int | None = Field(default=None, gt=0)
+    concluding_fallbacks: list[Name] = Field(default_factory=list)
 
 
 class MoMConfig(_Strict):
@@ -225,6 +226,14 @@ def _check_references(source: str, config: MoMConfig) -> list[str]:
             problems.append(
                 f"{entry}: field 'concluding_llm': unknown LLM '{model.concluding_llm}' (not in llm_definitions)"
             )
+        for fallback in model.concluding_fallbacks:
+            if fallback not in llms:
+                problems.append(
+                    f"{entry}: field 'concluding_fallbacks': unknown LLM '{fallback}' (not in llm_definitions)"
+                )
+        chain = [model.concluding_llm, *model.concluding_fallbacks]
+        if len(set(chain)) != len(chain):
+            problems.append(f"{entry}: field 'concluding_fallbacks': an LLM is listed twice (or is concluding_llm)")
         if model.concluding_prompt is not None and model.concluding_prompt not in prompts:
             problems.append(
                 f"{entry}: field 'concluding_prompt': unknown prompt '{model.concluding_prompt}' "

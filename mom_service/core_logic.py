@@ -46,6 +46,15 @@ class Member:
 
 
 @dataclass(slots=True, frozen=True)
+class Concluder:
+    """A concluding LLM as this request would ask it: the conversation in its shapes, images or placeholders."""
+
+    llm: LLMDefinition
+    conversation: tuple[dict[str, Any], ...]
+    images: Literal["sent", "placeholders"] | None
+
+
+@dataclass(slots=True, frozen=True)
 class Plan:
     """One request, resolved against the config: who is asked, who concludes, with what."""
 
@@ -59,6 +68,7 @@ class Plan:
     params: dict[str, Any]
     stream: bool
     user: str | None = None
+    fallbacks: tuple[Concluder, ...] = ()  # tried in order when the concluding LLM fails before its first token
     conversation: tuple[dict[str, Any], ...] = ()  # as the client sent it (for the trace)
 
 
@@ -89,16 +99,23 @@ def make_plan(
             param="messages",
             code="images_not_supported",
         )
-    concluding = config.llm(mom.concluding_llm)
-    concluding_vision = vision[concluding.name]
+
+    def concluder(name: str) -> Concluder:
+        llm = config.llm(name)
+        sees = vision[llm.name]
+        images: Literal["sent", "placeholders"] | None = ("sent" if sees else "placeholders") if has_images else None
+        return Concluder(llm, tuple(sanitize(messages, RULES[family(llm)], vision=sees)), images)
+
+    first = concluder(mom.concluding_llm)
     return Plan(
         request_id=request_id,
         mom=mom,
         members=tuple(members),
-        concluding=concluding,
+        concluding=first.llm,
         prompt=config.concluding_prompt(mom),
-        concluding_conversation=tuple(sanitize(messages, RULES[family(concluding)], vision=concluding_vision)),
-        concluding_images=("sent" if concluding_vision else "placeholders") if has_images else None,
+        concluding_conversation=first.conversation,
+        concluding_images=first.images,
+        fallbacks=tuple(concluder(name) for name in mom.concluding_fallbacks),
         params=params,
         stream=stream,
         user=user,
@@ -196,6 +213,7 @@ class Engine:
         }
         synthesis: list[str] = []
         messages: list[dict[str, Any]] = []
+        concluding_llm = plan.concluding
         concluding_started = 0.0
         try:
             mom = plan.mom
@@ -239,48 +257,63 @@ class Engine:
                 return
 
             answered = [r for r in members if r.status != "skipped"]
-            messages = concluding_messages(plan.prompt, plan.concluding_conversation, answered)
-            concluding_started = time.perf_counter()
-            concluding.status = "cancelled"
-            concluding_generation = trace.generation(concluding, messages, plan.params)
+            candidates = [Concluder(plan.concluding, plan.concluding_conversation, plan.concluding_images)]
+            candidates += plan.fallbacks
             finish_reason = "stop"
-            try:
-                async with aclosing(self.caller.stream(plan.concluding, messages, plan.params)) as pieces:
-                    async for piece in pieces:
-                        if isinstance(piece, StreamEnd):
-                            concluding.usage = piece.usage
-                            finish_reason = piece.finish_reason
-                            continue
-                        if concluding.ttft_ms is None:
-                            concluding.ttft_ms = _ms_since(concluding_started)
-                            ttft_ms = _ms_since(started)
-                            trace.first_token(concluding_generation)
-                        synthesis.append(piece)
-                        yield ContentDelta(piece)
-            except LLMCallError as exc:
-                concluding.status = "error"
-                concluding.error = exc.message
-                concluding.error_type = exc.kind
-                concluding.latency_ms = _ms_since(concluding_started)
-                concluding.cost = call_cost(concluding.usage, self.prices.get(plan.concluding.name))
-                when = "after it began answering" if concluding.ttft_ms is not None else "before answering"
-                error = UpstreamFailed(
-                    f"The concluding LLM '{plan.concluding.name}' failed {when}: {exc.message}",
-                    code="concluding_failed",
-                )
-                status, error_code = "error", error.code
-                yield Failed(error, breakdown)
-                return
+            for number, candidate in enumerate(candidates):
+                if number:  # the previous one failed before its first token: the next one concludes
+                    breakdown.concluding_failed.append(concluding)
+                    concluding = CallReport(
+                        name=candidate.llm.name, model=candidate.llm.model, role="concluding", images=candidate.images
+                    )
+                    breakdown.concluding = concluding
+                concluding_llm = candidate.llm
+                messages = concluding_messages(plan.prompt, candidate.conversation, answered)
+                concluding_started = time.perf_counter()
+                concluding.status = "cancelled"
+                concluding_generation = trace.generation(concluding, messages, plan.params)
+                try:
+                    async with aclosing(self.caller.stream(concluding_llm, messages, plan.params)) as pieces:
+                        async for piece in pieces:
+                            if isinstance(piece, StreamEnd):
+                                concluding.usage = piece.usage
+                                finish_reason = piece.finish_reason
+                                continue
+                            if concluding.ttft_ms is None:
+                                concluding.ttft_ms = _ms_since(concluding_started)
+                                ttft_ms = _ms_since(started)
+                                trace.first_token(concluding_generation)
+                            synthesis.append(piece)
+                            yield ContentDelta(piece)
+                except LLMCallError as exc:
+                    concluding.status = "error"
+                    concluding.error = exc.message
+                    concluding.error_type = exc.kind
+                    concluding.latency_ms = _ms_since(concluding_started)
+                    concluding.cost = call_cost(concluding.usage, self.prices.get(concluding_llm.name))
+                    concluding_generation.finish(concluding, "")
+                    concluding_generation = NO_GENERATION
+                    if concluding.ttft_ms is None and number + 1 < len(candidates):
+                        continue
+                    when = "after it began answering" if concluding.ttft_ms is not None else "before answering"
+                    error = UpstreamFailed(
+                        f"The concluding LLM '{concluding_llm.name}' failed {when}: {exc.message}",
+                        code="concluding_failed",
+                    )
+                    status, error_code = "error", error.code
+                    yield Failed(error, breakdown)
+                    return
+                break
             concluding.status = "ok"
             concluding.latency_ms = _ms_since(concluding_started)
-            concluding.cost = call_cost(concluding.usage, self.prices.get(plan.concluding.name))
+            concluding.cost = call_cost(concluding.usage, self.prices.get(concluding_llm.name))
             status = "ok"
             yield Completed(finish_reason=finish_reason, breakdown=breakdown, usage=breakdown.usage())
         finally:
             for task in tasks:
                 task.cancel()
             if concluding.status == "cancelled":
-                self._settle_cancelled_stream(plan.concluding, concluding, concluding_started, messages, synthesis)
+                self._settle_cancelled_stream(concluding_llm, concluding, concluding_started, messages, synthesis)
             answer = "".join(synthesis)
             concluding_generation.finish(concluding, answer)
             outcome = RequestOutcome(

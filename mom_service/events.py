@@ -52,8 +52,9 @@ class CallReport:
 @dataclass(slots=True)
 class Breakdown:
     members: list[CallReport]
-    concluding: CallReport
+    concluding: CallReport  # the call that concluded (or the last one tried)
     cache: Literal["hit", "miss"] = "miss"
+    concluding_failed: list[CallReport] = field(default_factory=list)  # concluding LLMs that failed before a token
 
     @property
     def answered(self) -> int:
@@ -70,7 +71,7 @@ class Breakdown:
 
     @property
     def calls(self) -> tuple[CallReport, ...]:
-        return (*self.members, self.concluding)
+        return (*self.members, *self.concluding_failed, self.concluding)
 
     def usage(self) -> Usage:
         total = Usage()

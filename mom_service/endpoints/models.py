@@ -221,6 +221,7 @@ def breakdown_dict(breakdown: Breakdown) -> dict[str, Any]:
     return {
         "members": [_report_dict(m) for m in breakdown.members],
         "concluding": _report_dict(breakdown.concluding),
+        "concluding_fallbacks": [_report_dict(r) for r in breakdown.concluding_failed],
         "answered": breakdown.answered,
         "asked": breakdown.asked,
         "degraded": breakdown.degraded,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import orjson
 import pytest
 
 from tests.conftest import Service, StartService, llm
@@ -17,7 +18,7 @@ MEMBERS = ["qa", "qb", "qc"]
 @pytest.fixture(scope="module")
 def ruled(fake_server: FakeUpstream, start_service: StartService) -> Service:
     config: dict[str, Any] = {
-        "llm_definitions": [llm(name, fake_server, retries=0, timeout=10) for name in [*MEMBERS, "qj"]],
+        "llm_definitions": [llm(name, fake_server, retries=0, timeout=10) for name in [*MEMBERS, "qj", "qk", "ql"]],
         "models": [
             {"name": "quorum-2", "llms_to_query": MEMBERS, "concluding_llm": "qj", "quorum": 2},
             {"name": "deadline", "llms_to_query": MEMBERS, "concluding_llm": "qj", "member_deadline_ms": 500},
@@ -29,6 +30,12 @@ def ruled(fake_server: FakeUpstream, start_service: StartService) -> Service:
                 "min_successful": 2,
             },
             {"name": "min-2", "llms_to_query": MEMBERS, "concluding_llm": "qj", "min_successful": 2},
+            {
+                "name": "fallbacks",
+                "llms_to_query": ["qa"],
+                "concluding_llm": "qj",
+                "concluding_fallbacks": ["qk", "ql"],
+            },
         ],
     }
     return start_service(config)
@@ -94,3 +101,45 @@ def test_fewer_than_min_successful_is_a_502_naming_the_failures(
     assert "1 of 3 panel members answered, 2 needed" in error["message"]
     assert "qb down" in error["message"] and "qc down" in error["message"]
     assert not [e for e in fake.log() if e["model"] == "qj"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_concluding_fallback_takes_over_before_the_first_token(
+    ruled: Service, fake: FakeUpstream, stream: bool
+) -> None:
+    fake.configure({"qj": {"status": 500, "error_message": "qj down"}, "qk": {"text": "Concluded by qk."}})
+    response = ruled.chat("fallbacks", messages=QUESTION, stream=stream, stream_options={"include_usage": True})
+    assert response.status_code == 200
+    if stream:
+        chunks = [orjson.loads(f.removeprefix("data: ")) for f in response.text.split("\n\n")[:-2] if f]
+        content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        body = chunks[-1]
+    else:
+        body = response.json()
+        content = body["choices"][0]["message"]["content"]
+    assert content == "Concluded by qk."
+    mom = body["mom"]
+    assert mom["concluding"]["name"] == "qk" and mom["concluding"]["status"] == "ok"
+    (failed,) = mom["concluding_fallbacks"]
+    assert failed["name"] == "qj" and failed["status"] == "error" and "qj down" in failed["error"]
+    assert not [e for e in fake.log() if e["model"] == "ql"]
+
+
+def test_fallbacks_are_tried_in_order_then_502(ruled: Service, fake: FakeUpstream) -> None:
+    fake.configure({"qj": {"status": 500}, "qk": {"status": 503}, "ql": {"text": "Third concludes."}})
+    body = ruled.chat("fallbacks", messages=QUESTION).json()
+    assert body["choices"][0]["message"]["content"] == "Third concludes."
+    assert [r["name"] for r in body["mom"]["concluding_fallbacks"]] == ["qj", "qk"]
+    fake.configure({"qj": {"status": 500}, "qk": {"status": 503}, "ql": {"status": 502}})
+    response = ruled.chat("fallbacks", messages=QUESTION)
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "concluding_failed"
+    assert "'ql'" in response.json()["error"]["message"]
+
+
+def test_failure_after_tokens_is_not_retried_elsewhere(ruled: Service, fake: FakeUpstream) -> None:
+    fake.configure({"qj": {"text": "one two three four", "stop_after_tokens": 2}})
+    frames = [p for _, p in ruled.sse({"model": "fallbacks", "messages": QUESTION, "stream": True})]
+    assert frames[-1] == "[DONE]"
+    assert orjson.loads(frames[-2])["error"]["code"] == "concluding_failed"
+    assert not [e for e in fake.log() if e["model"] in ("qk", "ql")]

@@ -420,9 +420,12 @@ def test_cli_check_config_without_path_uses_demo(clean_env: Path, capsys: pytest
         ({"quorum": 1, "min_successful": 2}, "field 'quorum': 1 is less than min_successful"),
         ({"member_deadline_ms": 0}, "field 'member_deadline_ms'"),
         ({"min_successful": 0}, "field 'min_successful'"),
+        ({"concluding_fallbacks": ["zz"]}, "field 'concluding_fallbacks': unknown LLM 'zz'"),
+        ({"concluding_fallbacks": ["a"]}, "field 'concluding_fallbacks': an LLM is listed twice"),
+        ({"concluding_fallbacks": ["b", "b"]}, "field 'concluding_fallbacks': an LLM is listed twice"),
     ],
 )
-def test_panel_rules_are_checked(rules: dict[str, int], message: str) -> None:
+def test_panel_rules_are_checked(rules: dict[str, Any], message: str) -> None:
     raw = {
         "llm_definitions": [{"name": n, "model": f"openai/{n}"} for n in ("a", "b", "c")],
         "models": [{"name": "mom", "llms_to_query": ["a", "b", "c"], "concluding_llm": "a", **rules}],

@@ -19,7 +19,7 @@ def _panel(fake: FakeUpstream) -> None:
     fake.configure(
         {
             "alpha": {"text": "Rayleigh scattering.", "ttft_ms": 100},
-            "beta": {"status": 500, "error_message": "beta exploded"},
+            "beta": {"status": 400, "error_message": "beta exploded"},  # not transient: no retry, it fails at once
             "gamma": {"text": "Short wavelengths scatter more.", "ttft_ms": 1200},
             "judge": {"text": "Because of Rayleigh scattering."},
         }

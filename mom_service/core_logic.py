@@ -61,14 +61,12 @@ class Plan:
     request_id: str
     mom: MoMModelConfig
     members: tuple[Member, ...]
-    concluding: LLMDefinition
+    concluders: tuple[Concluder, ...]  # the concluding LLM, then its fallbacks, in the order they are tried
+    has_images: bool
     prompt: str
-    concluding_conversation: tuple[dict[str, Any], ...]  # sanitized for the concluding LLM
-    concluding_images: Literal["sent", "placeholders"] | None
     params: dict[str, Any]
     stream: bool
     user: str | None = None
-    fallbacks: tuple[Concluder, ...] = ()  # tried in order when the concluding LLM fails before its first token
     conversation: tuple[dict[str, Any], ...] = ()  # as the client sent it (for the trace)
 
 
@@ -106,16 +104,13 @@ def make_plan(
         images: Literal["sent", "placeholders"] | None = ("sent" if sees else "placeholders") if has_images else None
         return Concluder(llm, tuple(sanitize(messages, RULES[family(llm)], vision=sees)), images)
 
-    first = concluder(mom.concluding_llm)
     return Plan(
         request_id=request_id,
         mom=mom,
         members=tuple(members),
-        concluding=first.llm,
+        concluders=tuple(concluder(name) for name in (mom.concluding_llm, *mom.concluding_fallbacks)),
+        has_images=has_images,
         prompt=config.concluding_prompt(mom),
-        concluding_conversation=first.conversation,
-        concluding_images=first.images,
-        fallbacks=tuple(concluder(name) for name in mom.concluding_fallbacks),
         params=params,
         stream=stream,
         user=user,
@@ -142,7 +137,7 @@ class Engine:
 
     async def _ask_member(self, plan: Plan, member: Member, trace: Trace) -> CallReport:
         llm = member.llm
-        report = CallReport(name=llm.name, model=llm.model, images="sent" if plan.concluding_images else None)
+        report = CallReport(name=llm.name, model=llm.model, images="sent" if plan.has_images else None)
         generation = trace.generation(report, member.messages, plan.params)
         started = time.perf_counter()
         try:
@@ -184,11 +179,11 @@ class Engine:
             for m in plan.members
         ]
         concluding = CallReport(
-            name=plan.concluding.name,
-            model=plan.concluding.model,
+            name=plan.concluders[0].llm.name,
+            model=plan.concluders[0].llm.model,
             role="concluding",
             status="skipped",
-            images=plan.concluding_images,
+            images=plan.concluders[0].images,
             cost=ZERO,
         )
         breakdown = Breakdown(members=members, concluding=concluding)
@@ -213,7 +208,7 @@ class Engine:
         }
         synthesis: list[str] = []
         messages: list[dict[str, Any]] = []
-        concluding_llm = plan.concluding
+        concluding_llm = plan.concluders[0].llm
         concluding_started = 0.0
         try:
             mom = plan.mom
@@ -257,8 +252,7 @@ class Engine:
                 return
 
             answered = [r for r in members if r.status != "skipped"]
-            candidates = [Concluder(plan.concluding, plan.concluding_conversation, plan.concluding_images)]
-            candidates += plan.fallbacks
+            candidates = plan.concluders
             finish_reason = "stop"
             for number, candidate in enumerate(candidates):
                 if number:  # the previous one failed before its first token: the next one concludes

@@ -24,6 +24,9 @@ from typing import Any, ClassVar
 
 import orjson
 
+# nginx's status for "the client closed the connection first": nobody reads it, but logs and metrics do.
+CLIENT_CLOSED = 499
+
 
 class MoMError(Exception):
     """An error answered to the client in OpenAI's shape."""

@@ -32,7 +32,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mom_service.config import Settings
-from mom_service.errors import InternalError
+from mom_service.errors import CLIENT_CLOSED, InternalError
 from mom_service.events import RequestOutcome
 from mom_service.state import AppState
 
@@ -46,7 +46,6 @@ MAX_PATH = 256
 MAX_ERROR_BODY = 16 * 1024  # an error body larger than this is not read for its code
 # Polled endpoints (probes, scrapes): their successful answers are logged at DEBUG, not to flood the log.
 QUIET_PATHS = ("/health", "/metrics")
-CLIENT_CLOSED = 499
 STRUCTURED = "structured"  # the LogRecord attribute that marks a message as one JSON object (LOG_FORMAT=json)
 _PLAIN = re.compile(r'[^\s"=\\]+')
 _CODE = re.compile(r"[A-Za-z0-9_.-]{1,64}")

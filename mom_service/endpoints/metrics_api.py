@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import UTC, datetime
-from typing import Any, get_args
+from typing import Any, cast, get_args
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
@@ -85,7 +85,7 @@ async def usage(
             end_ms=int(end_s * 1000),
             model=model,
             llm=llm,
-            group_by=group_by,  # type: ignore[arg-type]
+            group_by=cast(GroupBy | None, group_by),  # checked against GroupBy's values above
         )
     except SQLAlchemyError as exc:
         logger.error("usage query failed: %s", type(exc).__name__)

@@ -17,16 +17,13 @@ from mom_service.core_logic import make_plan
 from mom_service.endpoints.models import ModelList, ModelObject, model_object, parse_chat_request
 from mom_service.endpoints.serialize import CompletionCollector, StreamSerializer
 from mom_service.endpoints.streaming import ClientGone, SSEResponse, unless_disconnected
-from mom_service.errors import InternalError, InvalidRequest, NotFound
+from mom_service.errors import CLIENT_CLOSED, InternalError, InvalidRequest, NotFound
 from mom_service.events import Event, Failed
 from mom_service.multimodal_utils import check_images
 from mom_service.state import StateDep
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1")
-
-# nginx answers 499 when the client closed the connection first; nobody reads it, but logs and metrics do.
-CLIENT_CLOSED = 499
 
 
 class ORJSONResponse(JSONResponse):

@@ -32,6 +32,11 @@ class ThinkingRouter:
         self._tags = mom.thinking_format == "think_tags"
         self._opened = False
 
+    @property
+    def to_reasoning(self) -> bool:
+        """Whether the member blocks travel as `reasoning_content` (else inside `content`, or nowhere)."""
+        return self.enabled and not self._tags
+
     def pieces(self, event: Event) -> list[tuple[str, str]]:
         if isinstance(event, ContentDelta):
             return [(CONTENT, event.text)]
@@ -135,7 +140,7 @@ class CompletionCollector:
         if isinstance(event, Failed):
             raise event.error
         if isinstance(event, Completed):
-            reasoning = "".join(self._reasoning) if self._router.enabled and not self._tags else None
+            reasoning = "".join(self._reasoning) if self._router.to_reasoning else None
             return completion_body(
                 completion_id=new_completion_id(),
                 created=int(time.time()),
@@ -149,7 +154,3 @@ class CompletionCollector:
         for field, text in self._router.pieces(event):
             (self._content if field == CONTENT else self._reasoning).append(text)
         return None
-
-    @property
-    def _tags(self) -> bool:
-        return self._mom.thinking_format == "think_tags"

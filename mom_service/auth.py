@@ -34,3 +34,13 @@ def require_token(request: Request, state: StateDep) -> None:
 
 
 Authorized = Annotated[None, Depends(require_token)]
+
+
+async def within_rate_limit(request: Request, state: StateDep) -> None:
+    """After `Authorized`: one request against the bearer token's per-minute limit (MOM_RATE_LIMIT_RPM)."""
+    if state.admission.rpm:
+        _, _, token = request.headers.get("authorization", "").partition(" ")
+        await state.admission.hit(token.strip().encode())
+
+
+RateLimitedToken = Annotated[None, Depends(within_rate_limit)]

@@ -29,6 +29,9 @@ def _check_config(path: str | None, settings: Settings) -> int:
     return 0
 
 
+STARTUP_FAILED = 3  # uvicorn's own exit status when the app did not start
+
+
 def _after_graceful_shutdown(signum: int, frame: FrameType | None) -> None:
     """Installed as the pre-uvicorn handler: the shutdown it asked for has already happened."""
 
@@ -45,6 +48,7 @@ def _serve(settings: Settings, host: str | None, port: int | None) -> int:
     from mom_service.logs import setup_logging
     from mom_service.main import create_app, log_config
     from mom_service.redaction import Redactor
+    from mom_service.shutdown import DrainingServer
 
     setup_logging(Redactor())
     log_config(config, path)
@@ -53,14 +57,15 @@ def _serve(settings: Settings, host: str | None, port: int | None) -> int:
     # before it: make that one a no-op, so a graceful shutdown (records drained) exits with status 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _after_graceful_shutdown)
-    uvicorn.run(
+    server_config = uvicorn.Config(
         app,
         host=host or settings.host,
         port=port if port is not None else settings.port,
         log_level="info",
-        timeout_graceful_shutdown=20,
     )
-    return 0
+    server = DrainingServer(server_config, app, grace_s=settings.mom_shutdown_grace_seconds)
+    server.run()
+    return 0 if server.started else STARTUP_FAILED
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -48,7 +48,11 @@ class Settings(BaseSettings):
     langfuse_base_url: str | None = None
     litellm_verbose: bool = False
     mom_max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
-    mom_max_in_flight: int = Field(default=512, gt=0)
+    mom_max_in_flight: int = Field(default=512, gt=0)  # chat requests answered at once; beyond: 429
+    mom_rate_limit_rpm: int = Field(default=0, ge=0)  # chat requests per minute per bearer token; 0: no limit
+    mom_circuit_failures: int = Field(default=5, ge=0)  # consecutive failures that open an LLM's circuit; 0: off
+    mom_circuit_cooldown_seconds: float = Field(default=30.0, gt=0)
+    mom_shutdown_grace_seconds: float = Field(default=20.0, ge=0)  # SIGTERM: time in-flight answers get to finish
     mom_usage_queue_size: int = Field(default=10_000, gt=0)
     mom_allow_private_image_urls: bool = False
     mom_max_images: int = Field(default=20, ge=0)

@@ -10,6 +10,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from mom_service.circuit_breaker import CircuitBreakers, Permit, Result
 from mom_service.config import LLMDefinition, MoMConfig, MoMModelConfig
 from mom_service.cost_calculation import ZERO, call_cost
 from mom_service.errors import InvalidRequest, UpstreamFailed
@@ -25,7 +26,8 @@ from mom_service.events import (
     RequestOutcome,
     RequestStatus,
 )
-from mom_service.llm_calls import LLMCaller, LLMCallError, StreamEnd
+from mom_service.inflight import InFlight
+from mom_service.llm_calls import LLMCaller, LLMCallError, StreamEnd, is_transient
 from mom_service.multimodal_utils import RULES, family, sanitize
 from mom_service.pricing_utils import PriceBook
 from mom_service.synthesis import concluding_messages
@@ -34,6 +36,7 @@ from mom_service.tracing import NO_GENERATION, NO_TRACE, Trace, Tracer
 logger = logging.getLogger("mom_service")
 
 Recorder = Callable[[RequestOutcome], None]
+NOT_ANSWERED = "cancelled before it answered"
 
 
 @dataclass(slots=True, frozen=True)
@@ -129,35 +132,57 @@ class Engine:
         prices: PriceBook,
         recorders: Sequence[Recorder] = (),
         tracer: Tracer | None = None,
+        breakers: CircuitBreakers | None = None,
     ) -> None:
         self.caller = caller
         self.prices = prices
         self._recorders = recorders
         self.tracer = tracer
+        self.breakers = breakers or CircuitBreakers((), failures=0)
+        self.active = InFlight()  # requests being answered (their outcome not yet recorded)
 
-    async def _ask_member(self, plan: Plan, member: Member, trace: Trace) -> CallReport:
+    async def _ask_member(
+        self, plan: Plan, member: Member, report: CallReport, permit: Permit, trace: Trace
+    ) -> CallReport:
+        """Ask one member, filling its `report` in place (the engine settles it itself when it cuts it off)."""
         llm = member.llm
-        report = CallReport(name=llm.name, model=llm.model, images="sent" if plan.has_images else None)
-        generation = trace.generation(report, member.messages, plan.params)
         started = time.perf_counter()
+        verdict: Result = "abandoned"  # for the circuit breaker; the permit always goes back, however this ends
         try:
-            result = await self.caller.complete(llm, member.messages, plan.params)
-        except LLMCallError as exc:
-            report.status = "error"
-            report.error = exc.message
-            report.error_type = exc.kind
-        except asyncio.CancelledError:
-            report.status, report.error, report.error_type = "cancelled", "cancelled before it answered", "cancelled"
-            report.latency_ms = _ms_since(started)
-            generation.finish(report, "")
-            raise
-        else:
-            report.text = result.text
-            report.usage = result.usage
+            generation = trace.generation(report, member.messages, plan.params)
+            try:
+                result = await self.caller.complete(llm, member.messages, plan.params)
+            except LLMCallError as exc:
+                report.status, report.error, report.error_type = "error", exc.message, exc.kind
+                verdict = "failure" if is_transient(exc) else "abandoned"
+            except asyncio.CancelledError:
+                if report.latency_ms is None:
+                    report.latency_ms = _ms_since(started)
+                generation.finish(report, "")
+                raise
+            except Exception as exc:  # a bug in an adapter: this member failed, the request goes on
+                logger.error("panel member %s failed unexpectedly: %s", llm.name, type(exc).__name__)
+                report.status, report.error, report.error_type = "error", f"failed: {type(exc).__name__}", "error"
+            else:
+                report.status, report.error, report.error_type = "ok", None, None
+                report.text = result.text
+                report.usage = result.usage
+                verdict = "success"
+        finally:
+            self.breakers.record(permit, verdict)
         report.latency_ms = _ms_since(started)
         report.cost = call_cost(report.usage, self.prices.get(llm.name))
         generation.finish(report, report.text)
         return report
+
+    def _settle_cut_member(self, member: Member, report: CallReport, reason: str, started: float) -> None:
+        """A member cancelled before it answered (cut off, or the client left): its input was sent and is paid
+        for, so it is counted (our estimate: a whole call's output is never seen, so none is counted)."""
+        report.status, report.error, report.error_type = "cancelled", reason, "cancelled"
+        report.latency_ms = _ms_since(started)
+        report.usage = self.caller.estimate_usage(member.llm, member.messages, "")
+        report.estimated = True
+        report.cost = call_cost(report.usage, self.prices.get(member.llm.name))
 
     async def run(self, plan: Plan) -> AsyncGenerator[Event]:
         """Yields MemberFinished as each member settles, PanelDone, ContentDelta..., then Completed or Failed.
@@ -172,9 +197,10 @@ class Engine:
                 name=m.llm.name,
                 model=m.llm.model,
                 status="skipped" if m.skipped else "cancelled",
-                error=m.skipped or "cancelled before it answered",
-                error_type="skipped" if m.skipped else "cancelled",
+                error=m.skipped or NOT_ANSWERED,
+                error_type="cannot_see_images" if m.skipped else "cancelled",
                 cost=ZERO,  # no usage, nothing to pay
+                images="sent" if plan.has_images and not m.skipped else None,
             )
             for m in plan.members
         ]
@@ -197,18 +223,22 @@ class Engine:
             if self.tracer is not None
             else NO_TRACE
         )
-        for report in members:
-            if report.status == "skipped":
-                trace.generation(report, [], plan.params).finish(report, "")
+        self.active.enter()
+        tasks: dict[asyncio.Task[CallReport], int] = {}
+        for i, (member, report) in enumerate(zip(plan.members, members, strict=True)):
+            permit = self.breakers.allow(member.llm.name) if member.skipped is None else None
+            if permit is not None:
+                tasks[asyncio.create_task(self._ask_member(plan, member, report, permit, trace))] = i
+                continue
+            if member.skipped is None:  # its circuit is open: not asked this time
+                report.status, report.error_type, report.images = "skipped", "circuit_open", None
+                report.error = self.breakers.reason(member.llm.name)
+            trace.generation(report, [], plan.params).finish(report, "")
         concluding_generation = NO_GENERATION
-        tasks = {
-            asyncio.create_task(self._ask_member(plan, member, trace)): i
-            for i, member in enumerate(plan.members)
-            if member.skipped is None
-        }
         synthesis: list[str] = []
         messages: list[dict[str, Any]] = []
         concluding_llm = plan.concluders[0].llm
+        concluding_permit: Permit | None = None
         concluding_started = 0.0
         try:
             mom = plan.mom
@@ -220,9 +250,7 @@ class Engine:
                 wait_s = max(deadline - loop.time(), 0) if deadline is not None else None
                 done, pending = await asyncio.wait(pending, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
-                    report = task.result()
-                    members[tasks[task]] = report
-                    yield MemberFinished(report)
+                    yield MemberFinished(task.result())
                 answers = sum(1 for r in members if r.status == "ok")
                 if mom.quorum is not None and answers >= mom.quorum:
                     cut_reason = f"cut off: the quorum of {mom.quorum} had answered"
@@ -233,14 +261,15 @@ class Engine:
                         break
                     deadline = None  # too few answers: wait for the rest, each within its own timeout
             for task in pending:  # members cut off by the quorum or the deadline: cancelled, reported as such
-                task.cancel()
-                report = members[tasks[task]]
-                report.error, report.latency_ms = cut_reason, _ms_since(started)
-                yield MemberFinished(report)
+                if not task.done():  # (one may have finished while the events above were being sent)
+                    task.cancel()
+                    index = tasks[task]
+                    self._settle_cut_member(plan.members[index], members[index], cut_reason, started)
+                yield MemberFinished(members[tasks[task]])
 
             yield PanelDone(members)
             if breakdown.answered < plan.mom.min_successful:
-                failures = "; ".join(f"{r.name}: {r.error}" for r in members if r.status not in ("ok", "skipped"))
+                failures = "; ".join(f"{r.name}: {r.error}" for r in members if r.status != "ok" and r.asked)
                 concluding.error = "too few panel members answered"
                 error = UpstreamFailed(
                     f"{breakdown.answered} of {breakdown.asked} panel members answered, "
@@ -262,6 +291,21 @@ class Engine:
                     )
                     breakdown.concluding = concluding
                 concluding_llm = candidate.llm
+                concluding_permit = self.breakers.allow(concluding_llm.name)
+                if concluding_permit is None:  # its circuit is open: the next one, if any
+                    concluding.status, concluding.error_type = "skipped", "circuit_open"
+                    concluding.error = self.breakers.reason(concluding_llm.name)
+                    concluding.cost = ZERO
+                    trace.generation(concluding, [], plan.params).finish(concluding, "")
+                    if number + 1 < len(candidates):
+                        continue
+                    error = UpstreamFailed(
+                        f"The concluding LLM '{concluding_llm.name}' was not asked: {concluding.error}",
+                        code="concluding_failed",
+                    )
+                    status, error_code = "error", error.code
+                    yield Failed(error, breakdown)
+                    return
                 messages = concluding_messages(plan.prompt, candidate.conversation, answered)
                 concluding_started = time.perf_counter()
                 concluding.status = "cancelled"
@@ -280,6 +324,8 @@ class Engine:
                             synthesis.append(piece)
                             yield ContentDelta(piece)
                 except LLMCallError as exc:
+                    self.breakers.record(concluding_permit, "failure" if is_transient(exc) else "abandoned")
+                    concluding_permit = None
                     concluding.status = "error"
                     concluding.error = exc.message
                     concluding.error_type = exc.kind
@@ -298,14 +344,21 @@ class Engine:
                     yield Failed(error, breakdown)
                     return
                 break
+            if concluding_permit is not None:
+                self.breakers.record(concluding_permit, "success")
+                concluding_permit = None
             concluding.status = "ok"
             concluding.latency_ms = _ms_since(concluding_started)
             concluding.cost = call_cost(concluding.usage, self.prices.get(concluding_llm.name))
             status = "ok"
             yield Completed(finish_reason=finish_reason, breakdown=breakdown, usage=breakdown.usage())
         finally:
-            for task in tasks:
-                task.cancel()
+            self.active.leave()
+            for task, index in tasks.items():  # still running when the request ended (the client left)
+                if task.cancel() and members[index].usage is None:
+                    self._settle_cut_member(plan.members[index], members[index], NOT_ANSWERED, started)
+            if concluding_permit is not None:
+                self.breakers.record(concluding_permit, "abandoned")
             if concluding.status == "cancelled":
                 self._settle_cancelled_stream(concluding_llm, concluding, concluding_started, messages, synthesis)
             answer = "".join(synthesis)
@@ -333,7 +386,7 @@ class Engine:
         synthesis: list[str],
     ) -> None:
         """A stream cut off by the client leaving still costs the tokens it produced: count them ourselves."""
-        report.error = "cancelled: the client disconnected"
+        report.error = "cancelled: the request ended first (the client left, or the service shut down)"
         report.error_type = "cancelled"
         report.latency_ms = _ms_since(started)
         report.usage = self.caller.estimate_usage(llm, messages, "".join(synthesis))

@@ -8,9 +8,10 @@ Hierarchy::
     ├── NotFound                  404 not_found_error / model_not_found
     ├── MethodNotAllowed          405 invalid_request_error
     ├── PayloadTooLarge           413 invalid_request_error
+    ├── RateLimited               429 requests (code: rate_limit_exceeded, over_capacity), with Retry-After
     ├── InternalError             500 server_error (a bug; the message says nothing more)
     ├── UpstreamFailed            502 upstream_error (code: members_failed, concluding_failed)
-    └── ServiceUnavailable        503 service_unavailable (code: service_misconfigured, ...)
+    └── ServiceUnavailable        503 service_unavailable (code: service_misconfigured, shutting_down, ...)
 
     ConfigError                   a wrong config.yaml: stops start-up, never reaches a client
 
@@ -94,6 +95,14 @@ class PayloadTooLarge(MoMError):
     default_status = 413
     error_type = "invalid_request_error"
     default_code = "request_too_large"
+
+
+class RateLimited(MoMError):
+    """Too many requests: OpenAI's own rate-limit errors have the type `requests`."""
+
+    default_status = 429
+    error_type = "requests"
+    default_code = "rate_limit_exceeded"
 
 
 class UpstreamFailed(MoMError):

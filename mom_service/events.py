@@ -46,7 +46,13 @@ class CallReport:
     text: str = ""
     role: Literal["member", "concluding"] = "member"
     images: Literal["sent", "placeholders"] | None = None  # how the request's images reached this call
-    estimated: bool = False  # usage counted by us (a cancelled stream), not reported by the provider
+    estimated: bool = False  # usage counted by us (a cancelled call), not reported by the provider
+
+    @property
+    def asked(self) -> bool:
+        """Meant to be asked: all but members skipped because they cannot see the request's images (a member
+        skipped because its circuit is open counts, and makes the answer degraded)."""
+        return self.status != "skipped" or self.error_type == "circuit_open"
 
 
 @dataclass(slots=True)
@@ -62,8 +68,8 @@ class Breakdown:
 
     @property
     def asked(self) -> int:
-        """Members asked: all but those skipped (e.g. text-only members of a request with images)."""
-        return sum(1 for m in self.members if m.status != "skipped")
+        """Members asked: all but those skipped because they cannot see the request's images."""
+        return sum(1 for m in self.members if m.asked)
 
     @property
     def degraded(self) -> bool:

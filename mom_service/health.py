@@ -20,6 +20,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mom_service import metrics_db
+from mom_service.circuit_breaker import CircuitBreakers
 from mom_service.config import LLMDefinition
 from mom_service.llm_calls import LLMCaller, LLMCallError
 from mom_service.state import AppState
@@ -132,6 +133,8 @@ async def readiness(state: AppState | None) -> str | None:
     """None when the service is ready to answer, else a short reason (shown without auth: nothing specific)."""
     if state is None:
         return "starting or stopping"
+    if state.admission.draining:
+        return "shutting down"
     _, error = await probe_database(state.usage_db)
     return None if error is None else "database unavailable"
 
@@ -145,16 +148,37 @@ def key_state(caller: LLMCaller, llm: LLMDefinition) -> KeyState:
     return "missing" if caller.missing_key(llm) is not None else "present"
 
 
-async def check_llm(caller: LLMCaller, llm: LLMDefinition, *, live: bool, scrub: Callable[[str], str]) -> Component:
-    """The LLM's configuration; with `live`, one single-token call, bounded by min(its timeout, 10 s)."""
+def circuit_details(breakers: CircuitBreakers, name: str) -> dict[str, Any]:
+    view = breakers.view(name)
+    details: dict[str, Any] = {"state": view.state, "consecutive_failures": view.consecutive_failures}
+    if view.retry_in_s is not None:
+        details["retry_in_s"] = view.retry_in_s
+    return details
+
+
+async def check_llm(
+    caller: LLMCaller,
+    llm: LLMDefinition,
+    *,
+    live: bool,
+    scrub: Callable[[str], str],
+    breakers: CircuitBreakers | None = None,
+) -> Component:
+    """The LLM's configuration and circuit; with `live`, one single-token call, bounded by min(its timeout, 10 s).
+
+    An open (or half-open) circuit makes the LLM `degraded`: requests skip it until a probe succeeds.
+    """
     started = time.perf_counter()
     key = key_state(caller, llm)
     details: dict[str, Any] = {"configured": llm.model, "key": key, "checked": False}
+    if breakers is not None and breakers.enabled:
+        details["circuit"] = circuit_details(breakers, llm.name)
+    circuit_open = details.get("circuit", {}).get("state", "closed") != "closed"
     if key == "missing":
         details["error"] = f"no API key: environment variable {llm.api_key_env} is not set"
         return Component("degraded", _elapsed_ms(started), details)
     if not live:
-        return Component("ok", _elapsed_ms(started), details)
+        return Component("degraded" if circuit_open else "ok", _elapsed_ms(started), details)
     details["checked"] = True
     bound = min(llm.timeout, LLM_CHECK_MAX_S)
     try:
@@ -166,7 +190,9 @@ async def check_llm(caller: LLMCaller, llm: LLMDefinition, *, live: bool, scrub:
         details["error"] = scrub(exc.message)
     except Exception as exc:  # a bug in a provider adapter must not break the report
         details["error"] = type(exc).__name__
-    return Component("error" if "error" in details else "ok", _elapsed_ms(started), details)
+    if "error" in details:
+        return Component("error", _elapsed_ms(started), details)
+    return Component("degraded" if circuit_open else "ok", _elapsed_ms(started), details)
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -187,7 +213,10 @@ async def detailed_report(state: AppState, *, check_llms: bool) -> dict[str, Any
     caller = state.engine.caller
     database, *llms = await asyncio.gather(
         check_database(state, scrub),
-        *(check_llm(caller, llm, live=check_llms, scrub=scrub) for llm in config.llm_definitions),
+        *(
+            check_llm(caller, llm, live=check_llms, scrub=scrub, breakers=state.engine.breakers)
+            for llm in config.llm_definitions
+        ),
     )
     components: dict[str, Component] = {
         "config": Component(

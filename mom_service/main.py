@@ -19,6 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mom_service import __version__
+from mom_service.admission import Admission, AdmissionControl
+from mom_service.circuit_breaker import CircuitBreakers
 from mom_service.config import MoMConfig, Settings, environment, resolve_config
 from mom_service.core_logic import Engine
 from mom_service.endpoints import health_api, metrics_api, openai_v1
@@ -137,12 +139,17 @@ def build_state(settings: Settings, config: MoMConfig, config_path: str | None) 
     writer = UsageWriter(usage_db, max_queue=settings.mom_usage_queue_size)
     prices = build_price_book(config, cost_map_entry)
     tracer = Tracer(settings)
-    metrics = Metrics(config, writer)
+    breakers = CircuitBreakers(
+        (d.name for d in config.llm_definitions),
+        failures=settings.mom_circuit_failures,
+        cooldown_s=settings.mom_circuit_cooldown_seconds,
+    )
+    metrics = Metrics(config, writer, breakers)
     return AppState(
         settings=settings,
         config=config,
         config_path=config_path,
-        engine=Engine(caller, prices, [writer.submit, metrics.record, remember_outcome], tracer),
+        engine=Engine(caller, prices, [writer.submit, metrics.record, remember_outcome], tracer, breakers),
         redactor=redactor,
         started_at=int(time.time()),
         usage_db=usage_db,
@@ -150,6 +157,7 @@ def build_state(settings: Settings, config: MoMConfig, config_path: str | None) 
         tracer=tracer,
         vision={d.name: sees_images(d, supports_vision) for d in config.llm_definitions},
         metrics=metrics,
+        admission=Admission(settings.mom_max_in_flight, settings.mom_rate_limit_rpm),
     )
 
 
@@ -181,6 +189,21 @@ MIGRATION_TIMEOUT_S = 15.0
 
 class StartupFailed(Exception):
     """Start-up cannot go on; the reason has been logged."""
+
+
+# At shutdown, how long requests cancelled by the server get to record their outcome before the writer closes.
+SETTLE_TIMEOUT_S = 5.0
+
+
+async def _close(app: FastAPI, state: AppState) -> None:
+    """The end of the lifespan: no new requests, the last outcomes recorded, records written, traces flushed."""
+    state.admission.draining = True
+    await state.engine.active.wait_idle(SETTLE_TIMEOUT_S)
+    app.state.mom = None
+    await state.usage_writer.close()
+    logger.info("Usage records written: %d, dropped: %d", state.usage_writer.written, state.usage_writer.dropped)
+    await asyncio.to_thread(state.tracer.shutdown)
+    await state.usage_db.dispose()
 
 
 def create_app(
@@ -228,12 +251,7 @@ def create_app(
         try:
             yield
         finally:
-            app.state.mom = None
-            await state.usage_writer.close()
-            logger.info(
-                "Usage records written: %d, dropped: %d", state.usage_writer.written, state.usage_writer.dropped
-            )
-            await state.usage_db.dispose()
+            await _close(app, state)
 
     app = FastAPI(
         title="MoM Service",
@@ -259,6 +277,7 @@ def create_app(
             max_age=600,
         )
     app.add_middleware(BodySizeLimit, max_bytes=settings.mom_max_body_bytes)
+    app.add_middleware(AdmissionControl)
     app.add_middleware(RequestLog, settings=settings)
     app.add_middleware(QuietStartupFailure)
     return app

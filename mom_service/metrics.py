@@ -13,6 +13,7 @@ from typing import get_args
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from mom_service.circuit_breaker import CIRCUIT_STATES, CircuitBreakers
 from mom_service.config import MoMConfig
 from mom_service.events import CallReport, MemberStatus, RequestOutcome, RequestStatus
 from mom_service.metrics_db import UsageWriter
@@ -45,10 +46,36 @@ class _UsageWriterCollector:
         )
 
 
+class _CircuitCollector:
+    """Each LLM's circuit breaker, read when Prometheus scrapes."""
+
+    def __init__(self, breakers: CircuitBreakers) -> None:
+        self._breakers = breakers
+
+    def collect(self) -> Iterable[Metric]:
+        state = GaugeMetricFamily(
+            "mom_circuit_state",
+            "Circuit breaker state per LLM: 1 for the state it is in (closed, open, half_open), else 0.",
+            labels=["llm", "state"],
+        )
+        opened = CounterMetricFamily(
+            "mom_circuit_opened", "Times an LLM's circuit breaker opened (or re-opened after a probe).", labels=["llm"]
+        )
+        for name in self._breakers.names():
+            view = self._breakers.view(name)
+            for candidate in CIRCUIT_STATES:
+                state.add_metric([name, candidate], 1.0 if view.state == candidate else 0.0)
+            opened.add_metric([name], view.opened)
+        yield state
+        yield opened
+
+
 class Metrics:
     """The app's Prometheus metrics. `record` is an engine recorder: it sees every finished request once."""
 
-    def __init__(self, config: MoMConfig, writer: UsageWriter | None = None) -> None:
+    def __init__(
+        self, config: MoMConfig, writer: UsageWriter | None = None, breakers: CircuitBreakers | None = None
+    ) -> None:
         self.registry = CollectorRegistry()
         self._models = frozenset(m.name for m in config.models)
         self._llms = frozenset(d.name for d in config.llm_definitions)
@@ -97,6 +124,8 @@ class Metrics:
         self.in_flight = Gauge("mom_requests_in_flight", "Chat requests being answered.", registry=r)
         if writer is not None:
             r.register(_UsageWriterCollector(writer))
+        if breakers is not None:
+            r.register(_CircuitCollector(breakers))
         self._zero_series(config)
 
     def _zero_series(self, config: MoMConfig) -> None:

@@ -21,8 +21,6 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -34,7 +32,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mom_service.config import Settings
 from mom_service.errors import CLIENT_CLOSED, InternalError
 from mom_service.events import RequestOutcome
-from mom_service.state import AppState
 
 logger = logging.getLogger("mom_service.requests")
 
@@ -198,7 +195,7 @@ def render_text(fields: dict[str, Any]) -> str:
 
 
 class RequestLog:
-    """Pure ASGI middleware: request id in and out, one log line per request, in-flight chat requests counted."""
+    """Pure ASGI middleware: request id in and out, one log line per request."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
@@ -241,8 +238,7 @@ class RequestLog:
         cancelled = False
         token = _current.set(context)
         try:
-            with self._in_flight(scope, chat):
-                await self.app(scope, receive_copy if body is not None else receive, send_with_id)
+            await self.app(scope, receive_copy if body is not None else receive, send_with_id)
         except Exception:
             if response.status is None:
                 # Starlette answers unexpected errors outside every middleware: answer here, to carry the id.
@@ -254,15 +250,6 @@ class RequestLog:
         finally:
             _current.reset(token)
             self._log(scope, context, response, started, cancelled, body)
-
-    @contextmanager
-    def _in_flight(self, scope: Scope, chat: bool) -> Iterator[None]:
-        state = getattr(getattr(scope.get("app"), "state", None), "mom", None)
-        if not chat or not isinstance(state, AppState):
-            yield
-            return
-        with state.metrics.answering():
-            yield
 
     @staticmethod
     async def _internal_error(send: Send) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from mom_service.admission import Admission
 from mom_service.config import MoMConfig, MoMModelConfig, Settings
 from mom_service.core_logic import Engine
 from mom_service.errors import ServiceUnavailable
@@ -30,6 +31,7 @@ class AppState:
     tracer: Tracer
     vision: dict[str, bool]  # per LLM: can it see images
     metrics: Metrics  # Prometheus metrics of this app (its own registry)
+    admission: Admission  # in-flight limit, per-token rate limit, draining at shutdown
 
     def accepts_images(self, model: MoMModelConfig) -> bool:
         """A MoM model accepts images when at least one panel member can see them."""

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import yaml
 
@@ -117,6 +118,17 @@ class Service:
                     yield time.monotonic(), frame[len("data: ") :]
 
 
+def answer_of(response: httpx.Response, stream: bool) -> tuple[dict[str, Any], str]:
+    """(the body with the `mom` breakdown, the answer's content) of a chat response read whole: a
+    `chat.completion`, or for a stream (asked with include_usage) its last chunk and the joined content deltas."""
+    if not stream:
+        body: dict[str, Any] = response.json()
+        return body, body["choices"][0]["message"]["content"]
+    chunks = [orjson.loads(f.removeprefix("data: ")) for f in response.text.split("\n\n")[:-2] if f]
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    return chunks[-1], content
+
+
 def wait_until(check: Callable[[], bool], timeout: float = 10.0) -> None:
     """Poll `check` until it holds; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -216,7 +228,9 @@ def start_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartSer
     def start(
         config: dict[str, Any] | None, env: dict[str, str] | None = None, *, token: str | None = TOKEN
     ) -> Service:
-        environment = {"FAKE_KEY": FAKE_KEY}
+        # The shared services see one test's failures after another's: circuit breakers off unless a test
+        # turns them on (tests/api/test_circuit_breaker.py), so that no test depends on the ones before it.
+        environment = {"FAKE_KEY": FAKE_KEY, "MOM_CIRCUIT_FAILURES": "0"}
         if token is not None:
             environment["API_TOKEN"] = token
         environment.update(env or {})

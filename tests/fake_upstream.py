@@ -24,7 +24,9 @@ optional, see :data:`BEHAVIOUR_FIELDS`):
 ``error_delay_ms``     delay before an error response (default 0: errors are immediate).
 ``fail_times``         only the first N requests (per model since its last configure/reset) misbehave.
 ``fail_rate``          fraction 0..1 of requests that misbehave, pseudo-random, deterministic with ``seed``.
-``seed``               seed for ``fail_rate`` (default 0).
+``hang_rate``          fraction 0..1 of requests that hang (never answer), drawn with ``fail_rate`` from one
+                       number per request: below ``fail_rate`` it misbehaves, in the next ``hang_rate`` it hangs.
+``seed``               seed for ``fail_rate`` and ``hang_rate`` (default 0).
 ``retry_after``        adds a ``Retry-After`` header to error responses.
 ``hang``               accept the request and never answer (until the client disconnects).
 ``hang_after_tokens``  streaming: send that many tokens (at most all of them), then hang.
@@ -99,6 +101,7 @@ BEHAVIOUR_FIELDS: dict[str, str] = {
     "error_delay_ms": "int",
     "fail_times": "int",
     "fail_rate": "num",
+    "hang_rate": "num",
     "seed": "int",
     "retry_after": "num",
     "hang": "bool",
@@ -126,6 +129,7 @@ class Behaviour:
     error_delay_ms: int = 0
     fail_times: int | None = None
     fail_rate: float | None = None
+    hang_rate: float | None = None
     seed: int = 0
     retry_after: float | None = None
     hang: bool = False
@@ -160,8 +164,11 @@ class Behaviour:
             if not ok:
                 raise ValueError(f"behaviour field {name!r} must be {kind} (non-negative), got {value!r}")
             values[name] = value
-        if "fail_rate" in values and not 0.0 <= values["fail_rate"] <= 1.0:
-            raise ValueError("fail_rate must be within 0..1")
+        for rate in ("fail_rate", "hang_rate"):
+            if rate in values and not 0.0 <= values[rate] <= 1.0:
+                raise ValueError(f"{rate} must be within 0..1")
+        if values.get("fail_rate", 0) + values.get("hang_rate", 0) > 1.0:
+            raise ValueError("fail_rate + hang_rate must be at most 1")
         if "status" in values and not 100 <= values["status"] <= 599:
             raise ValueError("status must be a valid HTTP status")
         return cls(**values)
@@ -372,7 +379,19 @@ class FakeState:
             counter = self.counters[model] = _ModelCounter(0, random.Random(behaviour.seed))
         counter.requests += 1
         gated = behaviour.fail_times is not None or behaviour.fail_rate is not None
-        if gated:
+        if behaviour.hang_rate is not None and not (
+            behaviour.fail_times is not None and counter.requests <= behaviour.fail_times
+        ):
+            # one draw decides: below fail_rate the request misbehaves, in the next hang_rate it hangs
+            draw = counter.rng.random()
+            fail_rate = behaviour.fail_rate or 0.0
+            if draw < fail_rate:
+                pass  # misbehaves, below
+            elif draw < fail_rate + behaviour.hang_rate:
+                return _Plan(hang=True)
+            else:
+                return _Plan()
+        elif gated:
             if behaviour.fail_times is not None and counter.requests <= behaviour.fail_times:
                 failing = True
             elif behaviour.fail_rate is not None:

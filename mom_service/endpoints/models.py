@@ -206,6 +206,7 @@ def _report_dict(report: CallReport) -> dict[str, Any]:
         "name": report.name,
         "model": report.model,
         "status": report.status,
+        "reason": report.error_type,
         "error": report.error,
         "latency_ms": report.latency_ms,
         "ttft_ms": report.ttft_ms,

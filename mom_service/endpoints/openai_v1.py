@@ -12,11 +12,12 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from mom_service.auth import Authorized
+from mom_service.admission import Admission
+from mom_service.auth import Authorized, RateLimitedToken
 from mom_service.core_logic import make_plan
 from mom_service.endpoints.models import ModelList, ModelObject, model_object, parse_chat_request
 from mom_service.endpoints.serialize import CompletionCollector, StreamSerializer
-from mom_service.endpoints.streaming import ClientGone, SSEResponse, unless_disconnected
+from mom_service.endpoints.streaming import ClientGone, ServerStopping, SSEResponse, unless_disconnected
 from mom_service.errors import CLIENT_CLOSED, InternalError, InvalidRequest, NotFound
 from mom_service.events import Event, Failed
 from mom_service.multimodal_utils import check_images
@@ -56,7 +57,7 @@ async def _read_json(request: Request) -> Any:
 
 
 @router.post("/chat/completions")
-async def chat_completions(request: Request, state: StateDep, _: Authorized) -> Response:
+async def chat_completions(request: Request, state: StateDep, _: Authorized, __: RateLimitedToken) -> Response:
     chat = parse_chat_request(await _read_json(request))
     mom = state.config.mom_model(chat.model)
     if mom is None:
@@ -78,6 +79,7 @@ async def chat_completions(request: Request, state: StateDep, _: Authorized) -> 
         user=chat.user,
     )
     events = state.engine.run(plan)
+    stop = state.admission.cut_off
 
     if not chat.stream:
         collector = CompletionCollector(mom)
@@ -91,9 +93,11 @@ async def chat_completions(request: Request, state: StateDep, _: Authorized) -> 
             raise RuntimeError("the engine ended without an answer")
 
         try:
-            return ORJSONResponse(await unless_disconnected(request, collect()))
+            return ORJSONResponse(await unless_disconnected(request, collect(), stop))
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED)
+        except ServerStopping:
+            raise Admission.shutting_down() from None
 
     serializer = StreamSerializer(mom, include_usage=chat.include_usage)
 
@@ -109,11 +113,14 @@ async def chat_completions(request: Request, state: StateDep, _: Authorized) -> 
         return b""
 
     try:
-        first = await unless_disconnected(request, first_output())
+        first = await unless_disconnected(request, first_output(), stop)
     except ClientGone:
         await events.aclose()
         return Response(status_code=CLIENT_CLOSED)
-    return SSEResponse(_sse(first, events, serializer))
+    except ServerStopping:
+        await events.aclose()
+        raise Admission.shutting_down() from None
+    return SSEResponse(_sse(first, events, serializer), stop, serializer.error(Admission.shutting_down()))
 
 
 async def _sse(first: bytes, events: AsyncGenerator[Event], serializer: StreamSerializer) -> AsyncGenerator[bytes]:

@@ -130,6 +130,7 @@ def test_detailed_ok_on_the_standard_panel(service: Service, fake: FakeUpstream)
     assert components["cache"] == {"status": "ok", "latency_ms": 0.0, "backend": "none"}
     assert components["tracing"] == {"status": "ok", "latency_ms": 0.0, "enabled": False}
     alpha = components["llm:alpha"]
+    # (circuit breakers are off in the shared test services: no `circuit` entry; see test_circuit_breaker.py)
     expected = {"status": "ok", "configured": "openai/alpha", "key": "present", "checked": False}
     assert {k: v for k, v in alpha.items() if k != "latency_ms"} == expected
     assert components["llm:catalog"]["configured"] == "openai/gpt-4o-mini"

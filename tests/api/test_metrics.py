@@ -175,6 +175,7 @@ def test_labels_are_only_configured_names(metered: Service, fake: FakeUpstream) 
         | {d["name"] for d in config["llm_definitions"]}
         | {"ok", "error", "cancelled", "skipped", "member", "concluding", "hit", "miss"}
         | {"prompt", "completion", "reasoning", "cached"}
+        | {"closed", "open", "half_open"}  # circuit breaker states
     )
     bucket_bounds = {value for (name, labels) in after.samples for key, value in labels if key == "le"}
     assert after.label_values() - bucket_bounds <= allowed

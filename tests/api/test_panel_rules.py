@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
+from decimal import Decimal
 from typing import Any
 
 import orjson
 import pytest
 
-from tests.conftest import Service, StartService, llm
+from tests.conftest import Service, StartService, answer_of, llm, wait_until
 from tests.fake_upstream import FakeUpstream
 
 QUESTION = [{"role": "user", "content": "Who answers first?"}]
+PRICE = {"input_per_million": "2", "output_per_million": "8"}
 MEMBERS = ["qa", "qb", "qc"]
 
 
 @pytest.fixture(scope="module")
 def ruled(fake_server: FakeUpstream, start_service: StartService) -> Service:
     config: dict[str, Any] = {
-        "llm_definitions": [llm(name, fake_server, retries=0, timeout=10) for name in [*MEMBERS, "qj", "qk", "ql"]],
+        "llm_definitions": [
+            llm(name, fake_server, retries=0, timeout=10, pricing=PRICE) for name in [*MEMBERS, "qj", "qk", "ql"]
+        ],
         "models": [
             {"name": "quorum-2", "llms_to_query": MEMBERS, "concluding_llm": "qj", "quorum": 2},
             {"name": "deadline", "llms_to_query": MEMBERS, "concluding_llm": "qj", "member_deadline_ms": 500},
@@ -56,6 +61,18 @@ def test_quorum_starts_synthesis_and_cancels_the_rest(ruled: Service, fake: Fake
     assert found["qc"]["status"] == "cancelled" and "quorum of 2" in found["qc"]["error"]
     assert body["mom"]["answered"] == 2 and body["mom"]["asked"] == 3 and body["mom"]["degraded"] is True
     fake.wait_for(lambda log: any(e["model"] == "qc" and e["outcome"] == "disconnected" for e in log))
+    # the cut-off member's input was sent (and is billed): counted by our estimate, at its price; no output seen
+    cut = found["qc"]["usage"]
+    assert cut["prompt_tokens"] > 0 and cut["completion_tokens"] == 0
+    assert Decimal(str(found["qc"]["cost"])) == Decimal(cut["prompt_tokens"]) * 2 / 1_000_000
+    total = sum(Decimal(str(m["cost"])) for m in body["mom"]["members"]) + Decimal(
+        str(body["mom"]["concluding"]["cost"])
+    )
+    assert Decimal(str(body["mom"]["cost"])) == total
+    with sqlite3.connect(ruled.workdir / "data" / "mom.db") as db:
+        wait_until(lambda: db.execute("SELECT count(*) FROM mom_calls WHERE llm = 'qc'").fetchone()[0] > 0)
+        row = db.execute("SELECT status, usage_estimated, prompt_tokens FROM mom_calls WHERE llm = 'qc'").fetchone()
+    assert row == ("cancelled", 1, cut["prompt_tokens"])
     judge = next(e for e in fake.log() if e["model"] == "qj")
     # the concluding LLM is told the cut-off member gave no answer
     assert (
@@ -110,13 +127,7 @@ def test_concluding_fallback_takes_over_before_the_first_token(
     fake.configure({"qj": {"status": 500, "error_message": "qj down"}, "qk": {"text": "Concluded by qk."}})
     response = ruled.chat("fallbacks", messages=QUESTION, stream=stream, stream_options={"include_usage": True})
     assert response.status_code == 200
-    if stream:
-        chunks = [orjson.loads(f.removeprefix("data: ")) for f in response.text.split("\n\n")[:-2] if f]
-        content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-        body = chunks[-1]
-    else:
-        body = response.json()
-        content = body["choices"][0]["message"]["content"]
+    body, content = answer_of(response, stream)
     assert content == "Concluded by qk."
     mom = body["mom"]
     assert mom["concluding"]["name"] == "qk" and mom["concluding"]["status"] == "ok"

@@ -14,7 +14,7 @@ import pytest
 from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.fake_upstream import FakeUpstream
+from tests.fake_upstream import Behaviour, FakeUpstream
 
 
 def _free_port() -> int:
@@ -172,6 +172,21 @@ def test_fail_rate_is_deterministic(fake: FakeUpstream) -> None:
         runs.append([_post(fake, body).status_code for _ in range(12)])
     assert runs[0] == runs[1]
     assert set(runs[0]) == {200, 503}
+
+
+def test_fail_rate_and_hang_rate_share_one_draw(fake: FakeUpstream) -> None:
+    fake.configure({"chaos": {"fail_rate": 0.3, "hang_rate": 0.3, "seed": 3, "status": 502}})
+    body = {"model": "chaos", "messages": [{"role": "user", "content": "x"}]}
+    outcomes = []
+    for _ in range(40):
+        try:
+            outcomes.append(_post(fake, body, timeout=0.3).status_code)
+        except httpx.ReadTimeout:
+            outcomes.append("hung")
+    assert set(outcomes) == {200, 502, "hung"}
+    assert 4 <= outcomes.count("hung") <= 20 and 4 <= outcomes.count(502) <= 20
+    with pytest.raises(ValueError, match="at most 1"):
+        Behaviour.parse({"fail_rate": 0.6, "hang_rate": 0.6})
 
 
 def test_hang_client_timeout_is_recorded_as_disconnected(fake: FakeUpstream) -> None:

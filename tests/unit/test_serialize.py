@@ -35,7 +35,9 @@ ALPHA = CallReport(
     usage=Usage(prompt_tokens=10, completion_tokens=5, reasoning_tokens=2, cached_tokens=4),
     cost=Decimal("0.001"),
 )
-BETA = CallReport(name="beta", model="openai/beta", status="error", error="HTTP 500", latency_ms=8.0)
+BETA = CallReport(
+    name="beta", model="openai/beta", status="error", error="HTTP 500", error_type="http_error", latency_ms=8.0
+)
 JUDGE = CallReport(
     name="judge", model="openai/judge", text="Final.", usage=Usage(prompt_tokens=30, completion_tokens=7)
 )
@@ -270,6 +272,7 @@ def test_completion_body() -> None:
         "name": "beta",
         "model": "openai/beta",
         "status": "error",
+        "reason": "http_error",
         "error": "HTTP 500",
         "latency_ms": 8.0,
         "ttft_ms": None,

@@ -1,0 +1,82 @@
+"""The engine gives every circuit-breaker permit back, however a member's call ends (here: an adapter bug)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any
+
+from mom_service.circuit_breaker import CircuitBreakers
+from mom_service.config import LLMDefinition, parse_config
+from mom_service.core_logic import Engine, make_plan
+from mom_service.events import Completed, Event, Usage
+from mom_service.llm_calls import CallResult, LLMCaller, StreamEnd
+from mom_service.pricing_utils import build_price_book
+from mom_service.redaction import Redactor
+
+CONFIG = parse_config(
+    {
+        "llm_definitions": [
+            {"name": n, "model": f"openai/{n}", "api_base": "http://x"} for n in ("good", "buggy", "j")
+        ],
+        "models": [{"name": "mom", "llms_to_query": ["good", "buggy"], "concluding_llm": "j"}],
+    },
+    "<test>",
+)
+
+
+class BuggyCaller(LLMCaller):
+    """`buggy` raises what no adapter should (not an LLMCallError); the others answer at once."""
+
+    async def complete(
+        self,
+        llm: LLMDefinition,
+        messages: list[dict[str, Any]],
+        params: Mapping[str, Any],
+        *,
+        retries: int | None = None,
+    ) -> CallResult:
+        if llm.name == "buggy":
+            raise ValueError("an adapter bug")
+        return CallResult(text=f"{llm.name} says hi", usage=Usage(3, 2), latency_ms=1.0)
+
+    async def stream(
+        self, llm: LLMDefinition, messages: list[dict[str, Any]], params: Mapping[str, Any]
+    ) -> AsyncGenerator[str | StreamEnd]:
+        yield "synthesis"
+        yield StreamEnd("stop", Usage(5, 1))
+
+
+async def _ask(engine: Engine) -> list[Event]:
+    plan = make_plan(
+        CONFIG,
+        CONFIG.models[0],
+        [{"role": "user", "content": "hi"}],
+        {},
+        vision={d.name: False for d in CONFIG.llm_definitions},
+        has_images=False,
+        request_id="r",
+        stream=False,
+    )
+    return [event async for event in engine.run(plan)]
+
+
+def test_a_member_failing_unexpectedly_is_an_error_and_its_probe_permit_comes_back() -> None:
+    clock = [0.0]
+    breakers = CircuitBreakers(["good", "buggy", "j"], failures=1, cooldown_s=10, clock=lambda: clock[0])
+    buggy_permit = breakers.allow("buggy")
+    assert buggy_permit is not None
+    breakers.record(buggy_permit, "failure")  # opened
+    clock[0] = 11.0  # cool-down over: the next call is the probe
+    engine = Engine(BuggyCaller(CONFIG, {}, Redactor()), build_price_book(CONFIG, lambda _: None), breakers=breakers)
+
+    events = asyncio.run(_ask(engine))
+
+    completed = events[-1]
+    assert isinstance(completed, Completed)  # the request went on with the other member
+    buggy = next(m for m in completed.breakdown.members if m.name == "buggy")
+    assert (buggy.status, buggy.error_type, buggy.error) == ("error", "error", "failed: ValueError")
+    # the probe decided nothing (not an upstream failure), and its permit came back: the next call probes again
+    assert breakers.view("buggy").state == "half_open"
+    assert breakers.allow("buggy") is not None
+    assert engine.active.count == 0

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 
 from tests.conftest import FAKE_KEY, TOKEN, Service, free_port, llm
 from tests.fake_upstream import FakeUpstream
@@ -74,6 +75,7 @@ class Result:
     cpu_ms_per_request: float = 0.0
     wall_s: float = 0.0
     latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)  # the first few, as the client saw them
     machine: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -93,6 +95,9 @@ def config(fake: FakeUpstream) -> dict[str, Any]:
     }
 
 
+FAILURES: list[str] = []  # what the first failed requests got, for the report
+
+
 async def one(client: httpx.AsyncClient, service: Service, index: int) -> tuple[bool, float, bool, bool]:
     """(streamed, latency s, ok, degraded)"""
     stream = index % 2 == 0
@@ -108,14 +113,20 @@ async def one(client: httpx.AsyncClient, service: Service, index: int) -> tuple[
             body["stream_options"] = {"include_usage": True}
             async with client.stream("POST", url, headers=service.headers(), json=body) as response:
                 lines = [line async for line in response.aiter_lines() if line.startswith("data: ")]
-            ok = response.status_code == 200 and lines[-1] == "data: [DONE]" and '"error"' not in lines[-2]
-            degraded = '"degraded":true' in lines[-2]
+            last = orjson.loads(lines[-2][len("data: ") :]) if response.status_code == 200 and len(lines) > 1 else {}
+            ok = lines[-1:] == ["data: [DONE]"] and "error" not in last and "mom" in last
+            degraded = ok and bool(last["mom"]["degraded"])
+            if not ok:
+                FAILURES.append(f"stream {response.status_code}: {(lines or ['(no data)'])[-2:]}"[:500])
         else:
             response = await client.post(url, headers=service.headers(), json=body)
             ok = response.status_code == 200
             degraded = ok and bool(response.json()["mom"]["degraded"])
-    except httpx.HTTPError:
+            if not ok:
+                FAILURES.append(f"whole {response.status_code}: {response.text}"[:500])
+    except httpx.HTTPError as exc:
         ok, degraded = False, False
+        FAILURES.append(f"{type(exc).__name__}: {exc}"[:500])
     return stream, time.monotonic() - started, ok, degraded
 
 
@@ -179,6 +190,7 @@ def run(requests: int, concurrency: int, failure_rate: float, idle_s: float) -> 
             time.sleep(idle_s)
             result.rss_idle_mb = rss_mb(pid)
             result.failed_requests += sum(1 for _, _, ok, _ in outcomes if not ok)
+            result.failures = FAILURES[:5]
             result.degraded_answers = sum(1 for _, _, _, degraded in outcomes if degraded)
             for label, streamed in (("stream", True), ("whole", False)):
                 latencies = [latency * 1000 for s, latency, ok, _ in outcomes if s == streamed and ok]
@@ -235,6 +247,8 @@ def main() -> int:
         problems.append(f"RSS grew {result.growth_mb:.1f} MB (limit {RSS_GROWTH_LIMIT_MB:g})")
     if result.rss_idle_mb - result.rss_baseline_mb >= IDLE_RETURN_LIMIT_MB:
         problems.append(f"idle RSS {result.rss_idle_mb:.1f} MB is not back near the baseline")
+    for failure in result.failures:
+        print(f"failed request: {failure}", file=sys.stderr)
     for problem in problems:
         print(f"FAIL: {problem}", file=sys.stderr)
     return 1 if problems else 0

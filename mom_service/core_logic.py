@@ -246,8 +246,9 @@ class Engine:
             deadline = loop.time() + mom.member_deadline_ms / 1000 if mom.member_deadline_ms else None
             pending = set(tasks)
             cut_reason = ""
+            overdue = False  # the deadline passed with too few answers: start as soon as there are enough
             while pending:
-                wait_s = max(deadline - loop.time(), 0) if deadline is not None else None
+                wait_s = max(deadline - loop.time(), 0) if deadline is not None and not overdue else None
                 done, pending = await asyncio.wait(pending, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     yield MemberFinished(task.result())
@@ -259,7 +260,7 @@ class Engine:
                     if answers >= mom.min_successful:
                         cut_reason = f"cut off: member_deadline_ms ({mom.member_deadline_ms}) passed"
                         break
-                    deadline = None  # too few answers: wait for the rest, each within its own timeout
+                    overdue = True  # too few answers: wait on, each member within its own timeout
             for task in pending:  # members cut off by the quorum or the deadline: cancelled, reported as such
                 if not task.done():  # (one may have finished while the events above were being sent)
                     task.cancel()

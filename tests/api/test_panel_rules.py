@@ -104,6 +104,18 @@ def test_deadline_waits_on_when_too_few_have_answered(ruled: Service, fake: Fake
     assert found["qc"]["status"] == "error"
 
 
+def test_past_the_deadline_synthesis_starts_once_enough_have_answered(ruled: Service, fake: FakeUpstream) -> None:
+    fake.configure({"qb": {"ttft_ms": 900}, "qc": {"hang": True}})
+    started = time.monotonic()
+    body = ruled.chat("deadline-min-2", messages=QUESTION).json()
+    elapsed = time.monotonic() - started
+    # past the 300 ms deadline only qa had answered; qb made two at 0.9 s: no waiting for qc's 10 s timeout
+    assert 0.9 <= elapsed < 5
+    found = members(body)
+    assert found["qa"]["status"] == found["qb"]["status"] == "ok"
+    assert found["qc"]["status"] == "cancelled" and "member_deadline_ms" in found["qc"]["error"]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_fewer_than_min_successful_is_a_502_naming_the_failures(
     ruled: Service, fake: FakeUpstream, stream: bool

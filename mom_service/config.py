@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     mom_circuit_failures: int = Field(default=5, ge=0)  # consecutive failures that open an LLM's circuit; 0: off
     mom_circuit_cooldown_seconds: float = Field(default=30.0, gt=0)
     mom_shutdown_grace_seconds: float = Field(default=20.0, ge=0)  # SIGTERM: time in-flight answers get to finish
+    mom_cache_enabled: bool = True  # the response cache, for the MoM models whose `cache.enabled` is true
+    mom_cache_max_bytes: int = Field(default=256 * 1024 * 1024, gt=0)  # in-process cache size bound
+    mom_cache_timeout_ms: int = Field(default=250, gt=0)  # each Redis operation; slower is a miss
     mom_usage_queue_size: int = Field(default=10_000, gt=0)
     mom_allow_private_image_urls: bool = False
     mom_max_images: int = Field(default=20, ge=0)
@@ -129,6 +132,11 @@ class PromptDefinition(_Strict):
     content: str = Field(min_length=1)
 
 
+class CacheConfig(_Strict):
+    enabled: bool = True
+    ttl_seconds: int = Field(default=3600, gt=0)
+
+
 class MoMModelConfig(_Strict):
     name: Name
     description: str | None = None
@@ -141,6 +149,7 @@ class MoMModelConfig(_Strict):
     quorum: int | None = Field(default=None, ge=1)
     member_deadline_ms: int | None = Field(default=None, gt=0)
     concluding_fallbacks: list[Name] = Field(default_factory=list)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
 
 
 class MoMConfig(_Strict):

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from mom_service.cache import CachedAnswer, ResponseCache, answer_key, cacheable, cached_copy, member_key
 from mom_service.circuit_breaker import CircuitBreakers, Permit, Result
 from mom_service.config import LLMDefinition, MoMConfig, MoMModelConfig
 from mom_service.cost_calculation import ZERO, call_cost
@@ -25,11 +26,13 @@ from mom_service.events import (
     PanelDone,
     RequestOutcome,
     RequestStatus,
+    Usage,
 )
 from mom_service.inflight import InFlight
 from mom_service.llm_calls import LLMCaller, LLMCallError, StreamEnd, is_transient
 from mom_service.multimodal_utils import RULES, family, sanitize
 from mom_service.pricing_utils import PriceBook
+from mom_service.single_flight import Flight
 from mom_service.synthesis import concluding_messages
 from mom_service.tracing import NO_GENERATION, NO_TRACE, Trace, Tracer
 
@@ -58,6 +61,14 @@ class Concluder:
 
 
 @dataclass(slots=True, frozen=True)
+class CachePolicy:
+    """What the request lets the cache do (`Cache-Control: no-cache` skips the lookup, `no-store` the storing)."""
+
+    lookup: bool = True
+    store: bool = True
+
+
+@dataclass(slots=True, frozen=True)
 class Plan:
     """One request, resolved against the config: who is asked, who concludes, with what."""
 
@@ -71,6 +82,9 @@ class Plan:
     stream: bool
     user: str | None = None
     conversation: tuple[dict[str, Any], ...] = ()  # as the client sent it (for the trace)
+    cache_key: str | None = None  # None: the cache is not used for this request
+    cache: CachePolicy = CachePolicy(lookup=False, store=False)
+    cache_ttl_s: float = 0.0
 
 
 def make_plan(
@@ -84,6 +98,7 @@ def make_plan(
     request_id: str,
     stream: bool,
     user: str | None = None,
+    cache: CachePolicy | None = None,
 ) -> Plan:
     """Who is asked: with images, only the members that can see them (400 when none can)."""
     members = []
@@ -107,6 +122,7 @@ def make_plan(
         images: Literal["sent", "placeholders"] | None = ("sent" if sees else "placeholders") if has_images else None
         return Concluder(llm, tuple(sanitize(messages, RULES[family(llm)], vision=sees)), images)
 
+    use_cache = cache is not None and mom.cache.enabled and (cache.lookup or cache.store)
     return Plan(
         request_id=request_id,
         mom=mom,
@@ -118,6 +134,40 @@ def make_plan(
         stream=stream,
         user=user,
         conversation=tuple(messages),
+        cache_key=answer_key(config, mom, messages, params) if use_cache else None,
+        cache=cache if use_cache and cache is not None else CachePolicy(lookup=False, store=False),
+        cache_ttl_s=float(mom.cache.ttl_seconds),
+    )
+
+
+def _as_hit(breakdown: Breakdown) -> Breakdown:
+    """An identical request's breakdown, as this request (which followed it and called nothing) shows it."""
+    return Breakdown(
+        members=[cached_copy(r) for r in breakdown.members],
+        concluding=cached_copy(breakdown.concluding),
+        cache="hit",
+    )
+
+
+def _outcome(
+    plan: Plan,
+    status: RequestStatus,
+    error_code: str | None,
+    started_at: float,
+    started: float,
+    ttft_ms: float | None,
+    breakdown: Breakdown,
+) -> RequestOutcome:
+    return RequestOutcome(
+        request_id=plan.request_id,
+        mom_model=plan.mom.name,
+        stream=plan.stream,
+        status=status,
+        error_code=error_code,
+        started_at=started_at,
+        latency_ms=_ms_since(started),
+        ttft_ms=ttft_ms,
+        breakdown=breakdown,
     )
 
 
@@ -133,6 +183,7 @@ class Engine:
         recorders: Sequence[Recorder] = (),
         tracer: Tracer | None = None,
         breakers: CircuitBreakers | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.caller = caller
         self.prices = prices
@@ -140,6 +191,9 @@ class Engine:
         self.tracer = tracer
         self.breakers = breakers or CircuitBreakers((), failures=0)
         self.active = InFlight()  # requests being answered (their outcome not yet recorded)
+        self.cache = cache
+        self._flights: dict[str, Flight] = {}  # answers being produced, by cache key: identical requests follow
+        self._background: set[asyncio.Task[None]] = set()  # cache stores that nobody waits for
 
     async def _ask_member(
         self, plan: Plan, member: Member, report: CallReport, permit: Permit, trace: Trace
@@ -148,6 +202,15 @@ class Engine:
         llm = member.llm
         started = time.perf_counter()
         verdict: Result = "abandoned"  # for the circuit breaker; the permit always goes back, however this ends
+        key = member_key(llm, member.messages, plan.params) if plan.cache_key and self.cache is not None else None
+        if key is not None and plan.cache.lookup and self.cache is not None:
+            stored = await self.cache.get_member(key)
+            if stored is not None:  # this member gave this answer to this input: not asked again
+                self.breakers.record(permit, verdict)
+                report.status, report.error, report.error_type = "ok", None, None
+                report.text, report.cached, report.cost, report.saved = stored[0], True, ZERO, stored[1]
+                report.latency_ms = _ms_since(started)
+                return report
         try:
             generation = trace.generation(report, member.messages, plan.params)
             try:
@@ -173,6 +236,8 @@ class Engine:
         report.latency_ms = _ms_since(started)
         report.cost = call_cost(report.usage, self.prices.get(llm.name))
         generation.finish(report, report.text)
+        if key is not None and plan.cache.store and self.cache is not None and report.status == "ok":
+            self._in_background(self.cache.put_member(key, plan.cache_ttl_s, report))  # never delays the answer
         return report
 
     def _settle_cut_member(self, member: Member, report: CallReport, reason: str, started: float) -> None:
@@ -187,9 +252,129 @@ class Engine:
     async def run(self, plan: Plan) -> AsyncGenerator[Event]:
         """Yields MemberFinished as each member settles, PanelDone, ContentDelta..., then Completed or Failed.
 
-        Closing or cancelling the iterator cancels every upstream call still running. However the request ends,
-        its outcome (every call, with usage and cost) goes to the recorder, once.
+        Closing or cancelling the iterator cancels every upstream call still running (that no identical request
+        still follows). However the request ends, its outcome goes to the recorders, once.
+
+        With the cache: a stored answer is replayed (no upstream call); else an identical request in flight is
+        followed; else this request's run becomes the flight others follow, and its answer is stored.
         """
+        key = plan.cache_key
+        if key is None or self.cache is None:
+            async with aclosing(self._answer(plan)) as events:
+                async for event in events:
+                    yield event
+            return
+        if plan.cache.lookup:
+            stored = await self.cache.get_answer(key)
+            if stored is not None:
+                async with aclosing(self._replay(plan, stored)) as events:
+                    async for event in events:
+                        yield event
+                return
+            running = self._flights.get(key)
+            if running is not None and not running.finished:
+                async with aclosing(self._follow(plan, running)) as events:
+                    async for event in events:
+                        yield event
+                return
+        flight = Flight(self._answer(plan), on_done=lambda: self._land(key, flight))
+        if plan.cache.lookup:
+            self._flights[key] = flight
+        async with aclosing(flight.follow()) as events:
+            async for event in events:
+                yield event
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _land(self, key: str, flight: Flight) -> None:
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+
+    async def _replay(self, plan: Plan, stored: CachedAnswer) -> AsyncGenerator[Event]:
+        """A stored answer, as the same events: no upstream call, nothing paid, its cost saved."""
+        breakdown = Breakdown(members=stored.members, concluding=stored.concluding, cache="hit")
+        status: RequestStatus = "cancelled"
+        started_at, started = time.time(), time.perf_counter()
+        ttft_ms: float | None = None
+        self.active.enter()
+        try:
+            for report in stored.members:
+                yield MemberFinished(report)
+            yield PanelDone(stored.members)
+            for piece in stored.pieces:
+                if ttft_ms is None:
+                    ttft_ms = _ms_since(started)
+                yield ContentDelta(piece)
+            status = "ok"
+            yield Completed(finish_reason=stored.finish_reason, breakdown=breakdown, usage=Usage())
+        finally:
+            self.active.leave()
+            self._finish_hit(plan, breakdown, status, None, started_at, started, ttft_ms, "".join(stored.pieces))
+
+    async def _follow(self, plan: Plan, flight: Flight) -> AsyncGenerator[Event]:
+        """The events of an identical request's run, as a cache hit: this request pays nothing."""
+        first = plan.concluders[0].llm  # until the run says more: no call of this request's own was made
+        placeholder = CallReport(
+            name=first.name, model=first.model, role="concluding", status="skipped", cost=ZERO, cached=True
+        )
+        breakdown = Breakdown(members=[], concluding=placeholder, cache="hit")
+        status: RequestStatus = "cancelled"
+        error_code: str | None = None
+        started_at, started = time.time(), time.perf_counter()
+        ttft_ms: float | None = None
+        pieces: list[str] = []
+        self.active.enter()
+        try:
+            async with aclosing(flight.follow()) as events:
+                async for event in events:
+                    if isinstance(event, MemberFinished):
+                        yield MemberFinished(cached_copy(event.report))
+                    elif isinstance(event, PanelDone):
+                        yield PanelDone([cached_copy(r) for r in event.reports])
+                    elif isinstance(event, ContentDelta):
+                        if ttft_ms is None:
+                            ttft_ms = _ms_since(started)
+                        pieces.append(event.text)
+                        yield event
+                    elif isinstance(event, Completed):
+                        breakdown = _as_hit(event.breakdown)
+                        status = "ok"
+                        yield Completed(finish_reason=event.finish_reason, breakdown=breakdown, usage=Usage())
+                    else:
+                        breakdown = _as_hit(event.breakdown)
+                        breakdown.cache = "miss"  # no answer came of it, so nothing was saved either
+                        for report in breakdown.calls:
+                            report.saved = None
+                        status, error_code = "error", event.error.code
+                        yield Failed(event.error, breakdown)
+        finally:
+            self.active.leave()
+            self._finish_hit(plan, breakdown, status, error_code, started_at, started, ttft_ms, "".join(pieces))
+
+    def _finish_hit(
+        self,
+        plan: Plan,
+        breakdown: Breakdown,
+        status: RequestStatus,
+        error_code: str | None,
+        started_at: float,
+        started: float,
+        ttft_ms: float | None,
+        answer: str,
+    ) -> None:
+        outcome = _outcome(plan, status, error_code, started_at, started, ttft_ms, breakdown)
+        if self.tracer is not None:
+            trace = self.tracer.start(
+                mom_model=plan.mom.name, request_id=plan.request_id, user=plan.user, messages=list(plan.conversation)
+            )
+            trace.finish(outcome, answer)
+        self._emit(outcome)
+
+    async def _answer(self, plan: Plan) -> AsyncGenerator[Event]:
+        """The panel and the synthesis, for real (see `run`)."""
         started_at = time.time()
         started = time.perf_counter()
         members = [
@@ -353,6 +538,9 @@ class Engine:
             concluding.cost = call_cost(concluding.usage, self.prices.get(concluding_llm.name))
             status = "ok"
             yield Completed(finish_reason=finish_reason, breakdown=breakdown, usage=breakdown.usage())
+            if plan.cache_key and plan.cache.store and self.cache is not None and cacheable(breakdown):
+                # reached only when the consumer reads on after Completed: the flight's pump does
+                await self.cache.put_answer(plan.cache_key, plan.cache_ttl_s, breakdown, synthesis, finish_reason)
         finally:
             self.active.leave()
             for task, index in tasks.items():  # still running when the request ended (the client left)
@@ -364,17 +552,7 @@ class Engine:
                 self._settle_cancelled_stream(concluding_llm, concluding, concluding_started, messages, synthesis)
             answer = "".join(synthesis)
             concluding_generation.finish(concluding, answer)
-            outcome = RequestOutcome(
-                request_id=plan.request_id,
-                mom_model=plan.mom.name,
-                stream=plan.stream,
-                status=status,
-                error_code=error_code,
-                started_at=started_at,
-                latency_ms=_ms_since(started),
-                ttft_ms=ttft_ms,
-                breakdown=breakdown,
-            )
+            outcome = _outcome(plan, status, error_code, started_at, started, ttft_ms, breakdown)
             trace.finish(outcome, answer)
             self._emit(outcome)
 

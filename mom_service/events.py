@@ -47,6 +47,7 @@ class CallReport:
     role: Literal["member", "concluding"] = "member"
     images: Literal["sent", "placeholders"] | None = None  # how the request's images reached this call
     estimated: bool = False  # usage counted by us (a cancelled call), not reported by the provider
+    saved: Decimal | None = None  # a cached answer: what the call that produced it cost (not paid again)
 
     @property
     def asked(self) -> bool:
@@ -90,6 +91,12 @@ class Breakdown:
     def cost(self) -> Decimal | None:
         """USD of every call whose price is known (exact, in Decimal); None when none is known."""
         known = [r.cost for r in self.calls if r.cost is not None]
+        return sum(known, Decimal(0)) if known else None
+
+    @property
+    def saved(self) -> Decimal | None:
+        """USD not spent thanks to the cache (answers or members' answers served from it); None when none was."""
+        known = [r.saved for r in self.calls if r.saved is not None]
         return sum(known, Decimal(0)) if known else None
 
     @property

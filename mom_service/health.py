@@ -20,6 +20,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mom_service import metrics_db
+from mom_service.cache import MemoryCache
 from mom_service.circuit_breaker import CircuitBreakers
 from mom_service.config import LLMDefinition
 from mom_service.llm_calls import LLMCaller, LLMCallError
@@ -129,6 +130,21 @@ async def check_database(state: AppState, scrub: Callable[[str], str]) -> Compon
     return Component("error" if error else "ok", latency_ms, details)
 
 
+async def check_cache(state: AppState) -> Component:
+    """The response cache: `none` when off; Redis is pinged (bounded), and `degraded` when down or failing lately."""
+    started = time.perf_counter()
+    if state.cache is None:
+        return Component("ok", 0.0, {"backend": "none"})
+    store = state.cache.store
+    details: dict[str, Any] = {"backend": store.backend}
+    if isinstance(store, MemoryCache):
+        details.update(entries=len(store), bytes=store.size, max_bytes=store.max_bytes)
+    error = await store.check()
+    if error is not None:
+        details["error"] = error
+    return Component("degraded" if error else "ok", _elapsed_ms(started), details)
+
+
 async def readiness(state: AppState | None) -> str | None:
     """None when the service is ready to answer, else a short reason (shown without auth: nothing specific)."""
     if state is None:
@@ -211,8 +227,9 @@ async def detailed_report(state: AppState, *, check_llms: bool) -> dict[str, Any
     scrub = Scrubber(state)
     config = state.config
     caller = state.engine.caller
-    database, *llms = await asyncio.gather(
+    database, cache, *llms = await asyncio.gather(
         check_database(state, scrub),
+        check_cache(state),
         *(
             check_llm(caller, llm, live=check_llms, scrub=scrub, breakers=state.engine.breakers)
             for llm in config.llm_definitions
@@ -231,7 +248,7 @@ async def detailed_report(state: AppState, *, check_llms: bool) -> dict[str, Any
             },
         ),
         "database": database,
-        "cache": Component("ok", 0.0, {"backend": "none"}),  # no response cache exists yet
+        "cache": cache,
         "tracing": Component("ok", 0.0, {"enabled": state.tracer.enabled}),
     }
     for llm, component in zip(config.llm_definitions, llms, strict=True):

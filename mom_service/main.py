@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import cache
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mom_service import __version__
 from mom_service.admission import Admission, AdmissionControl
+from mom_service.cache import CacheStore, MemoryCache, RedisCache, ResponseCache
 from mom_service.circuit_breaker import CircuitBreakers
 from mom_service.config import MoMConfig, Settings, environment, resolve_config
 from mom_service.core_logic import Engine
@@ -133,6 +135,9 @@ def build_state(settings: Settings, config: MoMConfig, config_path: str | None) 
     database_password = make_url(settings.database_url).password
     if database_password:
         secrets.append(str(database_password))
+    redis_password = urlsplit(settings.redis_url).password if settings.redis_url else None
+    if redis_password:
+        secrets.append(redis_password)
     redactor = Redactor(secrets)
     caller = LLMCaller(config, env, redactor)
     usage_db = create_engine(settings.database_url)
@@ -145,11 +150,12 @@ def build_state(settings: Settings, config: MoMConfig, config_path: str | None) 
         cooldown_s=settings.mom_circuit_cooldown_seconds,
     )
     metrics = Metrics(config, writer, breakers)
+    cache = ResponseCache(cache_store(settings)) if settings.mom_cache_enabled else None
     return AppState(
         settings=settings,
         config=config,
         config_path=config_path,
-        engine=Engine(caller, prices, [writer.submit, metrics.record, remember_outcome], tracer, breakers),
+        engine=Engine(caller, prices, [writer.submit, metrics.record, remember_outcome], tracer, breakers, cache),
         redactor=redactor,
         started_at=int(time.time()),
         usage_db=usage_db,
@@ -158,7 +164,15 @@ def build_state(settings: Settings, config: MoMConfig, config_path: str | None) 
         vision={d.name: sees_images(d, supports_vision) for d in config.llm_definitions},
         metrics=metrics,
         admission=Admission(settings.mom_max_in_flight, settings.mom_rate_limit_rpm),
+        cache=cache,
     )
+
+
+def cache_store(settings: Settings) -> CacheStore:
+    """Redis when REDIS_URL is set (shared by every replica), else in process."""
+    if settings.redis_url:
+        return RedisCache(settings.redis_url, settings.mom_cache_timeout_ms / 1000)
+    return MemoryCache(settings.mom_cache_max_bytes)
 
 
 def log_config(config: MoMConfig, config_path: str | None) -> None:
@@ -203,6 +217,8 @@ async def _close(app: FastAPI, state: AppState) -> None:
     await state.usage_writer.close()
     logger.info("Usage records written: %d, dropped: %d", state.usage_writer.written, state.usage_writer.dropped)
     await asyncio.to_thread(state.tracer.shutdown)
+    if state.cache is not None:
+        await state.cache.store.close()
     await state.usage_db.dispose()
 
 

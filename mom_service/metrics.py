@@ -121,6 +121,12 @@ class Metrics:
             "mom_unpriced_calls", "Upstream calls with no known price (left out of the cost).", ["llm"], registry=r
         )
         self.cache = Counter("mom_cache", "Response cache lookups by result.", ["result"], registry=r)
+        self.saved = Counter(
+            "mom_cost_saved_usd",
+            "USD not spent thanks to the response cache (answers and members' answers).",
+            ["model"],
+            registry=r,
+        )
         self.in_flight = Gauge("mom_requests_in_flight", "Chat requests being answered.", registry=r)
         if writer is not None:
             r.register(_UsageWriterCollector(writer))
@@ -135,6 +141,7 @@ class Metrics:
                 self.requests.labels(model.name, outcome)
             self.request_duration.labels(model.name)
             self.ttft.labels(model.name)
+            self.saved.labels(model.name)
             roles = [(name, "member") for name in model.llms_to_query] + [(model.concluding_llm, "concluding")]
             for llm, role in roles:
                 self.upstream_duration.labels(llm, role)
@@ -163,6 +170,9 @@ class Metrics:
         if outcome.ttft_ms is not None:
             self.ttft.labels(model).observe(outcome.ttft_ms / 1000)
         self.cache.labels(breakdown.cache if breakdown.cache in CACHE_RESULTS else OTHER).inc()
+        saved = breakdown.saved
+        if saved:
+            self.saved.labels(model).inc(float(saved))
         if breakdown.cache == "hit":
             return  # answered from the cache: no upstream call was made
         for report in breakdown.calls:

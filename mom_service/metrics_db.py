@@ -21,6 +21,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Connection,
     Float,
     Integer,
     MetaData,
@@ -29,6 +30,7 @@ from sqlalchemy import (
     case,
     event,
     func,
+    inspect,
     literal,
     select,
     text,
@@ -63,6 +65,7 @@ requests_table = Table(
     Column("cache_hit", Boolean, nullable=False),
     Column("members_asked", Integer, nullable=False),
     Column("members_ok", Integer, nullable=False),
+    Column("cost_saved_pico", BigInteger),  # what the cache saved (answers or members' answers); migration 2
 )
 
 calls_table = Table(
@@ -101,12 +104,22 @@ versions_table = Table(
 
 
 async def _migration_1(conn: AsyncConnection) -> None:
-    """The first schema: requests and calls."""
+    """The first schema: requests and calls (created as declared now; the later migrations add what is missing)."""
     await conn.run_sync(lambda sync: metadata.create_all(sync, tables=[requests_table, calls_table]))
 
 
+async def _migration_2(conn: AsyncConnection) -> None:
+    """mom_requests.cost_saved_pico: the cost the response cache saved."""
+
+    def add(sync: Connection) -> None:
+        if "cost_saved_pico" not in {c["name"] for c in inspect(sync).get_columns("mom_requests")}:
+            sync.execute(text("ALTER TABLE mom_requests ADD COLUMN cost_saved_pico BIGINT"))
+
+    await conn.run_sync(add)
+
+
 # Numbered, applied in order, each once; never edit one that has shipped: add the next.
-MIGRATIONS: Sequence[Callable[[AsyncConnection], Any]] = (_migration_1,)
+MIGRATIONS: Sequence[Callable[[AsyncConnection], Any]] = (_migration_1, _migration_2)
 SCHEMA_VERSION = len(MIGRATIONS)
 _PG_MIGRATION_LOCK = 0x4D6F4D5F  # "MoM_": replicas starting together migrate one at a time
 
@@ -191,7 +204,9 @@ def rows_for(outcome: RequestOutcome) -> tuple[dict[str, Any], list[dict[str, An
     calls = [
         _call_row(outcome, report, created_ms)
         for report in breakdown.calls
-        if report.status != "skipped" and not (report.status == "cancelled" and report.latency_ms is None)
+        if report.status != "skipped"
+        and not report.cached  # served from the cache: no upstream call was made
+        and not (report.status == "cancelled" and report.latency_ms is None)
     ]
     request = {
         "id": outcome.request_id,
@@ -210,6 +225,7 @@ def rows_for(outcome: RequestOutcome) -> tuple[dict[str, Any], list[dict[str, An
         "cache_hit": breakdown.cache == "hit",
         "members_asked": len(breakdown.members),
         "members_ok": breakdown.answered,
+        "cost_saved_pico": to_pico(breakdown.saved),
     }
     return request, calls
 
@@ -347,6 +363,8 @@ class _Group:
     cached_tokens: int = 0
     cost_pico: int = 0
     priced: int = 0
+    saved_pico: int = 0
+    saving: int = 0  # rows with a saved cost
 
     def as_dict(self, latencies: list[float]) -> dict[str, Any]:
         return {
@@ -357,6 +375,7 @@ class _Group:
             "reasoning_tokens": self.reasoning_tokens,
             "cached_tokens": self.cached_tokens,
             "cost": usd(from_pico(self.cost_pico)) if self.priced else None,
+            "cost_saved": usd(from_pico(self.saved_pico)) if self.saving else 0.0,
             "latency_ms_p50": percentile(latencies, 0.50),
             "latency_ms_p95": percentile(latencies, 0.95),
         }
@@ -398,6 +417,12 @@ async def usage_report(
     if llm is not None:
         conditions.append(calls_table.c.llm == llm)
     requests = func.count(func.distinct(c.request_id)) if per_call else func.count()
+    # what the cache saved is a request's (its calls were not made): 0 in a per-call report
+    saved = (
+        (literal(0), literal(0))
+        if per_call
+        else (func.coalesce(func.sum(c.cost_saved_pico), 0), func.count(c.cost_saved_pico))
+    )
     aggregate = (
         select(
             key.label("key"),
@@ -409,6 +434,7 @@ async def usage_report(
             func.coalesce(func.sum(c.cached_tokens), 0),
             func.coalesce(func.sum(c.cost_pico), 0),
             func.count(c.cost_pico),
+            *saved,
         )
         .where(*conditions)
         .group_by(key)

@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mom_service.admission import Admission
+from mom_service.cache import ResponseCache
 from mom_service.config import MoMConfig, MoMModelConfig, Settings
 from mom_service.core_logic import Engine
 from mom_service.errors import ServiceUnavailable
@@ -32,6 +33,7 @@ class AppState:
     vision: dict[str, bool]  # per LLM: can it see images
     metrics: Metrics  # Prometheus metrics of this app (its own registry)
     admission: Admission  # in-flight limit, per-token rate limit, draining at shutdown
+    cache: ResponseCache | None  # None when MOM_CACHE_ENABLED=false
 
     def accepts_images(self, model: MoMModelConfig) -> bool:
         """A MoM model accepts images when at least one panel member can see them."""

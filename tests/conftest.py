@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+import redis
 import yaml
 
 from tests.fake_upstream import FakeUpstream
@@ -129,6 +130,29 @@ def answer_of(response: httpx.Response, stream: bool) -> tuple[dict[str, Any], s
     return chunks[-1], content
 
 
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+
+
+def empty_redis_db(db: int) -> Iterator[redis.Redis]:
+    """For a fixture: a client of the machine's Redis db index `db`, emptied before and after; the test is skipped
+    where no Redis answers, and fails when CI=true."""
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        client.close()
+        reason = f"no Redis answers at {REDIS_HOST}:{REDIS_PORT} ({type(exc).__name__}: {exc})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true requires Redis: {reason}")
+        pytest.skip(reason)
+    client.flushdb()
+    try:
+        yield client
+    finally:
+        client.flushdb()
+        client.close()
+
+
 def wait_until(check: Callable[[], bool], timeout: float = 10.0) -> None:
     """Poll `check` until it holds; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -228,9 +252,10 @@ def start_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartSer
     def start(
         config: dict[str, Any] | None, env: dict[str, str] | None = None, *, token: str | None = TOKEN
     ) -> Service:
-        # The shared services see one test's failures after another's: circuit breakers off unless a test
-        # turns them on (tests/api/test_circuit_breaker.py), so that no test depends on the ones before it.
-        environment = {"FAKE_KEY": FAKE_KEY, "MOM_CIRCUIT_FAILURES": "0"}
+        # The shared services see one test's requests after another's: circuit breakers and the response cache
+        # are off unless a test turns them on (test_circuit_breaker.py, test_cache.py), so that no test depends
+        # on the ones before it (the same question must reach the fake upstream every time).
+        environment = {"FAKE_KEY": FAKE_KEY, "MOM_CIRCUIT_FAILURES": "0", "MOM_CACHE_ENABLED": "false"}
         if token is not None:
             environment["API_TOKEN"] = token
         environment.update(env or {})

@@ -227,6 +227,7 @@ def breakdown_dict(breakdown: Breakdown) -> dict[str, Any]:
         "asked": breakdown.asked,
         "degraded": breakdown.degraded,
         "cost": usd(breakdown.cost),
+        "cost_saved": usd(breakdown.saved) or 0.0,
         "unpriced": breakdown.unpriced,
         "cache": breakdown.cache,
     }

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 
 from mom_service.admission import Admission
 from mom_service.auth import Authorized, RateLimitedToken
-from mom_service.core_logic import make_plan
+from mom_service.core_logic import CachePolicy, make_plan
 from mom_service.endpoints.models import ModelList, ModelObject, model_object, parse_chat_request
 from mom_service.endpoints.serialize import CompletionCollector, StreamSerializer
 from mom_service.endpoints.streaming import ClientGone, ServerStopping, SSEResponse, unless_disconnected
@@ -44,6 +44,12 @@ async def get_model(model_id: str, state: StateDep, _: Authorized) -> ModelObjec
     if mom is None:
         raise NotFound(f"The model '{model_id}' does not exist.", code="model_not_found", param="model")
     return model_object(model_id, state.started_at, vision=state.accepts_images(mom))
+
+
+def cache_policy(cache_control: str) -> CachePolicy:
+    """`Cache-Control: no-cache` answers without looking in the cache; `no-store` does not store the answer."""
+    directives = {d.strip().lower() for d in cache_control.split(",")}
+    return CachePolicy(lookup="no-cache" not in directives, store="no-store" not in directives)
 
 
 async def _read_json(request: Request) -> Any:
@@ -77,6 +83,7 @@ async def chat_completions(request: Request, state: StateDep, _: Authorized, __:
         request_id=getattr(request.state, "request_id", None) or str(uuid.uuid4()),
         stream=bool(chat.stream),
         user=chat.user,
+        cache=cache_policy(request.headers.get("cache-control", "")) if state.cache is not None else None,
     )
     events = state.engine.run(plan)
     stop = state.admission.cut_off

@@ -1,4 +1,4 @@
-"""Real PostgreSQL for the integration tests: a fresh database per session, dropped at the end."""
+"""Real PostgreSQL for the integration tests: a fresh database per test, dropped at its end."""
 
 from __future__ import annotations
 
@@ -25,9 +25,10 @@ def _admin(statement: str) -> None:
     asyncio.run(run())
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def postgres_url() -> Iterator[str]:
-    """`postgresql+asyncpg://` URL of an empty database of its own; skipped where no PostgreSQL answers."""
+    """`postgresql+asyncpg://` URL of an empty database of this test's own (no test sees another's records);
+    skipped where no PostgreSQL answers."""
     try:
         _admin("SELECT 1")
     except Exception as exc:

@@ -160,12 +160,33 @@ async def test_migrate_is_idempotent(bare_engine: AsyncEngine) -> None:
     writer = UsageWriter(bare_engine)
     writer.submit(simple("r1"))
     await writer.close()
-    assert await migrate(bare_engine) == SCHEMA_VERSION == 1
-    assert await migrate(bare_engine) == 1
+    assert await migrate(bare_engine) == SCHEMA_VERSION == 2
+    assert await migrate(bare_engine) == 2
     assert await table_names(bare_engine) == tables
-    assert await count(bare_engine, versions_table) == 1
+    assert await count(bare_engine, versions_table) == 2
     assert await count(bare_engine, requests_table) == 1  # data survives a second migration
     assert await count(bare_engine, calls_table) == 2
+
+
+async def test_migration_2_adds_cost_saved_to_a_version_1_database(bare_engine: AsyncEngine) -> None:
+    # a database as version 1 left it: mom_requests without cost_saved_pico, one row in it
+    async with bare_engine.begin() as conn:
+        await conn.run_sync(lambda sync: versions_table.create(sync))
+        await conn.execute(versions_table.insert().values(version=1, applied_ms=0))
+        await conn.run_sync(lambda sync: calls_table.create(sync))
+        columns = ", ".join(
+            f"{c.name} {'BIGINT' if c.name.endswith(('_ms', '_pico')) else 'TEXT'}"
+            for c in requests_table.columns
+            if c.name != "cost_saved_pico"
+        )
+        await conn.execute(text(f"CREATE TABLE mom_requests ({columns})"))
+        await conn.execute(text("INSERT INTO mom_requests (id, created_ms) VALUES ('old', 1)"))
+    assert await migrate(bare_engine) == 1
+    async with bare_engine.connect() as conn:
+        names = await conn.run_sync(lambda sync: {c["name"] for c in inspect(sync).get_columns("mom_requests")})
+        rows = (await conn.execute(text("SELECT id, cost_saved_pico FROM mom_requests"))).all()
+    assert "cost_saved_pico" in names
+    assert [tuple(r) for r in rows] == [("old", None)]  # the old row is kept, with nothing saved
 
 
 async def test_migrate_on_a_new_engine_for_the_same_file(tmp_path: Path) -> None:
@@ -177,7 +198,7 @@ async def test_migrate_on_a_new_engine_for_the_same_file(tmp_path: Path) -> None
         await first.dispose()
     second = create_engine(sqlite_url(path))
     try:
-        assert await migrate(second) == 1
+        assert await migrate(second) == SCHEMA_VERSION
     finally:
         await second.dispose()
 
@@ -532,6 +553,7 @@ async def test_report_totals(filled: AsyncEngine) -> None:
         "cached_tokens": 12,
         # r0 0.0000035 + r1 0 + r2 0.000009 + r3 unpriced + r4 0.0000045
         "cost": usd_of("0.000017"),
+        "cost_saved": 0.0,  # nothing came from the cache
         "latency_ms_p50": 300.0,
         "latency_ms_p95": 880.0,  # 400 + 0.8 * (1000 - 400)
     }

@@ -20,7 +20,6 @@ import time
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
-from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mom_service.errors import MoMError, RateLimited, ServiceUnavailable
@@ -84,10 +83,6 @@ class Admission:
         )
 
 
-def _refuse(error: MoMError) -> Response:
-    return Response(error.to_json(), error.status_code, headers=error.headers, media_type="application/json")
-
-
 class AdmissionControl:
     """Pure ASGI middleware: admit chat requests (or refuse them) and count them while they are answered."""
 
@@ -103,7 +98,7 @@ class AdmissionControl:
             return
         refusal = admission.refusal()
         if refusal is not None:
-            await _refuse(refusal)(scope, receive, send)
+            await refusal.to_response()(scope, receive, send)
             return
         metrics = getattr(state, "metrics", None)
         admission.in_flight.enter()

@@ -23,6 +23,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol
@@ -57,21 +58,23 @@ def _params(params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k not in NOT_IN_KEY}
 
 
-def answer_key(config: MoMConfig, mom: MoMModelConfig, messages: list[dict[str, Any]], params: dict[str, Any]) -> str:
-    panel = mom.model_dump(exclude={"name", "description", "cache"})
+def panel_identity(config: MoMConfig, mom: MoMModelConfig) -> str:
+    """Everything in the config that decides a MoM model's answers, as one digest (made once per MoM model)."""
     names = {*mom.llms_to_query, mom.concluding_llm, *mom.concluding_fallbacks}
-    llms = {name: _llm_identity(config.llm(name)) for name in names}
     return _digest(
-        "answer",
+        "panel",
         {
             "mom": mom.name,
-            "panel": panel,
-            "llms": llms,
+            "panel": mom.model_dump(exclude={"name", "description", "cache"}),
+            "llms": {name: _llm_identity(config.llm(name)) for name in names},
             "prompt": config.concluding_prompt(mom),
-            "messages": messages,
-            "params": _params(params),
         },
     )
+
+
+def answer_key(panel: str, messages: Sequence[dict[str, Any]], params: dict[str, Any]) -> str:
+    """The key of an answer: the MoM model's `panel_identity`, the messages and the sampling parameters."""
+    return _digest("answer", {"panel": panel, "messages": messages, "params": _params(params)})
 
 
 def member_key(llm: LLMDefinition, messages: list[dict[str, Any]], params: dict[str, Any]) -> str:
@@ -211,6 +214,11 @@ def _cost(value: Decimal | None) -> str | None:
     return None if value is None else str(value)
 
 
+def _paid(report: CallReport) -> Decimal | None:
+    """What the call that produced this answer cost (of an answer itself from the cache: what that one saved)."""
+    return report.saved if report.cached else report.cost
+
+
 def cached_copy(report: CallReport) -> CallReport:
     """A call as a cache hit shows it: no upstream call was made, so nothing is paid; its cost is saved."""
     return CallReport(
@@ -220,8 +228,7 @@ def cached_copy(report: CallReport) -> CallReport:
         error=report.error,
         error_type=report.error_type,
         cost=ZERO,
-        # the cost of the call that produced it (of an answer that was itself cached: what that one saved)
-        saved=None if report.status == "skipped" else report.saved if report.cached else report.cost,
+        saved=None if report.status == "skipped" else _paid(report),
         cached=True,
         text=report.text,
         role=report.role,
@@ -248,8 +255,12 @@ def cacheable(breakdown: Breakdown) -> bool:
 class ResponseCache:
     """Answers and members' answers over a store (memory or Redis), with their (de)serialization."""
 
-    def __init__(self, store: CacheStore) -> None:
+    def __init__(self, store: CacheStore, config: MoMConfig) -> None:
         self.store = store
+        self._panels = {m.name: panel_identity(config, m) for m in config.models}
+
+    def answer_key(self, mom: str, messages: Sequence[dict[str, Any]], params: dict[str, Any]) -> str:
+        return answer_key(self._panels[mom], messages, params)
 
     async def get_answer(self, key: str) -> CachedAnswer | None:
         raw = await self.store.get("a:" + key)
@@ -298,7 +309,7 @@ class ResponseCache:
             "text": report.text,
             "role": report.role,
             "images": report.images,
-            "cost": _cost(report.saved if report.cached else report.cost),
+            "cost": _cost(_paid(report)),
         }
 
     @staticmethod

@@ -10,7 +10,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from mom_service.cache import CachedAnswer, ResponseCache, answer_key, cacheable, cached_copy, member_key
+from mom_service.cache import CachedAnswer, ResponseCache, cacheable, cached_copy, member_key
 from mom_service.circuit_breaker import CircuitBreakers, Permit, Result
 from mom_service.config import LLMDefinition, MoMConfig, MoMModelConfig
 from mom_service.cost_calculation import ZERO, call_cost
@@ -67,6 +67,13 @@ class CachePolicy:
     lookup: bool = True
     store: bool = True
 
+    @property
+    def used(self) -> bool:
+        return self.lookup or self.store
+
+
+NO_CACHE = CachePolicy(lookup=False, store=False)
+
 
 @dataclass(slots=True, frozen=True)
 class Plan:
@@ -82,9 +89,7 @@ class Plan:
     stream: bool
     user: str | None = None
     conversation: tuple[dict[str, Any], ...] = ()  # as the client sent it (for the trace)
-    cache_key: str | None = None  # None: the cache is not used for this request
-    cache: CachePolicy = CachePolicy(lookup=False, store=False)
-    cache_ttl_s: float = 0.0
+    cache: CachePolicy = NO_CACHE  # what the cache may do for this request (NO_CACHE when the model's is off)
 
 
 def make_plan(
@@ -122,7 +127,6 @@ def make_plan(
         images: Literal["sent", "placeholders"] | None = ("sent" if sees else "placeholders") if has_images else None
         return Concluder(llm, tuple(sanitize(messages, RULES[family(llm)], vision=sees)), images)
 
-    use_cache = cache is not None and mom.cache.enabled and (cache.lookup or cache.store)
     return Plan(
         request_id=request_id,
         mom=mom,
@@ -134,19 +138,22 @@ def make_plan(
         stream=stream,
         user=user,
         conversation=tuple(messages),
-        cache_key=answer_key(config, mom, messages, params) if use_cache else None,
-        cache=cache if use_cache and cache is not None else CachePolicy(lookup=False, store=False),
-        cache_ttl_s=float(mom.cache.ttl_seconds),
+        cache=cache if cache is not None and mom.cache.enabled else NO_CACHE,
     )
 
 
-def _as_hit(breakdown: Breakdown) -> Breakdown:
-    """An identical request's breakdown, as this request (which followed it and called nothing) shows it."""
-    return Breakdown(
+def _as_hit(breakdown: Breakdown, *, answered: bool = True) -> Breakdown:
+    """An identical request's breakdown, as this request (which followed it and called nothing) shows it; when
+    no answer came of it, it is not a hit and saved nothing."""
+    hit = Breakdown(
         members=[cached_copy(r) for r in breakdown.members],
         concluding=cached_copy(breakdown.concluding),
-        cache="hit",
+        cache="hit" if answered else "miss",
     )
+    if not answered:
+        for report in hit.calls:
+            report.saved = None
+    return hit
 
 
 def _outcome(
@@ -202,9 +209,10 @@ class Engine:
         llm = member.llm
         started = time.perf_counter()
         verdict: Result = "abandoned"  # for the circuit breaker; the permit always goes back, however this ends
-        key = member_key(llm, member.messages, plan.params) if plan.cache_key and self.cache is not None else None
-        if key is not None and plan.cache.lookup and self.cache is not None:
-            stored = await self.cache.get_member(key)
+        cache = self.cache if plan.cache.used else None
+        key = member_key(llm, member.messages, plan.params) if cache is not None else ""
+        if cache is not None and plan.cache.lookup:
+            stored = await cache.get_member(key)
             if stored is not None:  # this member gave this answer to this input: not asked again
                 self.breakers.record(permit, verdict)
                 report.status, report.error, report.error_type = "ok", None, None
@@ -236,8 +244,9 @@ class Engine:
         report.latency_ms = _ms_since(started)
         report.cost = call_cost(report.usage, self.prices.get(llm.name))
         generation.finish(report, report.text)
-        if key is not None and plan.cache.store and self.cache is not None and report.status == "ok":
-            self._in_background(self.cache.put_member(key, plan.cache_ttl_s, report))  # never delays the answer
+        if cache is not None and plan.cache.store and report.status == "ok":
+            # in the background: storing never delays the answer
+            self._in_background(cache.put_member(key, plan.mom.cache.ttl_seconds, report))
         return report
 
     def _settle_cut_member(self, member: Member, report: CallReport, reason: str, started: float) -> None:
@@ -258,31 +267,27 @@ class Engine:
         With the cache: a stored answer is replayed (no upstream call); else an identical request in flight is
         followed; else this request's run becomes the flight others follow, and its answer is stored.
         """
-        key = plan.cache_key
-        if key is None or self.cache is None:
-            async with aclosing(self._answer(plan)) as events:
-                async for event in events:
-                    yield event
-            return
-        if plan.cache.lookup:
-            stored = await self.cache.get_answer(key)
-            if stored is not None:
-                async with aclosing(self._replay(plan, stored)) as events:
-                    async for event in events:
-                        yield event
-                return
-            running = self._flights.get(key)
-            if running is not None and not running.finished:
-                async with aclosing(self._follow(plan, running)) as events:
-                    async for event in events:
-                        yield event
-                return
-        flight = Flight(self._answer(plan), on_done=lambda: self._land(key, flight))
-        if plan.cache.lookup:
-            self._flights[key] = flight
-        async with aclosing(flight.follow()) as events:
+        async with aclosing(await self._source(plan)) as events:
             async for event in events:
                 yield event
+
+    async def _source(self, plan: Plan) -> AsyncGenerator[Event]:
+        """Where this request's events come from: the panel itself, a stored answer, or an identical request's."""
+        cache = self.cache
+        if cache is None or not plan.cache.used:
+            return self._answer(plan, None)
+        key = cache.answer_key(plan.mom.name, plan.conversation, plan.params)
+        if plan.cache.lookup:
+            stored = await cache.get_answer(key)
+            if stored is not None:
+                return self._replay(plan, stored)
+            running = self._flights.get(key)  # (a flight leaves the map as it ends)
+            if running is not None:
+                return self._follow(plan, running)
+        flight = Flight(self._answer(plan, key), on_done=lambda: self._land(key, flight))
+        if plan.cache.lookup:
+            self._flights[key] = flight
+        return flight.follow()
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
@@ -344,10 +349,7 @@ class Engine:
                         status = "ok"
                         yield Completed(finish_reason=event.finish_reason, breakdown=breakdown, usage=Usage())
                     else:
-                        breakdown = _as_hit(event.breakdown)
-                        breakdown.cache = "miss"  # no answer came of it, so nothing was saved either
-                        for report in breakdown.calls:
-                            report.saved = None
+                        breakdown = _as_hit(event.breakdown, answered=False)
                         status, error_code = "error", event.error.code
                         yield Failed(event.error, breakdown)
         finally:
@@ -366,15 +368,18 @@ class Engine:
         answer: str,
     ) -> None:
         outcome = _outcome(plan, status, error_code, started_at, started, ttft_ms, breakdown)
-        if self.tracer is not None:
-            trace = self.tracer.start(
-                mom_model=plan.mom.name, request_id=plan.request_id, user=plan.user, messages=list(plan.conversation)
-            )
-            trace.finish(outcome, answer)
+        self._trace(plan).finish(outcome, answer)
         self._emit(outcome)
 
-    async def _answer(self, plan: Plan) -> AsyncGenerator[Event]:
-        """The panel and the synthesis, for real (see `run`)."""
+    def _trace(self, plan: Plan) -> Trace:
+        if self.tracer is None:
+            return NO_TRACE
+        return self.tracer.start(
+            mom_model=plan.mom.name, request_id=plan.request_id, user=plan.user, messages=list(plan.conversation)
+        )
+
+    async def _answer(self, plan: Plan, key: str | None) -> AsyncGenerator[Event]:
+        """The panel and the synthesis, for real (see `run`); a whole answer is stored under `key`."""
         started_at = time.time()
         started = time.perf_counter()
         members = [
@@ -401,13 +406,7 @@ class Engine:
         status: RequestStatus = "cancelled"
         error_code: str | None = None
         ttft_ms: float | None = None
-        trace: Trace = (
-            self.tracer.start(
-                mom_model=plan.mom.name, request_id=plan.request_id, user=plan.user, messages=list(plan.conversation)
-            )
-            if self.tracer is not None
-            else NO_TRACE
-        )
+        trace = self._trace(plan)
         self.active.enter()
         tasks: dict[asyncio.Task[CallReport], int] = {}
         for i, (member, report) in enumerate(zip(plan.members, members, strict=True)):
@@ -538,9 +537,10 @@ class Engine:
             concluding.cost = call_cost(concluding.usage, self.prices.get(concluding_llm.name))
             status = "ok"
             yield Completed(finish_reason=finish_reason, breakdown=breakdown, usage=breakdown.usage())
-            if plan.cache_key and plan.cache.store and self.cache is not None and cacheable(breakdown):
+            if key is not None and plan.cache.store and self.cache is not None and cacheable(breakdown):
                 # reached only when the consumer reads on after Completed: the flight's pump does
-                await self.cache.put_answer(plan.cache_key, plan.cache_ttl_s, breakdown, synthesis, finish_reason)
+                ttl = plan.mom.cache.ttl_seconds
+                await self.cache.put_answer(key, ttl, breakdown, synthesis, finish_reason)
         finally:
             self.active.leave()
             for task, index in tasks.items():  # still running when the request ended (the client left)

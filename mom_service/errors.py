@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import orjson
+from starlette.responses import Response
 
 # nginx's status for "the client closed the connection first": nobody reads it, but logs and metrics do.
 CLIENT_CLOSED = 499
@@ -64,6 +65,10 @@ class MoMError(Exception):
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.to_dict())
+
+    def to_response(self) -> Response:
+        """The JSON error response, with the error's status and headers (Retry-After, WWW-Authenticate, ...)."""
+        return Response(self.to_json(), self.status_code, headers=self.headers, media_type="application/json")
 
     def to_sse(self) -> bytes:
         return b"data: " + self.to_json() + b"\n\ndata: [DONE]\n\n"

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mom_service import metrics_db
 from mom_service.cache import MemoryCache
-from mom_service.circuit_breaker import CircuitBreakers
+from mom_service.circuit_breaker import CircuitBreakers, CircuitView
 from mom_service.config import LLMDefinition
 from mom_service.llm_calls import LLMCaller, LLMCallError
 from mom_service.state import AppState
@@ -164,8 +164,7 @@ def key_state(caller: LLMCaller, llm: LLMDefinition) -> KeyState:
     return "missing" if caller.missing_key(llm) is not None else "present"
 
 
-def circuit_details(breakers: CircuitBreakers, name: str) -> dict[str, Any]:
-    view = breakers.view(name)
+def circuit_details(view: CircuitView) -> dict[str, Any]:
     details: dict[str, Any] = {"state": view.state, "consecutive_failures": view.consecutive_failures}
     if view.retry_in_s is not None:
         details["retry_in_s"] = view.retry_in_s
@@ -187,9 +186,10 @@ async def check_llm(
     started = time.perf_counter()
     key = key_state(caller, llm)
     details: dict[str, Any] = {"configured": llm.model, "key": key, "checked": False}
-    if breakers is not None and breakers.enabled:
-        details["circuit"] = circuit_details(breakers, llm.name)
-    circuit_open = details.get("circuit", {}).get("state", "closed") != "closed"
+    circuit = breakers.view(llm.name) if breakers is not None and breakers.enabled else None
+    if circuit is not None:
+        details["circuit"] = circuit_details(circuit)
+    circuit_open = circuit is not None and circuit.state != "closed"
     if key == "missing":
         details["error"] = f"no API key: environment variable {llm.api_key_env} is not set"
         return Component("degraded", _elapsed_ms(started), details)

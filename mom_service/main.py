@@ -55,15 +55,6 @@ DEMO_BANNER = (
 )
 
 
-def _error_response(error: MoMError) -> Response:
-    return Response(
-        content=error.to_json(),
-        status_code=error.status_code,
-        media_type="application/json",
-        headers=error.headers,
-    )
-
-
 class BodySizeLimit:
     """Refuses bodies over the limit with 413 before they are parsed: by Content-Length, or while reading."""
 
@@ -78,7 +69,7 @@ class BodySizeLimit:
         for name, value in scope["headers"]:
             if name == b"content-length":
                 if not value.isdigit():
-                    await _error_response(InvalidRequest("Invalid Content-Length header."))(scope, receive, send)
+                    await InvalidRequest("Invalid Content-Length header.").to_response()(scope, receive, send)
                     return
                 if int(value) > self.max_bytes:
                     await self._too_large()(scope, receive, send)
@@ -100,7 +91,7 @@ class BodySizeLimit:
         return PayloadTooLarge(f"The request body is larger than the limit of {self.max_bytes} bytes.")
 
     def _too_large(self) -> Response:
-        response = _error_response(self._too_large_error())
+        response = self._too_large_error().to_response()
         response.headers["Connection"] = "close"
         return response
 
@@ -150,7 +141,7 @@ def build_state(settings: Settings, config: MoMConfig, config_path: str | None) 
         cooldown_s=settings.mom_circuit_cooldown_seconds,
     )
     metrics = Metrics(config, writer, breakers)
-    cache = ResponseCache(cache_store(settings)) if settings.mom_cache_enabled else None
+    cache = ResponseCache(cache_store(settings), config) if settings.mom_cache_enabled else None
     return AppState(
         settings=settings,
         config=config,
@@ -302,7 +293,7 @@ def create_app(
 def _install_error_handlers(app: FastAPI) -> None:
     async def on_mom_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, MoMError)
-        return _error_response(exc)
+        return exc.to_response()
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
@@ -313,7 +304,7 @@ def _install_error_handlers(app: FastAPI) -> None:
             error = MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}.")
         else:
             error = InvalidRequest(str(exc.detail), status_code=exc.status_code)
-        response = _error_response(error)
+        response = error.to_response()
         for name, value in (exc.headers or {}).items():
             response.headers[name] = value
         return response
@@ -324,11 +315,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
         param = ".".join(loc) or None
         message = f"Invalid value for '{param}': {first.get('msg', 'invalid')}."
-        return _error_response(InvalidRequest(message, param=param))
+        return InvalidRequest(message, param=param).to_response()
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         logger.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
-        return _error_response(InternalError("The service failed to answer this request."))
+        return InternalError("The service failed to answer this request.").to_response()
 
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
         MoMError: on_mom_error,

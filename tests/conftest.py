@@ -110,13 +110,19 @@ class Service:
         ):
             assert response.status_code == 200, response.read()
             assert response.headers["content-type"].startswith("text/event-stream")
-            buffer = ""
-            for text in response.iter_text():
-                buffer += text
-                while "\n\n" in buffer:
-                    frame, buffer = buffer.split("\n\n", 1)
-                    assert frame.startswith("data: "), frame
-                    yield time.monotonic(), frame[len("data: ") :]
+            for payload in sse_payloads(response):
+                yield time.monotonic(), payload
+
+
+def sse_payloads(response: httpx.Response) -> Iterator[str]:
+    """The `data:` payload of each SSE frame of a streamed response, as each frame arrives."""
+    buffer = ""
+    for text in response.iter_text():
+        buffer += text
+        while "\n\n" in buffer:
+            frame, buffer = buffer.split("\n\n", 1)
+            assert frame.startswith("data: "), frame
+            yield frame[len("data: ") :]
 
 
 def answer_of(response: httpx.Response, stream: bool) -> tuple[dict[str, Any], str]:

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Service, StartService, panel_config, wait_until
+from tests.conftest import Service, StartService, panel_config, sse_payloads, wait_until
 from tests.fake_upstream import FakeUpstream
 
 QUESTION = [{"role": "user", "content": "Drain me."}]
@@ -66,13 +66,8 @@ def stream(service: Service, model: str = "mom") -> Answer:
             if r.status_code != 200:
                 answer.body = json.loads(r.read())
                 return answer
-            buffer = ""
-            for text in r.iter_text():
-                buffer += text
-                while "\n\n" in buffer:
-                    frame, buffer = buffer.split("\n\n", 1)
-                    assert frame.startswith("data: "), frame
-                    answer.frames.append(frame[len("data: ") :])
+            for payload in sse_payloads(r):
+                answer.frames.append(payload)
     except httpx.HTTPError as exc:
         answer.error = f"{type(exc).__name__}: {exc}"
     finally:

@@ -6,7 +6,7 @@ import asyncio
 from decimal import Decimal
 from typing import Any
 
-from mom_service.cache import MemoryCache, ResponseCache, answer_key, cacheable, member_key
+from mom_service.cache import MemoryCache, ResponseCache, answer_key, cacheable, member_key, panel_identity
 from mom_service.config import MoMConfig, parse_config
 from mom_service.events import Breakdown, CallReport
 
@@ -30,7 +30,7 @@ def config(**changes: Any) -> MoMConfig:
 
 
 def key(cfg: MoMConfig, messages: list[dict[str, Any]] = MESSAGES, **params: Any) -> str:
-    return answer_key(cfg, cfg.models[0], messages, params)
+    return answer_key(panel_identity(cfg, cfg.models[0]), messages, params)
 
 
 def test_answer_key_ignores_user_and_parameter_order() -> None:
@@ -112,7 +112,7 @@ def test_an_answer_round_trips_as_a_cache_hit() -> None:
     ]
     concluding = CallReport(name="j", model="openai/j", role="concluding", cost=Decimal("0.00001"))
     breakdown = Breakdown(members=members, concluding=concluding)
-    cache = ResponseCache(MemoryCache(10_000))
+    cache = ResponseCache(MemoryCache(10_000), config())
 
     async def run() -> None:
         await cache.put_answer("k", 60, breakdown, ["Hel", "lo"], "stop")

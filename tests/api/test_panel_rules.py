@@ -51,7 +51,8 @@ def members(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def test_quorum_starts_synthesis_and_cancels_the_rest(ruled: Service, fake: FakeUpstream) -> None:
-    fake.configure({"qc": {"hang": True}, "qj": {"text": "From two."}})
+    # qa and qb answer after 0.5 s, so that qc's call is surely on the wire (hanging) when the quorum cuts it off
+    fake.configure({"qa": {"ttft_ms": 500}, "qb": {"ttft_ms": 500}, "qc": {"hang": True}, "qj": {"text": "From two."}})
     started = time.monotonic()
     body = ruled.chat("quorum-2", messages=QUESTION).json()
     assert time.monotonic() - started < 3  # qc would hang for its whole 10 s timeout

@@ -185,7 +185,12 @@ async def check_llm(
     """
     started = time.perf_counter()
     key = key_state(caller, llm)
-    details: dict[str, Any] = {"configured": llm.model, "key": key, "checked": False}
+    details: dict[str, Any] = {
+        "configured": llm.model,
+        "client": "lean" if caller.is_lean(llm) else "litellm",
+        "key": key,
+        "checked": False,
+    }
     circuit = breakers.view(llm.name) if breakers is not None and breakers.enabled else None
     if circuit is not None:
         details["circuit"] = circuit_details(circuit)

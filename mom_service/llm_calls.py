@@ -1,4 +1,9 @@
-"""The only door to LiteLLM: one call, one stream, exceptions mapped to ours, usage normalized."""
+"""The only door to the LLMs: one call, one stream, exceptions mapped to ours, usage normalized.
+
+Two ways through it, with the same retries, deadlines, error kinds and usage: OpenAI-compatible servers that
+LiteLLM would only pass the request to take the lean path (`openai_http`: aiohttp and orjson, a fraction of the
+CPU), unless MOM_LEAN_CALLS is false; every other provider goes through LiteLLM.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,13 @@ import email.utils
 import os
 import random
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+import aiohttp
+
+from mom_service import openai_http
 from mom_service.config import LLMDefinition, MoMConfig
 from mom_service.events import Usage
 from mom_service.redaction import Redactor
@@ -26,6 +34,7 @@ BACKOFF_BASE_S = 0.25
 BACKOFF_MAX_S = 8.0
 TRANSIENT_KINDS = frozenset({"rate_limited", "connection", "timeout"})
 NO_KEY = "no-key"
+T = TypeVar("T")
 
 
 class LLMCallError(Exception):
@@ -116,6 +125,20 @@ def supports_vision(model: str) -> bool | None:
         return None
 
 
+def _usage_from_json(raw: Any) -> Usage | None:
+    """Usage from a lean call's JSON (a dict), as _usage_from reads LiteLLM's objects."""
+    if not isinstance(raw, dict):
+        return None
+    details = raw.get("completion_tokens_details") or {}
+    prompt_details = raw.get("prompt_tokens_details") or {}
+    return Usage(
+        prompt_tokens=int(raw.get("prompt_tokens") or 0),
+        completion_tokens=int(raw.get("completion_tokens") or 0),
+        reasoning_tokens=int(details.get("reasoning_tokens") or 0) if isinstance(details, dict) else 0,
+        cached_tokens=int(prompt_details.get("cached_tokens") or 0) if isinstance(prompt_details, dict) else 0,
+    )
+
+
 def _usage_from(raw: Any) -> Usage | None:
     if raw is None:
         return None
@@ -132,10 +155,12 @@ def _usage_from(raw: Any) -> Usage | None:
 class LLMCaller:
     """Calls the configured LLMs. Keys are read once from the environment; per-call work stays small."""
 
-    def __init__(self, config: MoMConfig, env: Mapping[str, str], redactor: Redactor) -> None:
+    def __init__(self, config: MoMConfig, env: Mapping[str, str], redactor: Redactor, *, lean: bool = True) -> None:
         self._redact = redactor
         self._static: dict[str, dict[str, Any]] = {}
         self._missing_key: dict[str, str] = {}
+        self._lean: dict[str, openai_http.LeanRoute] = {}
+        catalog = frozenset(litellm.open_ai_chat_completion_models) | frozenset(litellm.open_ai_text_completion_models)
         for llm in config.llm_definitions:
             static: dict[str, Any] = dict(llm.params)
             static["model"] = llm.model
@@ -155,6 +180,23 @@ class LLMCaller:
                 # environment to whatever server api_base names. A keyless local server ignores this value.
                 static["api_key"] = NO_KEY
             self._static[llm.name] = static
+            route = openai_http.lean_route(llm, static.get("api_key", NO_KEY), catalog) if lean else None
+            if route is not None and llm.name not in self._missing_key:
+                self._lean[llm.name] = route
+        self._session: aiohttp.ClientSession | None = None  # made on the first lean call, in the running loop
+
+    def is_lean(self, llm: LLMDefinition) -> bool:
+        """Whether this LLM's calls take the lean path (else LiteLLM)."""
+        return llm.name in self._lean
+
+    def _lean_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = openai_http.new_session()
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
 
     def estimate_usage(self, llm: LLMDefinition, messages: list[dict[str, Any]], text: str) -> Usage:
         """Our own count of a call's tokens, for a stream cut off before the provider reported its usage."""
@@ -185,21 +227,27 @@ class LLMCaller:
         kwargs["messages"] = messages
         return kwargs
 
-    async def _attempts(self, llm: LLMDefinition, kwargs: dict[str, Any], deadline: float, retries: int) -> Any:
-        """`acompletion` with our retries: transient errors only, exponential backoff with jitter, honouring
+    @staticmethod
+    async def _litellm_call(kwargs: dict[str, Any], deadline: float) -> Any:
+        kwargs["timeout"] = max(deadline - asyncio.get_running_loop().time(), 0.001)
+        response = await litellm.acompletion(**kwargs)
+        if response is None:
+            # LiteLLM (with drop_params) answers a 422 by dropping the parameters it names and trying once
+            # more; when that fails too it returns None instead of raising.
+            raise LLMCallError("http_error", "the provider refused the request (HTTP 422)", 422)
+        return response
+
+    async def _attempts(
+        self, llm: LLMDefinition, attempt_once: Callable[[], Awaitable[T]], deadline: float, retries: int
+    ) -> T:
+        """`attempt_once` with our retries: transient errors only, exponential backoff with jitter, honouring
         Retry-After when it fits, and never past the deadline (the LLM's timeout covers every attempt)."""
         loop = asyncio.get_running_loop()
         attempt = 0
         while True:
             try:
                 async with asyncio.timeout_at(deadline):
-                    kwargs["timeout"] = max(deadline - loop.time(), 0.001)
-                    response = await litellm.acompletion(**kwargs)
-                if response is None:
-                    # LiteLLM (with drop_params) answers a 422 by dropping the parameters it names and trying
-                    # once more; when that fails too it returns None instead of raising.
-                    raise LLMCallError("http_error", "the provider refused the request (HTTP 422)", 422)
-                return response
+                    return await attempt_once()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -217,10 +265,12 @@ class LLMCaller:
             return LLMCallError("timeout", f"timed out after {llm.timeout:g} s")
         status = getattr(exc, "status_code", None)
         text = self._redact(" ".join(str(exc).split()))[:_MAX_ERROR_CHARS]
-        if isinstance(exc, openai.RateLimitError):
+        if isinstance(exc, openai.RateLimitError) or status == 429:
             return LLMCallError("rate_limited", text or "rate limited", 429)
-        if isinstance(exc, openai.APIConnectionError):
-            return LLMCallError("connection", text or "connection error")
+        if isinstance(exc, openai.APIConnectionError | aiohttp.ClientError):
+            return LLMCallError("connection", text or f"connection error ({type(exc).__name__})")
+        if isinstance(exc, openai_http.UpstreamProtocolError):
+            return LLMCallError("error", text)
         if isinstance(status, int):
             return LLMCallError("http_error", text or f"upstream HTTP {status}", status)
         return LLMCallError("error", f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
@@ -237,8 +287,20 @@ class LLMCaller:
         overrides the LLM's own setting, e.g. 0 for a health probe)."""
         started = time.perf_counter()
         deadline = asyncio.get_running_loop().time() + llm.timeout
+        retries = llm.retries if retries is None else retries
+        route = self._lean.get(llm.name)
+        if route is not None:
+            session = self._lean_session()
+            data = await self._attempts(
+                llm, lambda: openai_http.post_whole(session, route, messages, params), deadline, retries
+            )
+            choices = data.get("choices")
+            message = choices[0].get("message") if isinstance(choices, list) and choices else None
+            text = (message.get("content") if isinstance(message, dict) else None) or ""
+            usage = _usage_from_json(data.get("usage")) or self.estimate_usage(llm, messages, text)
+            return CallResult(text=str(text), usage=usage, latency_ms=(time.perf_counter() - started) * 1000)
         kwargs = self._kwargs(llm, messages, params)
-        response = await self._attempts(llm, kwargs, deadline, llm.retries if retries is None else retries)
+        response = await self._attempts(llm, lambda: self._litellm_call(kwargs, deadline), deadline, retries)
         choice = response.choices[0] if response.choices else None
         text = (getattr(choice.message, "content", None) if choice is not None else None) or ""
         return CallResult(
@@ -247,21 +309,90 @@ class LLMCaller:
             latency_ms=(time.perf_counter() - started) * 1000,
         )
 
-    async def stream(
+    def stream(
         self, llm: LLMDefinition, messages: list[dict[str, Any]], params: Mapping[str, Any]
     ) -> AsyncGenerator[str | StreamEnd]:
         """A streamed call: yields content deltas as they arrive, then one StreamEnd.
 
-        The LLM's timeout bounds the whole stream, not only the gaps between chunks. The deadline guards each
-        wait for the next chunk, never a `yield`, so it cannot fire into the consumer's code.
+        The LLM's timeout bounds the whole stream, not only the gaps between chunks. The deadline only ever cuts a
+        wait for the next chunk, never a `yield`, so it cannot fire into the consumer's code. The call is retried
+        (transient errors) only before the server accepted it, never once tokens may have been sent.
         """
+        route = self._lean.get(llm.name)
+        if route is not None:
+            return self._lean_stream(llm, route, messages, params)
+        return self._litellm_stream(llm, messages, params)
+
+    async def _lean_stream(
+        self,
+        llm: LLMDefinition,
+        route: openai_http.LeanRoute,
+        messages: list[dict[str, Any]],
+        params: Mapping[str, Any],
+    ) -> AsyncGenerator[str | StreamEnd]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + llm.timeout
+        session = self._lean_session()
+        response: aiohttp.ClientResponse | None = None
+        chunks: AsyncGenerator[dict[str, Any]] | None = None
+        timer: asyncio.TimerHandle | None = None
+        expired = False
+        usage: Usage | None = None
+        finish_reason = "stop"
+        produced: list[str] = []
+        try:
+            response = await self._attempts(
+                llm, lambda: openai_http.open_stream(session, route, messages, params), deadline, llm.retries
+            )
+            opened = response
+
+            def expire() -> None:  # one timer for the whole stream, not one per chunk (5 us each)
+                nonlocal expired
+                expired = True
+                opened.close()  # the pending read fails at once
+
+            timer = loop.call_at(deadline, expire)
+            chunks = openai_http.events(response)
+            async for chunk in chunks:
+                choices = chunk.get("choices")
+                if choices:
+                    choice = choices[0]
+                    delta = choice.get("delta")
+                    content = delta.get("content") if delta else None
+                    if content:
+                        produced.append(content)
+                        yield content
+                    if choice.get("finish_reason"):
+                        finish_reason = choice["finish_reason"]
+                raw_usage = chunk.get("usage")
+                if raw_usage:
+                    usage = _usage_from_json(raw_usage)
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            if expired:
+                raise LLMCallError("timeout", f"timed out after {llm.timeout:g} s") from None
+            raise self._map_error(llm, exc) from None
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if chunks is not None:
+                await chunks.aclose()
+            if response is not None:
+                response.release()  # back to the pool when the body was read to its end, else closed
+        # A server that does not report streamed usage: counted by us, as LiteLLM does.
+        yield StreamEnd(finish_reason, usage or self.estimate_usage(llm, messages, "".join(produced)))
+
+    async def _litellm_stream(
+        self, llm: LLMDefinition, messages: list[dict[str, Any]], params: Mapping[str, Any]
+    ) -> AsyncGenerator[str | StreamEnd]:
         deadline = asyncio.get_running_loop().time() + llm.timeout
         response: Any = None
         try:
             kwargs = self._kwargs(llm, messages, params)
             kwargs["stream"] = True
             kwargs["stream_options"] = {"include_usage": True}
-            response = await self._attempts(llm, kwargs, deadline, llm.retries)  # retried only before any token
+            response = await self._attempts(llm, lambda: self._litellm_call(kwargs, deadline), deadline, llm.retries)
             chunks = response.__aiter__()
             usage: Usage | None = None
             finish_reason = "stop"

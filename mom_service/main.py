@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -130,7 +131,7 @@ def build_state(settings: Settings, config: MoMConfig, config_path: str | None) 
     if redis_password:
         secrets.append(redis_password)
     redactor = Redactor(secrets)
-    caller = LLMCaller(config, env, redactor)
+    caller = LLMCaller(config, env, redactor, lean=settings.mom_lean_calls)
     usage_db = create_engine(settings.database_url)
     writer = UsageWriter(usage_db, max_queue=settings.mom_usage_queue_size)
     prices = build_price_book(config, cost_map_entry)
@@ -207,7 +208,8 @@ async def _close(app: FastAPI, state: AppState) -> None:
     app.state.mom = None
     await state.usage_writer.close()
     logger.info("Usage records written: %d, dropped: %d", state.usage_writer.written, state.usage_writer.dropped)
-    await asyncio.to_thread(state.tracer.shutdown)
+    await state.engine.caller.aclose()
+    await state.tracer.close()
     if state.cache is not None:
         await state.cache.store.close()
     await state.usage_db.dispose()
@@ -255,6 +257,11 @@ def create_app(
             logger.info("Usage database %s (schema version %d, was %d)", database, SCHEMA_VERSION, version)
         state.usage_writer.start()
         app.state.mom = state
+        # Everything loaded so far (LiteLLM's tables, the config, the app) lives as long as the process: moved out
+        # of the garbage collector's sight, so that a full collection does not walk it again and again, pausing
+        # every stream for hundreds of milliseconds under load.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:

@@ -7,7 +7,10 @@ into the SDK is guarded, so a tracing bug cannot break a request either.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import threading
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -16,6 +19,11 @@ from mom_service.cost_calculation import usd
 from mom_service.events import CallReport, RequestOutcome
 
 logger = logging.getLogger("mom_service")
+# Each export to Langfuse gives up after this long (in the SDK's background thread; never in a request), and at
+# shutdown the buffered traces are waited for this long at most: with a Langfuse host that hangs, the process
+# still exits within a few seconds (OpenTelemetry's own exit handler then waits for the export in progress).
+EXPORT_TIMEOUT_S = 3
+FLUSH_BOUND_S = 3.0
 
 
 def _guard(action: str, call: Any, *args: Any, **kwargs: Any) -> Any:
@@ -172,7 +180,7 @@ class Tracer:
                 public_key=settings.langfuse_public_key,
                 secret_key=settings.langfuse_secret_key,
                 base_url=self.host,
-                timeout=5,
+                timeout=EXPORT_TIMEOUT_S,
             )
             self._propagate = propagate_attributes
 
@@ -200,6 +208,27 @@ class Tracer:
         return _LangfuseTrace(self._client, self._propagate, mom_model, user, request_id, root)
 
     def shutdown(self) -> None:
-        """Flush what is buffered (bounded by the SDK's timeout) and stop the exporter."""
+        """Flush what is buffered (each export bounded by the SDK's timeout) and stop the exporter."""
         if self._client is not None:
             _guard("flushing traces", self._client.shutdown)
+
+    async def close(self, bound_s: float = FLUSH_BOUND_S) -> None:
+        """`shutdown` in a daemon thread, waited for `bound_s` at most: a Langfuse host that hangs costs the
+        process's exit that long, not the SDK's timeout once per pending export (nor a thread joined at exit)."""
+        if self._client is None:
+            return
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+
+        def flush() -> None:
+            try:
+                self.shutdown()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is already closed: nobody waits any more
+                    loop.call_soon_threadsafe(done.set)
+
+        threading.Thread(target=flush, name="mom-trace-flush", daemon=True).start()
+        try:
+            await asyncio.wait_for(done.wait(), bound_s)
+        except TimeoutError:
+            logger.warning("tracing: traces not flushed within %g s (Langfuse does not answer): dropped", bound_s)

@@ -275,7 +275,18 @@ def start_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartSer
         service.stop()
 
 
+# The two ways an upstream call is made (llm_calls.py): the lean httpx path for OpenAI-compatible servers (the
+# default) and LiteLLM (MOM_LEAN_CALLS=false). Tests that take `service` or `call_path` run through both.
+CALL_PATHS = {"lean": {}, "litellm": {"MOM_LEAN_CALLS": "false"}}
+
+
+@pytest.fixture(scope="session", params=list(CALL_PATHS))
+def call_path(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The environment that selects one call path (a test using it runs once per path)."""
+    return CALL_PATHS[request.param]
+
+
 @pytest.fixture(scope="session")
-def service(fake_server: FakeUpstream, start_service: StartService) -> Service:
-    """One live service over the standard test panel, shared by the API tests."""
-    return start_service(panel_config(fake_server))
+def service(fake_server: FakeUpstream, start_service: StartService, call_path: dict[str, str]) -> Service:
+    """One live service over the standard test panel, shared by the API tests (one per call path)."""
+    return start_service(panel_config(fake_server), call_path)

@@ -49,7 +49,7 @@ def circuit_env(failures: int, cooldown_s: float) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def tripping(fake_server: FakeUpstream, start_service: StartService) -> Service:
+def tripping(fake_server: FakeUpstream, start_service: StartService, call_path: dict[str, str]) -> Service:
     """Threshold 2, a cool-down longer than the module: once open, a circuit stays open."""
     members: dict[str, dict[str, Any]] = {  # each the member of a panel of its own beside cb-ok; how it differs
         "cb-down": {},
@@ -70,7 +70,9 @@ def tripping(fake_server: FakeUpstream, start_service: StartService) -> Service:
         panel("cb-lone-panel", ["cb-ok"], "cb-lone"),
         panel("cb-lone-stream-panel", ["cb-ok"], "cb-lone-stream"),
     ]
-    return start_service({"llm_definitions": definitions, "models": models}, circuit_env(THRESHOLD, LONG_COOLDOWN_S))
+    return start_service(
+        {"llm_definitions": definitions, "models": models}, circuit_env(THRESHOLD, LONG_COOLDOWN_S) | call_path
+    )
 
 
 @pytest.fixture(scope="module")
@@ -163,13 +165,16 @@ def trip(service: Service, fake: FakeUpstream, model: str, name: str, behaviour:
 # ---------------------------------------------------------------------------------------- opening the circuit
 
 
-def test_consecutive_failures_open_the_circuit_and_the_member_is_skipped(tripping: Service, fake: FakeUpstream) -> None:
+def test_consecutive_failures_open_the_circuit_and_the_member_is_skipped(
+    tripping: Service, fake: FakeUpstream, call_path: dict[str, str]
+) -> None:
     client = openai.OpenAI(base_url=tripping.base_url, api_key=TOKEN, max_retries=0)
     fake.configure({"cb-down": {"status": 503, "error_message": "cb-down is overloaded"}})
     component = circuit(tripping, "cb-down")
     assert {k: v for k, v in component.items() if k != "latency_ms"} == {
         "status": "ok",
         "configured": "openai/cb-down",
+        "client": "litellm" if call_path.get("MOM_LEAN_CALLS") == "false" else "lean",
         "key": "present",
         "checked": False,
         "circuit": {"state": "closed", "consecutive_failures": 0},
@@ -271,13 +276,17 @@ def test_a_retry_that_succeeds_is_a_success(tripping: Service, fake: FakeUpstrea
 
 
 @pytest.mark.parametrize("status", CLIENT_ERRORS)
-def test_client_errors_never_open_it(tripping: Service, fake: FakeUpstream, status: int) -> None:
+def test_client_errors_never_open_it(
+    tripping: Service, fake: FakeUpstream, status: int, call_path: dict[str, str]
+) -> None:
     name = f"cb-c{status}"
     fake.configure({name: {"status": status}})
     for _ in range(THRESHOLD + 3):
         assert member(ok_chat(tripping, f"{name}-panel"), name)["status"] == "error"
-    # every request reached it (LiteLLM itself sends a 422'd request once more, without the parameters it names)
-    assert attempts(fake, name) == (THRESHOLD + 3) * (2 if status == 422 else 1)
+    # every request reached it (LiteLLM itself sends a 422'd request once more, without the parameters it names;
+    # the lean path does not)
+    twice = status == 422 and call_path.get("MOM_LEAN_CALLS") == "false"
+    assert attempts(fake, name) == (THRESHOLD + 3) * (2 if twice else 1)
     component = circuit(tripping, name)
     assert component["status"] == "ok"
     assert component["circuit"] == {"state": "closed", "consecutive_failures": 0}

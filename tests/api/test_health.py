@@ -113,7 +113,7 @@ async def test_health_stays_instant_while_requests_hang(service: Service, fake: 
 # ----------------------------------------------------------------------------------------------- detailed
 
 
-def test_detailed_ok_on_the_standard_panel(service: Service, fake: FakeUpstream) -> None:
+def test_detailed_ok_on_the_standard_panel(service: Service, fake: FakeUpstream, call_path: dict[str, str]) -> None:
     body = detailed(service, fake)
     assert body["status"] == "ok"
     components = body["components"]
@@ -131,9 +131,12 @@ def test_detailed_ok_on_the_standard_panel(service: Service, fake: FakeUpstream)
     assert components["tracing"] == {"status": "ok", "latency_ms": 0.0, "enabled": False}
     alpha = components["llm:alpha"]
     # (circuit breakers are off in the shared test services: no `circuit` entry; see test_circuit_breaker.py)
-    expected = {"status": "ok", "configured": "openai/alpha", "key": "present", "checked": False}
+    # alpha is served by an OpenAI-compatible server: the lean path, unless MOM_LEAN_CALLS=false
+    client = "litellm" if call_path.get("MOM_LEAN_CALLS") == "false" else "lean"
+    expected = {"status": "ok", "configured": "openai/alpha", "client": client, "key": "present", "checked": False}
     assert {k: v for k, v in alpha.items() if k != "latency_ms"} == expected
     assert components["llm:catalog"]["configured"] == "openai/gpt-4o-mini"
+    assert components["llm:catalog"]["client"] == "litellm"  # OpenAI's catalog: LiteLLM adapts its parameters
     assert fake.log() == []  # no live call without check_llm
 
 

@@ -19,7 +19,7 @@ MEMBERS = ["qa", "qb", "qc"]
 
 
 @pytest.fixture(scope="module")
-def ruled(fake_server: FakeUpstream, start_service: StartService) -> Service:
+def ruled(fake_server: FakeUpstream, start_service: StartService, call_path: dict[str, str]) -> Service:
     config: dict[str, Any] = {
         "llm_definitions": [
             llm(name, fake_server, retries=0, timeout=10, pricing=PRICE) for name in [*MEMBERS, "qj", "qk", "ql"]
@@ -43,7 +43,7 @@ def ruled(fake_server: FakeUpstream, start_service: StartService) -> Service:
             },
         ],
     }
-    return start_service(config)
+    return start_service(config, call_path)
 
 
 def members(body: dict[str, Any]) -> dict[str, dict[str, Any]]:

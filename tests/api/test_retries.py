@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import orjson
 import pytest
 
 from tests.conftest import Service, StartService, llm
@@ -15,7 +16,7 @@ QUESTION = [{"role": "user", "content": "Try again?"}]
 
 
 @pytest.fixture(scope="module")
-def retrying(fake_server: FakeUpstream, start_service: StartService) -> Service:
+def retrying(fake_server: FakeUpstream, start_service: StartService, call_path: dict[str, str]) -> Service:
     config: dict[str, Any] = {
         "llm_definitions": [
             llm("steady", fake_server),
@@ -28,9 +29,10 @@ def retrying(fake_server: FakeUpstream, start_service: StartService) -> Service:
             {"name": "flaky-panel", "llms_to_query": ["steady", "flaky"], "concluding_llm": "closer"},
             {"name": "once-panel", "llms_to_query": ["steady", "once"], "concluding_llm": "closer"},
             {"name": "hasty-panel", "llms_to_query": ["steady", "hasty"], "concluding_llm": "closer"},
+            {"name": "hasty-judge-panel", "llms_to_query": ["steady"], "concluding_llm": "hasty"},
         ],
     }
-    return start_service(config)
+    return start_service(config, call_path)
 
 
 def attempts(fake: FakeUpstream, model: str) -> list[dict[str, Any]]:
@@ -58,13 +60,17 @@ def test_connection_reset_is_retried(retrying: Service, fake: FakeUpstream) -> N
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
-def test_client_errors_are_never_retried(retrying: Service, fake: FakeUpstream, status: int) -> None:
+def test_client_errors_are_never_retried(
+    retrying: Service, fake: FakeUpstream, status: int, call_path: dict[str, str]
+) -> None:
     fake.configure({"flaky": {"status": status}})
     body = retrying.chat("flaky-panel", messages=QUESTION).json()
     assert member(body, "flaky")["status"] == "error"
+    assert member(body, "flaky")["reason"] == "http_error"
     # none of ours; on a 422 LiteLLM itself sends the request once more without the parameters the error names
-    # (its drop_params behaviour, which also drops unsupported parameters before a call)
-    assert len(attempts(fake, "flaky")) == (2 if status == 422 else 1)
+    # (its drop_params behaviour); the lean path sends what the client asked for, once
+    through_litellm = call_path.get("MOM_LEAN_CALLS") == "false"
+    assert len(attempts(fake, "flaky")) == (2 if status == 422 and through_litellm else 1)
 
 
 def test_retries_are_used_up_then_reported(retrying: Service, fake: FakeUpstream) -> None:
@@ -115,3 +121,22 @@ def test_concluding_llm_is_retried_before_its_first_token(retrying: Service, fak
     assert response.status_code == 200
     assert "Concluded." in response.text
     assert len(attempts(fake, "closer")) == 2
+
+
+def test_a_stream_that_stalls_ends_at_the_timeout_with_an_error_event(retrying: Service, fake: FakeUpstream) -> None:
+    # hasty concludes (timeout 1 s): two tokens, then nothing. The timeout bounds the whole stream; nothing is
+    # retried once tokens went out.
+    fake.configure({"hasty": {"text": "one two three four", "hang_after_tokens": 2}})
+    started = time.monotonic()
+    frames = [p for _, p in retrying.sse({"model": "hasty-judge-panel", "messages": QUESTION, "stream": True})]
+    elapsed = time.monotonic() - started
+    assert frames[-1] == "[DONE]"
+    error = orjson.loads(frames[-2])["error"]
+    assert error["code"] == "concluding_failed" and "timed out after 1 s" in error["message"]
+    content = "".join(
+        orjson.loads(f)["choices"][0]["delta"].get("content") or "" for f in frames[:-2] if orjson.loads(f)["choices"]
+    )
+    assert content == "one two "
+    assert elapsed < 4
+    assert len(attempts(fake, "hasty")) == 1
+    fake.wait_for(lambda log: any(e["model"] == "hasty" and e["outcome"] == "disconnected" for e in log))

@@ -13,7 +13,7 @@ from mom_service.state import StateDep
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
-def require_token(request: Request, state: StateDep) -> None:
+async def require_token(request: Request, state: StateDep) -> None:
     tokens = state.settings.api_tokens
     if not tokens:
         raise ServiceUnavailable(

@@ -120,6 +120,9 @@ class MemoryCache:
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
         if len(value) > self.max_bytes:
             return
+        # An exact-size copy: a bytes object from orjson keeps its whole write buffer (4 KiB at least), which would
+        # make the entries take several times the memory `max_bytes` counts.
+        value = bytes(memoryview(value))
         if key in self._entries:
             self._drop(key)
         self._entries[key] = (self._clock() + ttl_s, value)

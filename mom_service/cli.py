@@ -62,6 +62,7 @@ def _serve(settings: Settings, host: str | None, port: int | None) -> int:
         host=host or settings.host,
         port=port if port is not None else settings.port,
         log_level="info",
+        access_log=False,  # the request log (request_log.py) writes one richer line per request
     )
     server = DrainingServer(server_config, app, grace_s=settings.mom_shutdown_grace_seconds)
     server.run()

@@ -10,6 +10,8 @@ This module only speaks HTTP: `llm_calls.LLMCaller` owns retries, deadlines, err
 
 from __future__ import annotations
 
+import urllib.parse
+import urllib.request
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +68,17 @@ class LeanRoute:
     url: str
     headers: Mapping[str, str]
     body: Mapping[str, Any]  # the model and the LLM's own params
+    proxy: str | None = None  # from HTTP(S)_PROXY / NO_PROXY, as LiteLLM's clients read them
+
+
+def env_proxy(url: str) -> str | None:
+    """The proxy the environment names for `url` (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, minus NO_PROXY), read once
+    per LLM: aiohttp's `trust_env` would read the environment and ~/.netrc again on every request."""
+    parts = urllib.parse.urlsplit(url)
+    proxies = urllib.request.getproxies_environment()
+    if not parts.hostname or urllib.request.proxy_bypass(parts.hostname):
+        return None
+    return proxies.get(parts.scheme) or proxies.get("all")
 
 
 def lean_route(llm: LLMDefinition, api_key: str, catalog: frozenset[str]) -> LeanRoute | None:
@@ -81,7 +94,8 @@ def lean_route(llm: LLMDefinition, api_key: str, catalog: frozenset[str]) -> Lea
     if not BODY_PARAMS.issuperset(llm.params):
         return None
     headers = {"authorization": f"Bearer {api_key}", "content-type": "application/json"}
-    return LeanRoute(f"{llm.api_base.rstrip('/')}/chat/completions", headers, {**llm.params, "model": model})
+    url = f"{llm.api_base.rstrip('/')}/chat/completions"
+    return LeanRoute(url, headers, {**llm.params, "model": model}, env_proxy(url))
 
 
 def new_session() -> aiohttp.ClientSession:
@@ -89,9 +103,8 @@ def new_session() -> aiohttp.ClientSession:
     control bounds the load. (aiohttp, not httpx: httpcore's pool checks every idle connection on each request,
     which grows with the load; aiohttp is also what LiteLLM itself uses.)"""
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_EXPIRY_S, ttl_dns_cache=300)
-    # No timeout here: the caller bounds every attempt with its deadline. HTTP(S)_PROXY and NO_PROXY are honoured,
-    # as LiteLLM's clients honour them.
-    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None), trust_env=True)
+    # No timeout here: the caller bounds every attempt with its deadline. Proxies: each route's own (env_proxy).
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
 
 
 class UpstreamStatusError(Exception):
@@ -141,7 +154,8 @@ async def post_whole(
 ) -> dict[str, Any]:
     """One non-streamed call: the `chat.completion` body."""
     body = request_body(route, messages, params)
-    async with session.post(route.url, data=body, headers=route.headers, allow_redirects=False) as response:
+    post = session.post(route.url, data=body, headers=route.headers, proxy=route.proxy, allow_redirects=False)
+    async with post as response:
         if response.status != 200:
             raise await _status_error(response)
         raw = await response.read()
@@ -167,7 +181,7 @@ async def open_stream(
     """Start a streamed call: the response, once the server accepted it (status 200); the body is not read yet.
     The caller closes it."""
     body = request_body(route, messages, {**params, "stream": True, "stream_options": {"include_usage": True}})
-    response = await session.post(route.url, data=body, headers=route.headers, allow_redirects=False)
+    response = await session.post(route.url, data=body, headers=route.headers, proxy=route.proxy, allow_redirects=False)
     if response.status != 200:
         raise await _status_error(response)
     return response

@@ -40,7 +40,7 @@ class AppState:
         return any(self.vision[name] for name in model.llms_to_query)
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
     state = getattr(request.app.state, "mom", None)
     if not isinstance(state, AppState):
         raise ServiceUnavailable("The service is starting or stopping.", code="service_unavailable")

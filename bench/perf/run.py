@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.perf.run [--quick] [--rounds 2] [--concurrency 1,8,32,128,256]
         [--targets direct,litellm-proxy,mom-1,mom-3,mom-5] [--out bench/results]
-        [--fail-rate 0] [--straggler-rate 0] [--straggler-ms 500]
+        [--fail-rate 0] [--straggler-rate 0] [--straggler-ms 500] [--mom-env NAME=VALUE ...]
 
 Offline, on one machine. The fake upstream (bench.perf.fake) serves members m1..m5 (whole answers after 150, 175,
 200, 225, 250 ms) and the concluding LLM `judge` (first token after 100 ms, then 64 tokens 20 ms apart). Targets, each
@@ -172,6 +172,7 @@ class Bench:
         self.fake_port = free_port()
         self.fake_process: Process | None = None
         self.upstream = f"http://127.0.0.1:{self.fake_port}/v1"
+        self.mom_env = dict(item.split("=", 1) for item in args.mom_env)
 
     # ----------------------------------------------------------------------------------------------- processes
     def launch(self, args: list[str], env: dict[str, str] | None, cpu: int | None, name: str) -> Process:
@@ -236,6 +237,7 @@ class Bench:
             "API_TOKEN": TOKEN,
             "MOM_CACHE_ENABLED": str(cache).lower(),
         }
+        env |= self.mom_env
         process = self.launch([str(BIN / "mom-service"), "serve"], env, self.target_cpu, name)
         process_ready = wait_ready(process, f"http://127.0.0.1:{port}/health/ready", 60)
         for target in targets:
@@ -587,6 +589,13 @@ def main() -> int:
     parser.add_argument("--fail-rate", type=float, default=0.0, help="of each member call (HTTP 500)")
     parser.add_argument("--straggler-rate", type=float, default=0.0, help="of member calls answering late")
     parser.add_argument("--straggler-ms", type=float, default=500.0)
+    parser.add_argument(
+        "--mom-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for mom-service, e.g. MOM_LEAN_CALLS=false (repeatable)",
+    )
     args = parser.parse_args()
     if unknown := set(args.targets) - set(TARGETS):
         parser.error(f"unknown targets {sorted(unknown)}; known: {targets}")

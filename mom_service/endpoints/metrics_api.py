@@ -95,10 +95,10 @@ async def usage(
     return {"period": {"start": iso(start_s), "end": iso(end_s)}, **report}
 
 
-def scrape_allowed(request: Request, state: StateDep) -> None:
+async def scrape_allowed(request: Request, state: StateDep) -> None:
     """The bearer token, unless METRICS_PUBLIC=true opens `/metrics` to scrapers without one."""
     if not state.settings.metrics_public:
-        require_token(request, state)
+        await require_token(request, state)
 
 
 @prometheus_router.get("/metrics", dependencies=[Depends(scrape_allowed)])

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 from decimal import Decimal
 from typing import Any
+
+import orjson
 
 from mom_service.cache import MemoryCache, ResponseCache, answer_key, cacheable, member_key, panel_identity
 from mom_service.config import MoMConfig, parse_config
@@ -145,3 +148,19 @@ def test_only_whole_answers_are_cacheable() -> None:
     assert not cacheable(Breakdown(members=[ok, open_circuit], concluding=judge))
     failed_judge = CallReport(name="j", model="m", role="concluding", status="error")
     assert not cacheable(Breakdown(members=[ok], concluding=failed_judge))
+
+
+async def test_memory_cache_entries_take_their_size_not_orjsons_buffer() -> None:
+    # a bytes object from orjson.dumps keeps its whole write buffer (4 KiB at least): stored as is, 1,000 short
+    # entries would take over 4 MB while the byte bound counts 40 KB of them
+    cache = MemoryCache(10**9)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(1000):
+            await cache.set(f"k{i}", orjson.dumps({"text": "short", "i": i}), 60)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(cache) == 1000 and cache.size < 1000 * 40
+    assert grown < 1000 * 600, grown

@@ -135,3 +135,14 @@ async def test_a_finished_stream_may_omit_done() -> None:
 async def test_a_stream_cut_short_is_an_error() -> None:
     with pytest.raises(UpstreamProtocolError, match="ended before it was finished"):
         await collect([chunk("a"), chunk("b")])
+
+
+def test_the_environments_proxy_is_read_once_per_llm(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert lean_route(definition(), "k", CATALOG).proxy is None  # type: ignore[union-attr]
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.corp:3128")
+    monkeypatch.setenv("NO_PROXY", "localhost,.internal")
+    assert lean_route(definition(), "k", CATALOG).proxy == "http://proxy.corp:3128"  # type: ignore[union-attr]
+    assert lean_route(definition(api_base="https://h:1/v1"), "k", CATALOG).proxy is None  # type: ignore[union-attr]
+    assert lean_route(definition(api_base="http://vllm.internal/v1"), "k", CATALOG).proxy is None  # type: ignore[union-attr]

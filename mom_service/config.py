@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     mom_cache_enabled: bool = True  # the response cache, for the MoM models whose `cache.enabled` is true
     mom_cache_max_bytes: int = Field(default=256 * 1024 * 1024, gt=0)  # in-process cache size bound
     mom_cache_timeout_ms: int = Field(default=250, gt=0)  # each Redis operation; slower is a miss
-    mom_lean_calls: bool = True  # OpenAI-compatible servers called over httpx, not LiteLLM (see llm_calls.py)
+    mom_lean_calls: bool = True  # OpenAI-compatible servers called over aiohttp, not LiteLLM (see llm_calls.py)
     mom_usage_queue_size: int = Field(default=10_000, gt=0)
     mom_allow_private_image_urls: bool = False
     mom_max_images: int = Field(default=20, ge=0)

@@ -238,6 +238,9 @@ class Engine:
                 report.status, report.error, report.error_type = "ok", None, None
                 report.text = result.text
                 report.usage = result.usage
+                if report.usage is None:  # a server that reports no usage: counted by us
+                    report.usage = self.caller.estimate_usage(llm, member.messages, result.text)
+                    report.estimated = True
                 verdict = "success"
         finally:
             self.breakers.record(permit, verdict)
@@ -534,6 +537,9 @@ class Engine:
                 concluding_permit = None
             concluding.status = "ok"
             concluding.latency_ms = _ms_since(concluding_started)
+            if concluding.usage is None:  # a server that reports no usage, streamed: counted by us
+                concluding.usage = self.caller.estimate_usage(concluding_llm, messages, "".join(synthesis))
+                concluding.estimated = True
             concluding.cost = call_cost(concluding.usage, self.prices.get(concluding_llm.name))
             status = "ok"
             yield Completed(finish_reason=finish_reason, breakdown=breakdown, usage=breakdown.usage())

@@ -46,7 +46,7 @@ class CallReport:
     text: str = ""
     role: Literal["member", "concluding"] = "member"
     images: Literal["sent", "placeholders"] | None = None  # how the request's images reached this call
-    estimated: bool = False  # usage counted by us (a cancelled call), not reported by the provider
+    estimated: bool = False  # usage counted by us (a cancelled call, or none reported), not by the provider
     saved: Decimal | None = None  # a cached answer: what the call that produced it cost (not paid again)
 
     @property

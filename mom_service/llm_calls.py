@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import aiohttp
@@ -125,30 +126,31 @@ def supports_vision(model: str) -> bool | None:
         return None
 
 
-def _usage_from_json(raw: Any) -> Usage | None:
-    """Usage from a lean call's JSON (a dict), as _usage_from reads LiteLLM's objects."""
-    if not isinstance(raw, dict):
-        return None
-    details = raw.get("completion_tokens_details") or {}
-    prompt_details = raw.get("prompt_tokens_details") or {}
-    return Usage(
-        prompt_tokens=int(raw.get("prompt_tokens") or 0),
-        completion_tokens=int(raw.get("completion_tokens") or 0),
-        reasoning_tokens=int(details.get("reasoning_tokens") or 0) if isinstance(details, dict) else 0,
-        cached_tokens=int(prompt_details.get("cached_tokens") or 0) if isinstance(prompt_details, dict) else 0,
-    )
+def _field(obj: Any, name: str) -> Any:
+    """A field of LiteLLM's response objects, or of the lean path's JSON (dicts)."""
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+
+def _chunk_parts(chunk: Any) -> tuple[str | None, str | None, Any]:
+    """(content, finish_reason, raw usage) of one streamed chunk, LiteLLM's object or the lean path's JSON."""
+    choices = _field(chunk, "choices")
+    if not choices:
+        return None, None, _field(chunk, "usage")
+    choice = choices[0]
+    return _field(_field(choice, "delta"), "content"), _field(choice, "finish_reason"), _field(chunk, "usage")
 
 
 def _usage_from(raw: Any) -> Usage | None:
+    """Usage as the provider reported it (None when it did not: the engine then counts it itself)."""
     if raw is None:
         return None
-    details = getattr(raw, "completion_tokens_details", None)
-    prompt_details = getattr(raw, "prompt_tokens_details", None)
+    details = _field(raw, "completion_tokens_details")
+    prompt_details = _field(raw, "prompt_tokens_details")
     return Usage(
-        prompt_tokens=int(getattr(raw, "prompt_tokens", 0) or 0),
-        completion_tokens=int(getattr(raw, "completion_tokens", 0) or 0),
-        reasoning_tokens=int(getattr(details, "reasoning_tokens", 0) or 0),
-        cached_tokens=int(getattr(prompt_details, "cached_tokens", 0) or 0),
+        prompt_tokens=int(_field(raw, "prompt_tokens") or 0),
+        completion_tokens=int(_field(raw, "completion_tokens") or 0),
+        reasoning_tokens=int(_field(details, "reasoning_tokens") or 0) if details is not None else 0,
+        cached_tokens=int(_field(prompt_details, "cached_tokens") or 0) if prompt_details is not None else 0,
     )
 
 
@@ -289,23 +291,20 @@ class LLMCaller:
         deadline = asyncio.get_running_loop().time() + llm.timeout
         retries = llm.retries if retries is None else retries
         route = self._lean.get(llm.name)
+        response: Any
         if route is not None:
             session = self._lean_session()
-            data = await self._attempts(
-                llm, lambda: openai_http.post_whole(session, route, messages, params), deadline, retries
-            )
-            choices = data.get("choices")
-            message = choices[0].get("message") if isinstance(choices, list) and choices else None
-            text = (message.get("content") if isinstance(message, dict) else None) or ""
-            usage = _usage_from_json(data.get("usage")) or self.estimate_usage(llm, messages, text)
-            return CallResult(text=str(text), usage=usage, latency_ms=(time.perf_counter() - started) * 1000)
-        kwargs = self._kwargs(llm, messages, params)
-        response = await self._attempts(llm, lambda: self._litellm_call(kwargs, deadline), deadline, retries)
-        choice = response.choices[0] if response.choices else None
-        text = (getattr(choice.message, "content", None) if choice is not None else None) or ""
+            post = partial(openai_http.post_whole, session, route, messages, params)
+            response = await self._attempts(llm, post, deadline, retries)
+        else:
+            kwargs = self._kwargs(llm, messages, params)
+            response = await self._attempts(llm, partial(self._litellm_call, kwargs, deadline), deadline, retries)
+        choices = _field(response, "choices")
+        message = _field(choices[0], "message") if isinstance(choices, list) and choices else None
+        text = _field(message, "content") if message is not None else None
         return CallResult(
-            text=text,
-            usage=_usage_from(getattr(response, "usage", None)),
+            text=text if isinstance(text, str) else "",
+            usage=_usage_from(_field(response, "usage")),
             latency_ms=(time.perf_counter() - started) * 1000,
         )
 
@@ -339,11 +338,9 @@ class LLMCaller:
         expired = False
         usage: Usage | None = None
         finish_reason = "stop"
-        produced: list[str] = []
         try:
-            response = await self._attempts(
-                llm, lambda: openai_http.open_stream(session, route, messages, params), deadline, llm.retries
-            )
+            open_stream = partial(openai_http.open_stream, session, route, messages, params)
+            response = await self._attempts(llm, open_stream, deadline, llm.retries)
             opened = response
 
             def expire() -> None:  # one timer for the whole stream, not one per chunk (5 us each)
@@ -354,19 +351,13 @@ class LLMCaller:
             timer = loop.call_at(deadline, expire)
             chunks = openai_http.events(response)
             async for chunk in chunks:
-                choices = chunk.get("choices")
-                if choices:
-                    choice = choices[0]
-                    delta = choice.get("delta")
-                    content = delta.get("content") if delta else None
-                    if content:
-                        produced.append(content)
-                        yield content
-                    if choice.get("finish_reason"):
-                        finish_reason = choice["finish_reason"]
-                raw_usage = chunk.get("usage")
+                content, finished, raw_usage = _chunk_parts(chunk)
+                if content:
+                    yield content
+                if finished:
+                    finish_reason = finished
                 if raw_usage:
-                    usage = _usage_from_json(raw_usage)
+                    usage = _usage_from(raw_usage)
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as exc:
@@ -380,8 +371,7 @@ class LLMCaller:
                 await chunks.aclose()
             if response is not None:
                 response.release()  # back to the pool when the body was read to its end, else closed
-        # A server that does not report streamed usage: counted by us, as LiteLLM does.
-        yield StreamEnd(finish_reason, usage or self.estimate_usage(llm, messages, "".join(produced)))
+        yield StreamEnd(finish_reason, usage)
 
     async def _litellm_stream(
         self, llm: LLMDefinition, messages: list[dict[str, Any]], params: Mapping[str, Any]
@@ -392,7 +382,7 @@ class LLMCaller:
             kwargs = self._kwargs(llm, messages, params)
             kwargs["stream"] = True
             kwargs["stream_options"] = {"include_usage": True}
-            response = await self._attempts(llm, lambda: self._litellm_call(kwargs, deadline), deadline, llm.retries)
+            response = await self._attempts(llm, partial(self._litellm_call, kwargs, deadline), deadline, llm.retries)
             chunks = response.__aiter__()
             usage: Usage | None = None
             finish_reason = "stop"
@@ -402,16 +392,12 @@ class LLMCaller:
                         chunk = await chunks.__anext__()
                 except StopAsyncIteration:
                     break
-                choices = chunk.choices
-                if choices:
-                    choice = choices[0]
-                    content = choice.delta.content
-                    if content:
-                        yield content
-                    if choice.finish_reason:
-                        finish_reason = choice.finish_reason
-                raw_usage = getattr(chunk, "usage", None)
-                if raw_usage is not None:
+                content, finished, raw_usage = _chunk_parts(chunk)
+                if content:
+                    yield content
+                if finished:
+                    finish_reason = finished
+                if raw_usage:
                     usage = _usage_from(raw_usage)
         except (asyncio.CancelledError, GeneratorExit):
             raise

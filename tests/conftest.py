@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -275,18 +276,31 @@ def start_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartSer
         service.stop()
 
 
-# The two ways an upstream call is made (llm_calls.py): the lean httpx path for OpenAI-compatible servers (the
-# default) and LiteLLM (MOM_LEAN_CALLS=false). Tests that take `service` or `call_path` run through both.
-CALL_PATHS = {"lean": {}, "litellm": {"MOM_LEAN_CALLS": "false"}}
+@dataclass(frozen=True)
+class CallPath:
+    """One of the two ways an upstream call is made (llm_calls.py)."""
+
+    name: str  # as /health/detailed reports an OpenAI-compatible LLM's `client`
+    env: dict[str, str]  # what selects it
+
+    @property
+    def litellm(self) -> bool:
+        return self.name == "litellm"
 
 
-@pytest.fixture(scope="session", params=list(CALL_PATHS))
-def call_path(request: pytest.FixtureRequest) -> dict[str, str]:
-    """The environment that selects one call path (a test using it runs once per path)."""
-    return CALL_PATHS[request.param]
+# The lean path for OpenAI-compatible servers (the default) and LiteLLM (MOM_LEAN_CALLS=false). Tests that take
+# `service` or `call_path` run through both.
+CALL_PATHS = (CallPath("lean", {}), CallPath("litellm", {"MOM_LEAN_CALLS": "false"}))
+
+
+@pytest.fixture(scope="session", params=CALL_PATHS, ids=lambda path: path.name)
+def call_path(request: pytest.FixtureRequest) -> CallPath:
+    """One call path (a test using it runs once per path)."""
+    path: CallPath = request.param
+    return path
 
 
 @pytest.fixture(scope="session")
-def service(fake_server: FakeUpstream, start_service: StartService, call_path: dict[str, str]) -> Service:
+def service(fake_server: FakeUpstream, start_service: StartService, call_path: CallPath) -> Service:
     """One live service over the standard test panel, shared by the API tests (one per call path)."""
-    return start_service(panel_config(fake_server), call_path)
+    return start_service(panel_config(fake_server), call_path.env)

@@ -65,6 +65,7 @@ import yaml
 
 from bench.perf import load
 from bench.perf.fake import DEFAULTS
+from bench.perf.litellm_proxy import MASTER_KEY, ensure_proxy_venv, start_proxy
 from bench.soak import percentile, rss_mb
 from tests.conftest import free_port
 
@@ -72,7 +73,6 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 Process = subprocess.Popen[bytes]
 TOKEN = "bench-perf-token-0123456789"
-PROXY_KEY = "sk-bench-" + "5f0c2d1e9a7b4c38" * 2  # bench.perf.litellm_proxy.MASTER_KEY (that module is optional)
 TARGETS = ("direct", "litellm-proxy", "mom-1", "mom-3", "mom-5")
 MEMBERS = [f"m{i}" for i in range(1, 6)]
 JUDGE, SHORT, LONG = "judge", "judge16", "judge256"  # the short and long judges measure the CPU per chunk
@@ -126,7 +126,7 @@ class Target:
     def headers(self) -> dict[str, str]:
         """Both gateways check a bearer token (as deployed); the reference fan-out has none."""
         if self.kind == "litellm-proxy":
-            return {"Authorization": f"Bearer {PROXY_KEY}"}
+            return {"Authorization": f"Bearer {MASTER_KEY}"}
         return {"Authorization": f"Bearer {TOKEN}"} if self.kind == "mom" else {}
 
 
@@ -202,18 +202,12 @@ class Bench:
         self.ready(target, f"http://127.0.0.1:{port}/health", 30, "direct")
 
     def start_proxy(self, target: Target) -> None:
-        try:
-            from bench.perf.litellm_proxy import MASTER_KEY, ensure_proxy_venv, start_proxy
-        except ImportError as exc:
-            target.skipped = f"bench.perf.litellm_proxy is not available: {exc}"
-            return
         python = ensure_proxy_venv()
         if isinstance(python, str):
             target.skipped = f"LiteLLM's proxy could not be installed: {python}"
             return
         port = free_port()
         started = time.perf_counter()
-        assert MASTER_KEY == PROXY_KEY
         proxy = start_proxy(python, port, self.upstream, [JUDGE, SHORT, LONG], self.target_cpu or 0, MASTER_KEY)
         self.stack.callback(shutil.rmtree, proxy.config_path.parent, ignore_errors=True)  # after the stop below
         self.stack.callback(stop, proxy)

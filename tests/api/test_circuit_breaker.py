@@ -20,7 +20,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from tests.api.test_metrics import Scrape, scrape
-from tests.conftest import FAKE_KEY, TOKEN, Service, StartService, answer_of, llm, wait_until
+from tests.conftest import FAKE_KEY, TOKEN, CallPath, Service, StartService, answer_of, llm, wait_until
 from tests.fake_upstream import FakeUpstream
 from tests.openai_schema import validate
 
@@ -49,7 +49,7 @@ def circuit_env(failures: int, cooldown_s: float) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def tripping(fake_server: FakeUpstream, start_service: StartService, call_path: dict[str, str]) -> Service:
+def tripping(fake_server: FakeUpstream, start_service: StartService, call_path: CallPath) -> Service:
     """Threshold 2, a cool-down longer than the module: once open, a circuit stays open."""
     members: dict[str, dict[str, Any]] = {  # each the member of a panel of its own beside cb-ok; how it differs
         "cb-down": {},
@@ -166,7 +166,7 @@ def trip(service: Service, fake: FakeUpstream, model: str, name: str, behaviour:
 
 
 def test_consecutive_failures_open_the_circuit_and_the_member_is_skipped(
-    tripping: Service, fake: FakeUpstream, call_path: dict[str, str]
+    tripping: Service, fake: FakeUpstream, call_path: CallPath
 ) -> None:
     client = openai.OpenAI(base_url=tripping.base_url, api_key=TOKEN, max_retries=0)
     fake.configure({"cb-down": {"status": 503, "error_message": "cb-down is overloaded"}})
@@ -174,7 +174,7 @@ def test_consecutive_failures_open_the_circuit_and_the_member_is_skipped(
     assert {k: v for k, v in component.items() if k != "latency_ms"} == {
         "status": "ok",
         "configured": "openai/cb-down",
-        "client": "litellm" if call_path.get("MOM_LEAN_CALLS") == "false" else "lean",
+        "client": call_path.name,
         "key": "present",
         "checked": False,
         "circuit": {"state": "closed", "consecutive_failures": 0},
@@ -276,16 +276,14 @@ def test_a_retry_that_succeeds_is_a_success(tripping: Service, fake: FakeUpstrea
 
 
 @pytest.mark.parametrize("status", CLIENT_ERRORS)
-def test_client_errors_never_open_it(
-    tripping: Service, fake: FakeUpstream, status: int, call_path: dict[str, str]
-) -> None:
+def test_client_errors_never_open_it(tripping: Service, fake: FakeUpstream, status: int, call_path: CallPath) -> None:
     name = f"cb-c{status}"
     fake.configure({name: {"status": status}})
     for _ in range(THRESHOLD + 3):
         assert member(ok_chat(tripping, f"{name}-panel"), name)["status"] == "error"
     # every request reached it (LiteLLM itself sends a 422'd request once more, without the parameters it names;
     # the lean path does not)
-    twice = status == 422 and call_path.get("MOM_LEAN_CALLS") == "false"
+    twice = status == 422 and call_path.litellm
     assert attempts(fake, name) == (THRESHOLD + 3) * (2 if twice else 1)
     component = circuit(tripping, name)
     assert component["status"] == "ok"

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import FAKE_KEY, TOKEN, Service, StartService, llm, panel_config
+from tests.conftest import FAKE_KEY, TOKEN, CallPath, Service, StartService, llm, panel_config
 from tests.fake_upstream import FakeUpstream
 
 MEMBERS = ("alpha", "beta", "gamma")
@@ -113,7 +113,7 @@ async def test_health_stays_instant_while_requests_hang(service: Service, fake: 
 # ----------------------------------------------------------------------------------------------- detailed
 
 
-def test_detailed_ok_on_the_standard_panel(service: Service, fake: FakeUpstream, call_path: dict[str, str]) -> None:
+def test_detailed_ok_on_the_standard_panel(service: Service, fake: FakeUpstream, call_path: CallPath) -> None:
     body = detailed(service, fake)
     assert body["status"] == "ok"
     components = body["components"]
@@ -132,8 +132,13 @@ def test_detailed_ok_on_the_standard_panel(service: Service, fake: FakeUpstream,
     alpha = components["llm:alpha"]
     # (circuit breakers are off in the shared test services: no `circuit` entry; see test_circuit_breaker.py)
     # alpha is served by an OpenAI-compatible server: the lean path, unless MOM_LEAN_CALLS=false
-    client = "litellm" if call_path.get("MOM_LEAN_CALLS") == "false" else "lean"
-    expected = {"status": "ok", "configured": "openai/alpha", "client": client, "key": "present", "checked": False}
+    expected = {
+        "status": "ok",
+        "configured": "openai/alpha",
+        "client": call_path.name,
+        "key": "present",
+        "checked": False,
+    }
     assert {k: v for k, v in alpha.items() if k != "latency_ms"} == expected
     assert components["llm:catalog"]["configured"] == "openai/gpt-4o-mini"
     assert components["llm:catalog"]["client"] == "litellm"  # OpenAI's catalog: LiteLLM adapts its parameters

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.conftest import Service, StartService, answer_of, llm, wait_until
+from tests.conftest import CallPath, Service, StartService, answer_of, llm, wait_until
 from tests.fake_upstream import FakeUpstream
 
 QUESTION = [{"role": "user", "content": "Who answers first?"}]
@@ -19,7 +19,7 @@ MEMBERS = ["qa", "qb", "qc"]
 
 
 @pytest.fixture(scope="module")
-def ruled(fake_server: FakeUpstream, start_service: StartService, call_path: dict[str, str]) -> Service:
+def ruled(fake_server: FakeUpstream, start_service: StartService, call_path: CallPath) -> Service:
     config: dict[str, Any] = {
         "llm_definitions": [
             llm(name, fake_server, retries=0, timeout=10, pricing=PRICE) for name in [*MEMBERS, "qj", "qk", "ql"]
@@ -43,7 +43,7 @@ def ruled(fake_server: FakeUpstream, start_service: StartService, call_path: dic
             },
         ],
     }
-    return start_service(config, call_path)
+    return start_service(config, call_path.env)
 
 
 def members(body: dict[str, Any]) -> dict[str, dict[str, Any]]:

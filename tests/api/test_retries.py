@@ -9,14 +9,14 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.conftest import Service, StartService, llm
+from tests.conftest import CallPath, Service, StartService, llm
 from tests.fake_upstream import FakeUpstream
 
 QUESTION = [{"role": "user", "content": "Try again?"}]
 
 
 @pytest.fixture(scope="module")
-def retrying(fake_server: FakeUpstream, start_service: StartService, call_path: dict[str, str]) -> Service:
+def retrying(fake_server: FakeUpstream, start_service: StartService, call_path: CallPath) -> Service:
     config: dict[str, Any] = {
         "llm_definitions": [
             llm("steady", fake_server),
@@ -32,7 +32,7 @@ def retrying(fake_server: FakeUpstream, start_service: StartService, call_path: 
             {"name": "hasty-judge-panel", "llms_to_query": ["steady"], "concluding_llm": "hasty"},
         ],
     }
-    return start_service(config, call_path)
+    return start_service(config, call_path.env)
 
 
 def attempts(fake: FakeUpstream, model: str) -> list[dict[str, Any]]:
@@ -61,7 +61,7 @@ def test_connection_reset_is_retried(retrying: Service, fake: FakeUpstream) -> N
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
 def test_client_errors_are_never_retried(
-    retrying: Service, fake: FakeUpstream, status: int, call_path: dict[str, str]
+    retrying: Service, fake: FakeUpstream, status: int, call_path: CallPath
 ) -> None:
     fake.configure({"flaky": {"status": status}})
     body = retrying.chat("flaky-panel", messages=QUESTION).json()
@@ -69,8 +69,7 @@ def test_client_errors_are_never_retried(
     assert member(body, "flaky")["reason"] == "http_error"
     # none of ours; on a 422 LiteLLM itself sends the request once more without the parameters the error names
     # (its drop_params behaviour); the lean path sends what the client asked for, once
-    through_litellm = call_path.get("MOM_LEAN_CALLS") == "false"
-    assert len(attempts(fake, "flaky")) == (2 if status == 422 and through_litellm else 1)
+    assert len(attempts(fake, "flaky")) == (2 if status == 422 and call_path.litellm else 1)
 
 
 def test_retries_are_used_up_then_reported(retrying: Service, fake: FakeUpstream) -> None:

@@ -1,0 +1,56 @@
+"""A server that reports no usage: the engine counts the tokens itself, on either call path, and says so."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any
+
+from mom_service.config import LLMDefinition
+from mom_service.core_logic import Engine
+from mom_service.events import Completed
+from mom_service.llm_calls import CallResult, LLMCaller, StreamEnd
+from mom_service.pricing_utils import build_price_book
+from mom_service.redaction import Redactor
+from tests.unit.test_engine_permits import CONFIG, _ask
+
+
+class NoUsageCaller(LLMCaller):
+    """Answers, but reports no usage, whole or streamed."""
+
+    async def complete(
+        self,
+        llm: LLMDefinition,
+        messages: list[dict[str, Any]],
+        params: Mapping[str, Any],
+        *,
+        retries: int | None = None,
+    ) -> CallResult:
+        return CallResult(text=f"{llm.name} says hi there", usage=None, latency_ms=1.0)
+
+    async def stream(
+        self, llm: LLMDefinition, messages: list[dict[str, Any]], params: Mapping[str, Any]
+    ) -> AsyncGenerator[str | StreamEnd]:
+        yield "the synthesis "
+        yield "of it all"
+        yield StreamEnd("stop", None)
+
+
+def test_unreported_usage_is_counted_and_marked_estimated() -> None:
+    caller = NoUsageCaller(CONFIG, {}, Redactor())
+    engine = Engine(caller, build_price_book(CONFIG, lambda _: None))
+
+    completed = asyncio.run(_ask(engine))[-1]
+
+    assert isinstance(completed, Completed)
+    for report in [*completed.breakdown.members, completed.breakdown.concluding]:
+        assert report.status == "ok" and report.estimated, report
+        assert report.usage is not None and report.usage.prompt_tokens > 0 and report.usage.completion_tokens > 0
+    member = completed.breakdown.members[0]
+    llm = CONFIG.llm(member.name)
+    assert member.usage == caller.estimate_usage(
+        llm, [{"role": "user", "content": "hi"}], f"{member.name} says hi there"
+    )
+    assert completed.usage.completion_tokens == sum(
+        r.usage.completion_tokens for r in [*completed.breakdown.members, completed.breakdown.concluding] if r.usage
+    )

@@ -71,7 +71,7 @@ def tripping(fake_server: FakeUpstream, start_service: StartService, call_path: 
         panel("cb-lone-stream-panel", ["cb-ok"], "cb-lone-stream"),
     ]
     return start_service(
-        {"llm_definitions": definitions, "models": models}, circuit_env(THRESHOLD, LONG_COOLDOWN_S) | call_path
+        {"llm_definitions": definitions, "models": models}, circuit_env(THRESHOLD, LONG_COOLDOWN_S) | call_path.env
     )
 
 

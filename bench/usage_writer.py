@@ -336,7 +336,9 @@ async def run_phase(client: httpx.AsyncClient, service: Service, name: str, clie
 
 
 async def usage_requests(client: httpx.AsyncClient, service: Service) -> int:
-    response = await client.get(f"{service.base_url}/metrics/usage", params={"start": 0}, headers=service.headers())
+    response = await client.get(
+        f"{service.base_url}/metrics/usage", params={"start": time.time() - 3600}, headers=service.headers()
+    )
     response.raise_for_status()
     return int(response.json()["totals"]["requests"])
 

@@ -2,7 +2,9 @@
 
 `AdmissionControl` (pure ASGI middleware) counts chat requests from their arrival until their response (a whole
 stream included) has been sent. Beyond `MOM_MAX_IN_FLIGHT` a request is answered 429 `over_capacity` at once, and
-while the service drains for a shutdown, 503 `shutting_down`; both with `Retry-After`, both before the body is read.
+while the service drains for a shutdown, 503 `shutting_down`; both with `Retry-After`, both before the body is read,
+so before any upstream call: safe to send elsewhere. An answer still running when the grace period ends is not
+refused but cut off (`Admission.cut_off_error`): 500 `cut_off_by_shutdown`, since its LLM calls are already paid for.
 Health, metrics and the other endpoints are never refused: a loaded or stopping service still answers its probes.
 
 `Admission.hit` (called by the `RateLimitedToken` dependency, after authentication) allows `MOM_RATE_LIMIT_RPM`
@@ -22,7 +24,7 @@ from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mom_service.errors import MoMError, RateLimited, ServiceUnavailable
+from mom_service.errors import CutOffByShutdown, MoMError, RateLimited, ServiceUnavailable
 from mom_service.inflight import InFlight
 from mom_service.metrics import Metrics
 
@@ -49,6 +51,15 @@ class Admission:
             "The service is shutting down; retry the request (another replica will answer it).",
             code="shutting_down",
             headers={"Retry-After": str(SHUTTING_DOWN_RETRY_S), "Connection": "close"},
+        )
+
+    @staticmethod
+    def cut_off_error() -> CutOffByShutdown:
+        """For an answer still running when the grace period ends: not a 503, which would invite a retry elsewhere."""
+        return CutOffByShutdown(
+            "The answer was ended by the service's shutdown before it was complete. The LLM calls it made so far are "
+            "paid for; sending the request again runs them again.",
+            headers={"Connection": "close"},
         )
 
     def refusal(self) -> MoMError | None:
@@ -104,7 +115,7 @@ class AdmissionControl:
         admission.in_flight.enter()
         try:
             if isinstance(metrics, Metrics):
-                with metrics.answering():
+                with metrics.counting_in_flight():
                     await self.app(scope, receive, send)
             else:
                 await self.app(scope, receive, send)

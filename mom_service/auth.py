@@ -1,7 +1,12 @@
-"""Bearer-token check: 503 when no token is configured (never open), 401 otherwise, constant-time on bytes."""
+"""Bearer-token check: 503 when no token is configured (never open), 401 otherwise, constant-time on bytes.
+
+A caller is known by a hash of its token (never the token itself): the response cache keeps each caller's
+answers apart (unless a MoM model shares them), and per-token limits count by it.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from typing import Annotated
 
@@ -13,7 +18,13 @@ from mom_service.state import StateDep
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
-async def require_token(request: Request, state: StateDep) -> None:
+def caller_id(token: bytes) -> str:
+    """Who is asking, as a hash of their token: stable across replicas and restarts, and reveals nothing."""
+    return hashlib.sha256(b"mom-caller:" + token).hexdigest()[:32]
+
+
+async def require_token(request: Request, state: StateDep) -> str:
+    """The caller's identity (`caller_id`), once its bearer token is one of API_TOKEN's."""
     tokens = state.settings.api_tokens
     if not tokens:
         raise ServiceUnavailable(
@@ -31,9 +42,10 @@ async def require_token(request: Request, state: StateDep) -> None:
         matched |= hmac.compare_digest(presented, token)
     if not matched:
         raise AuthenticationFailed("Incorrect API token.", headers=_CHALLENGE)
+    return caller_id(presented)
 
 
-Authorized = Annotated[None, Depends(require_token)]
+Authorized = Annotated[str, Depends(require_token)]
 
 
 async def within_rate_limit(request: Request, state: StateDep) -> None:

@@ -72,13 +72,26 @@ def panel_identity(config: MoMConfig, mom: MoMModelConfig) -> str:
     )
 
 
-def answer_key(panel: str, messages: Sequence[dict[str, Any]], params: dict[str, Any]) -> str:
-    """The key of an answer: the MoM model's `panel_identity`, the messages and the sampling parameters."""
-    return _digest("answer", {"panel": panel, "messages": messages, "params": _params(params)})
+def answer_key(panel: str, messages: Sequence[dict[str, Any]], params: dict[str, Any], owner: str = "") -> str:
+    """The key of an answer: the MoM model's `panel_identity`, the messages, the sampling parameters, and whose
+    it is (`owner`: the caller's identity, or "" for an answer shared by every caller)."""
+    return _digest("answer", {"panel": panel, "messages": messages, "params": _params(params), "owner": owner})
 
 
-def member_key(llm: LLMDefinition, messages: list[dict[str, Any]], params: dict[str, Any]) -> str:
-    return _digest("member", {"llm": _llm_identity(llm), "messages": messages, "params": _params(params)})
+def member_key(
+    llm: LLMDefinition,
+    messages: list[dict[str, Any]],
+    params: dict[str, Any],
+    *,
+    owner: str = "",
+    encoded: bytes | None = None,
+) -> str:
+    """The key of a member's answer; `encoded` is `messages` already serialized with sorted keys (not again)."""
+    payload = {"llm": _llm_identity(llm), "params": _params(params), "owner": owner}
+    if encoded is None:
+        return _digest("member", {**payload, "messages": messages})
+    head = orjson.dumps({"v": KEY_VERSION, "kind": "member", **payload}, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(head + b"\x00" + encoded).hexdigest()
 
 
 class CacheStore(Protocol):
@@ -262,8 +275,10 @@ class ResponseCache:
         self.store = store
         self._panels = {m.name: panel_identity(config, m) for m in config.models}
 
-    def answer_key(self, mom: str, messages: Sequence[dict[str, Any]], params: dict[str, Any]) -> str:
-        return answer_key(self._panels[mom], messages, params)
+    def answer_key(
+        self, mom: str, messages: Sequence[dict[str, Any]], params: dict[str, Any], *, owner: str = ""
+    ) -> str:
+        return answer_key(self._panels[mom], messages, params, owner)
 
     async def get_answer(self, key: str) -> CachedAnswer | None:
         raw = await self.store.get("a:" + key)

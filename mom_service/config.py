@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     mom_usage_queue_size: int = Field(default=10_000, gt=0)
     mom_allow_private_image_urls: bool = False
     mom_max_images: int = Field(default=20, ge=0)
+    mom_max_messages: int = Field(default=2000, gt=0)  # messages in one chat request; beyond: 400
+    mom_max_text_chars: int = Field(default=4 * 1024 * 1024, gt=0)  # characters of text in one request; beyond: 400
+    mom_max_image_bytes: int = Field(default=20 * 1024 * 1024, gt=0)  # each image URL the service downloads
+    mom_image_fetch_timeout_seconds: float = Field(default=10.0, gt=0)  # each download, from connect to last byte
     metrics_public: bool = False
     log_format: Literal["text", "json"] = "text"
     log_content: bool = False  # log the last user message (truncated); off: no message content in any log
@@ -136,6 +140,9 @@ class PromptDefinition(_Strict):
 class CacheConfig(_Strict):
     enabled: bool = True
     ttl_seconds: int = Field(default=3600, gt=0)
+    # caller: each caller (API token) sees only the answers given to itself; global: every caller shares them
+    # (faster and cheaper, but a caller can tell that another asked the same thing: `mom.cache` says "hit").
+    scope: Literal["caller", "global"] = "caller"
 
 
 class MoMModelConfig(_Strict):

@@ -10,6 +10,8 @@ Hierarchy::
     ├── PayloadTooLarge           413 invalid_request_error
     ├── RateLimited               429 requests (code: rate_limit_exceeded, over_capacity), with Retry-After
     ├── InternalError             500 server_error (a bug; the message says nothing more)
+    ├── CutOffByShutdown          500 server_error / cut_off_by_shutdown (an answer ended by the shutdown's grace
+    │                             period: its LLM calls so far are paid, so it must not be re-sent as if refused)
     ├── UpstreamFailed            502 upstream_error (code: members_failed, concluding_failed)
     └── ServiceUnavailable        503 service_unavailable (code: service_misconfigured, shutting_down, ...)
 
@@ -119,6 +121,18 @@ class InternalError(MoMError):
     default_status = 500
     error_type = "server_error"
     default_code = "internal_error"
+
+
+class CutOffByShutdown(MoMError):
+    """An answer still running when the shutdown's grace period ended.
+
+    Not a 503: a 503 means "refused before any upstream call, send it elsewhere" (load balancers retry it, see
+    deploy/nginx.conf), while this request has already made, and paid for, LLM calls.
+    """
+
+    default_status = 500
+    error_type = "server_error"
+    default_code = "cut_off_by_shutdown"
 
 
 class ServiceUnavailable(MoMError):

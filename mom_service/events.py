@@ -48,6 +48,27 @@ class CallReport:
     images: Literal["sent", "placeholders"] | None = None  # how the request's images reached this call
     estimated: bool = False  # usage counted by us (a cancelled call, or none reported), not by the provider
     saved: Decimal | None = None  # a cached answer: what the call that produced it cost (not paid again)
+    sent: bool = False  # the request left for the provider (a call cancelled before that made no call)
+
+    # The states a call goes through: each a method, so its fields change together.
+    def answered(self, text: str) -> None:
+        self.status, self.error, self.error_type, self.text = "ok", None, None, text
+
+    def failed(self, kind: str, message: str) -> None:
+        self.status, self.error_type, self.error = "error", kind, message
+
+    def skipped(self, kind: str, message: str) -> None:
+        """Not asked this time (its circuit is open, it cannot see the images, ...): no call, nothing to pay."""
+        self.status, self.error_type, self.error, self.cost = "skipped", kind, message, Decimal(0)
+
+    def cancelled(self, message: str) -> None:
+        """Cut off before it answered (by a quorum or a deadline, the client leaving, a shutdown)."""
+        self.status, self.error_type, self.error = "cancelled", "cancelled", message
+
+    def from_cache(self, text: str, saved: Decimal | None) -> None:
+        """Its answer to this input was cached: not asked again, nothing paid, the original call's cost saved."""
+        self.answered(text)
+        self.cached, self.cost, self.saved = True, Decimal(0), saved
 
     @property
     def asked(self) -> bool:
@@ -98,6 +119,11 @@ class Breakdown:
         """USD not spent thanks to the cache (answers or members' answers served from it); None when none was."""
         known = [r.saved for r in self.calls if r.saved is not None]
         return sum(known, Decimal(0)) if known else None
+
+    @property
+    def usage_estimated(self) -> bool:
+        """Whether any call's usage is our estimate (not reported by its provider)."""
+        return any(r.estimated for r in self.calls)
 
     @property
     def unpriced(self) -> list[str]:

@@ -1,5 +1,8 @@
 """Health checks: readiness, and the detailed report of every component (config, database, cache, tracing, LLMs).
 
+Every component is checked anew for each report, except the LLMs' live calls (`check_llm=true`), which are billed:
+one run at a time, its results reused for a minute (live_checks.py).
+
 Nothing here may leak a secret. The database is named by its backend only, never its URL; error texts are redacted
 and stripped of URLs and of every configured `api_base`; the tracing host is not shown at all.
 """
@@ -7,12 +10,12 @@ and stripped of URLs and of every configured `api_base`; the tracing host is not
 from __future__ import annotations
 
 import asyncio
-import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import anyio
 from sqlalchemy import text
@@ -23,7 +26,9 @@ from mom_service import metrics_db
 from mom_service.cache import MemoryCache
 from mom_service.circuit_breaker import CircuitBreakers, CircuitView
 from mom_service.config import LLMDefinition
+from mom_service.live_checks import LiveChecks, Ping, PingRun
 from mom_service.llm_calls import LLMCaller, LLMCallError
+from mom_service.redaction import scrub as scrub_text
 from mom_service.state import AppState
 
 Status = Literal["ok", "degraded", "error"]
@@ -36,7 +41,6 @@ CRITICAL = frozenset({"config", "database"})
 
 _PING_PARAMS: Mapping[str, Any] = {"max_tokens": 1}
 _MAX_ERROR_CHARS = 200
-_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.\-]*://\S+")
 
 
 @dataclass(slots=True)
@@ -58,22 +62,18 @@ class DatabaseFileMissing(Exception):
 
 
 class Scrubber:
-    """Makes an error text safe to show: redacted, URLs and api_base hosts removed, one short line."""
+    """Makes an error text safe to show: every configured `api_base` named as such, then `redaction.scrub` (secrets
+    redacted, URLs, hosts, addresses, paths and variable names removed, one short line)."""
 
     def __init__(self, state: AppState) -> None:
         self._redact = state.redactor
         bases = {d.api_base.rstrip("/") for d in state.config.llm_definitions if d.api_base}
         self._bases = sorted(bases, key=len, reverse=True)
-        self._hosts = sorted({urlsplit(b).netloc for b in bases} - {""}, key=len, reverse=True)
 
     def __call__(self, message: str) -> str:
-        message = self._redact(" ".join(message.split()))
         for base in self._bases:
             message = message.replace(base, "<api_base>")
-        message = _URL.sub("<url>", message)
-        for host in self._hosts:
-            message = message.replace(host, "<host>")
-        return message[:_MAX_ERROR_CHARS]
+        return scrub_text(message, self._redact)[:_MAX_ERROR_CHARS]
 
 
 # ------------------------------------------------------------------------------------------------ database
@@ -171,19 +171,39 @@ def circuit_details(view: CircuitView) -> dict[str, Any]:
     return details
 
 
-async def check_llm(
-    caller: LLMCaller,
-    llm: LLMDefinition,
-    *,
-    live: bool,
-    scrub: Callable[[str], str],
-    breakers: CircuitBreakers | None = None,
-) -> Component:
-    """The LLM's configuration and circuit; with `live`, one single-token call, bounded by min(its timeout, 10 s).
-
-    An open (or half-open) circuit makes the LLM `degraded`: requests skip it until a probe succeeds.
-    """
+async def ping_llm(caller: LLMCaller, llm: LLMDefinition, scrub: Callable[[str], str]) -> Ping:
+    """One single-token call (no retry), bounded by min(its timeout, 10 s)."""
     started = time.perf_counter()
+    bound = min(llm.timeout, LLM_CHECK_MAX_S)
+    error: str | None = None
+    try:
+        async with asyncio.timeout(bound):
+            await caller.complete(llm, [{"role": "user", "content": "ping"}], _PING_PARAMS, retries=0)
+    except TimeoutError:
+        error = f"timed out after {bound:g} s"
+    except LLMCallError as exc:
+        error = scrub(exc.message)
+    except Exception as exc:  # a bug in a provider adapter must not break the report
+        error = type(exc).__name__
+    return Ping(_elapsed_ms(started), error)
+
+
+async def ping_llms(caller: LLMCaller, llms: Sequence[LLMDefinition], scrub: Callable[[str], str]) -> PingRun:
+    """A live call to every LLM that has its key (a missing key is reported, never called), concurrently."""
+    started_at, started = time.time(), time.monotonic()
+    called = [llm for llm in llms if key_state(caller, llm) != "missing"]
+    pings = await asyncio.gather(*(ping_llm(caller, llm, scrub) for llm in called))
+    return PingRun(started_at, started, {llm.name: ping for llm, ping in zip(called, pings, strict=True)})
+
+
+def llm_component(
+    caller: LLMCaller, llm: LLMDefinition, *, breakers: CircuitBreakers | None = None, run: PingRun | None = None
+) -> Component:
+    """The LLM's configuration, key and circuit as they are now; with `run`, its live call's result in that run.
+
+    An open (or half-open) circuit makes the LLM `degraded`: requests skip it until a probe succeeds. A live call
+    that failed makes it `error`; its `latency_ms` is that call's, `checked_at` and `checked_age_s` say when it was.
+    """
     key = key_state(caller, llm)
     details: dict[str, Any] = {
         "configured": llm.model,
@@ -196,24 +216,20 @@ async def check_llm(
         details["circuit"] = circuit_details(circuit)
     circuit_open = circuit is not None and circuit.state != "closed"
     if key == "missing":
-        details["error"] = f"no API key: environment variable {llm.api_key_env} is not set"
-        return Component("degraded", _elapsed_ms(started), details)
-    if not live:
-        return Component("degraded" if circuit_open else "ok", _elapsed_ms(started), details)
-    details["checked"] = True
-    bound = min(llm.timeout, LLM_CHECK_MAX_S)
-    try:
-        async with asyncio.timeout(bound):
-            await caller.complete(llm, [{"role": "user", "content": "ping"}], _PING_PARAMS, retries=0)
-    except TimeoutError:
-        details["error"] = f"timed out after {bound:g} s"
-    except LLMCallError as exc:
-        details["error"] = scrub(exc.message)
-    except Exception as exc:  # a bug in a provider adapter must not break the report
-        details["error"] = type(exc).__name__
-    if "error" in details:
-        return Component("error", _elapsed_ms(started), details)
-    return Component("degraded" if circuit_open else "ok", _elapsed_ms(started), details)
+        details["error"] = "no API key: the environment variable its api_key_env names is not set"
+        return Component("degraded", 0.0, details)
+    ping = run.pings.get(llm.name) if run is not None else None
+    if run is None or ping is None:
+        return Component("degraded" if circuit_open else "ok", 0.0, details)
+    details.update(checked=True, checked_at=_iso(run.started_at), checked_age_s=round(run.age_s(), 1))
+    if ping.error is not None:
+        details["error"] = ping.error
+        return Component("error", ping.latency_ms, details)
+    return Component("degraded" if circuit_open else "ok", ping.latency_ms, details)
+
+
+def _iso(unix_s: float) -> str:
+    return datetime.fromtimestamp(unix_s, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -227,18 +243,20 @@ def overall(components: Mapping[str, Component]) -> Status:
     return "ok"
 
 
-async def detailed_report(state: AppState, *, check_llms: bool) -> dict[str, Any]:
-    """`{"status", "components": {name: {"status", "latency_ms", ...}}}`; the database and the LLMs concurrently."""
+async def _live_results(state: AppState, live: LiveChecks | None, scrub: Callable[[str], str]) -> PingRun | None:
+    if live is None:
+        return None
+    return await live.results(partial(ping_llms, state.engine.caller, state.config.llm_definitions, scrub))
+
+
+async def detailed_report(state: AppState, *, live: LiveChecks | None = None) -> dict[str, Any]:
+    """`{"status", "components": {name: {"status", "latency_ms", ...}}}`, each component checked now, concurrently;
+    with `live`, the LLMs' live calls too (their results reused from `live`'s last run while it is recent)."""
     scrub = Scrubber(state)
     config = state.config
     caller = state.engine.caller
-    database, cache, *llms = await asyncio.gather(
-        check_database(state, scrub),
-        check_cache(state),
-        *(
-            check_llm(caller, llm, live=check_llms, scrub=scrub, breakers=state.engine.breakers)
-            for llm in config.llm_definitions
-        ),
+    database, cache, run = await asyncio.gather(
+        check_database(state, scrub), check_cache(state), _live_results(state, live, scrub)
     )
     components: dict[str, Component] = {
         "config": Component(
@@ -256,6 +274,6 @@ async def detailed_report(state: AppState, *, check_llms: bool) -> dict[str, Any
         "cache": cache,
         "tracing": Component("ok", 0.0, {"enabled": state.tracer.enabled}),
     }
-    for llm, component in zip(config.llm_definitions, llms, strict=True):
-        components[f"llm:{llm.name}"] = component
+    for llm in config.llm_definitions:
+        components[f"llm:{llm.name}"] = llm_component(caller, llm, breakers=state.engine.breakers, run=run)
     return {"status": overall(components), "components": {n: c.as_dict() for n, c in components.items()}}

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import math
 import os
 import random
+import re
+import socket
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -18,11 +21,12 @@ from functools import partial
 from typing import Any, TypeVar
 
 import aiohttp
+import httpx
 
 from mom_service import openai_http
 from mom_service.config import LLMDefinition, MoMConfig
 from mom_service.events import Usage
-from mom_service.redaction import Redactor
+from mom_service.redaction import Redactor, scrub
 
 # LiteLLM fetches its model cost map from the internet at import unless told to use the bundled one.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -30,22 +34,46 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import litellm  # must follow the environment variable above
 import openai
 
-_MAX_ERROR_CHARS = 300
 BACKOFF_BASE_S = 0.25
 BACKOFF_MAX_S = 8.0
-TRANSIENT_KINDS = frozenset({"rate_limited", "connection", "timeout"})
+TRANSIENT_KINDS = frozenset({"rate_limited", "connection", "timeout", "truncated"})
 NO_KEY = "no-key"
+# The output limit of a call: the client's and the operator's, under either name; each call carries one, as
+# `max_tokens` (LiteLLM renames it for the providers that want another name, e.g. OpenAI's reasoning models).
+LIMIT_NAMES = ("max_tokens", "max_completion_tokens")
+# Token counting costs CPU in proportion to the text: past this many characters, a call's tokens are estimated
+# from a sample of this size, scaled to the whole (the count is an estimate either way, and marked as one).
+COUNT_SAMPLE_CHARS = 16_384
+COUNT_SAMPLE_MESSAGES = 64
+TRUNCATED = "the stream ended before the LLM finished its answer"
 T = TypeVar("T")
 
 
 class LLMCallError(Exception):
-    """An upstream call failed. `kind` is timeout, rate_limited, http_error, connection, missing_key or error."""
+    """An upstream call failed.
 
-    def __init__(self, kind: str, message: str, status: int | None = None) -> None:
+    `kind`: timeout, rate_limited, http_error, connection, truncated, missing_key or error. `message` is safe to
+    show a client, the concluding LLM and the usage records (scrubbed: no URLs, hosts, addresses, paths or variable
+    names); `detail` is the full text (redacted), for the log only. `reached`: the request reached the provider,
+    which may have processed and billed it (a timeout, a connection lost after sending, a stream cut short), as
+    opposed to one refused with an error status or never sent: the engine then charges an estimate.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        status: int | None = None,
+        *,
+        reached: bool = False,
+        detail: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.status = status
+        self.reached = reached
+        self.detail = detail if detail is not None else message
 
 
 @dataclass(slots=True)
@@ -109,6 +137,67 @@ def retry_delay(error: LLMCallError, after: float | None, attempt: int, retries:
     return delay if delay < remaining else None
 
 
+# LiteLLM's messages start with the names of the exceptions it wrapped: `litellm.APIConnectionError:
+# APIConnectionError: OpenAIException - <what the provider said>`.
+_EXCEPTION_PREFIX = re.compile(r"^(?:(?:litellm\.)?\w+(?:Error|Exception)(?::|\s+-)\s*)+")
+
+
+def _provider_message(exc: BaseException) -> str:
+    """What the provider said (the error body's message, which the SDKs and the lean path keep), without the
+    exception names LiteLLM puts in front of it."""
+    text = getattr(exc, "message", None)
+    if not isinstance(text, str):
+        text = str(exc)
+    return _EXCEPTION_PREFIX.sub("", text.strip())
+
+
+# A stream that stopped before its end: the connection closed mid-body, or (LiteLLM) a clean end without a finish.
+_CUT_SHORT = (
+    httpx.TransportError,
+    aiohttp.ClientPayloadError,
+    aiohttp.ServerDisconnectedError,
+    openai.APIConnectionError,  # LiteLLM's own, for a stream that ended cleanly before its finish
+)
+
+
+def _cut_short(exc: BaseException) -> bool:
+    return _in_chain(exc, _CUT_SHORT)
+
+
+_CONNECTION_ERRORS = (openai.APIConnectionError, aiohttp.ClientError, httpx.TransportError)
+_CONNECT_ERRORS = (aiohttp.ClientConnectorError, httpx.ConnectError, ConnectionRefusedError, socket.gaierror)
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """Whether a connection error happened before the request was sent (it could not connect): nothing to pay."""
+    return _in_chain(exc, _CONNECT_ERRORS)
+
+
+def _in_chain(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
+    """Whether `exc`, or an exception it was raised from or during, is one of `kinds`."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kinds):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _litellm_finished(stream: Any, finish_reason: str | None) -> bool:
+    """Whether a LiteLLM stream reached its end. LiteLLM gives every stream a last chunk with a finish_reason, making
+    one up ("stop") when the provider sent none (its OpenAI path raises instead): its own record of what the
+    provider sent decides, where this LiteLLM keeps one."""
+    if getattr(stream, "is_mock", False) or not hasattr(stream, "received_finish_reason"):
+        return finish_reason is not None  # (a mock_response stream, as the demo config's, records none)
+    return bool(
+        stream.received_finish_reason
+        or getattr(stream, "intermittent_finish_reason", None)
+        or getattr(stream, "received_any_finish_reason", False)
+    )
+
+
 def cost_map_entry(model: str) -> dict[str, Any] | None:
     """LiteLLM's bundled cost-map entry for a model string, or None when the model is not in it."""
     try:
@@ -154,17 +243,95 @@ def _usage_from(raw: Any) -> Usage | None:
     )
 
 
+def _tokens(model: str, texts: list[str]) -> int:
+    """Tokens of some texts; past COUNT_SAMPLE_CHARS in all, of a sample of that size scaled to the whole."""
+    total = sum(map(len, texts))
+    sample: list[str] = []
+    taken = 0
+    for text in texts:
+        sample.append(text[: COUNT_SAMPLE_CHARS - taken])
+        taken += len(sample[-1])
+        if taken >= COUNT_SAMPLE_CHARS:
+            break
+    counted = int(litellm.token_counter(model=model, text="\n".join(sample), count_response_tokens=True))
+    return counted if taken >= total else math.ceil(counted * total / max(taken, 1))
+
+
+def count_text(model: str, text: str) -> int:
+    """Our count of an answer's tokens (4 characters a token when the tokenizer fails)."""
+    if not text:
+        return 0
+    try:
+        return _tokens(model, [text])
+    except Exception:
+        return len(text) // 4
+
+
+# LiteLLM's count of a conversation adds per message (its role and separators) and once for the reply's start.
+PER_MESSAGE_TOKENS = 3
+REPLY_PRIMING_TOKENS = 3
+
+
+def count_prompt(model: str, messages: list[dict[str, Any]]) -> int:
+    """Our count of a conversation's tokens, its text only (LiteLLM's counter would download an image URL to size
+    it): LiteLLM's own count of its start (COUNT_SAMPLE_CHARS of text, COUNT_SAMPLE_MESSAGES messages at most),
+    whose text tokens are scaled to the whole text."""
+    if not messages:
+        return 0
+    texts = [_text_of(m.get("content")) for m in messages]
+    total = sum(map(len, texts))
+    try:
+        sample: list[dict[str, Any]] = []
+        taken = 0
+        for message, text in zip(messages, texts, strict=True):
+            piece = text[: COUNT_SAMPLE_CHARS - taken]
+            sample.append({**message, "content": piece})
+            taken += len(piece)
+            if taken >= COUNT_SAMPLE_CHARS or len(sample) >= COUNT_SAMPLE_MESSAGES:
+                break
+        counted = int(litellm.token_counter(model=model, messages=sample))
+        if taken >= total and len(sample) == len(messages):
+            return counted
+        overhead = PER_MESSAGE_TOKENS * len(sample) + REPLY_PRIMING_TOKENS
+        text_tokens = math.ceil((counted - overhead) * total / max(taken, 1))
+        return text_tokens + PER_MESSAGE_TOKENS * len(messages) + REPLY_PRIMING_TOKENS
+    except Exception:  # a tokenizer problem must not hide the call: count roughly, 4 characters a token
+        return total // 4
+
+
+def _own_copy(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages LiteLLM may change in place (its adapters do) without touching the conversation that other calls
+    of the request share: each message, content list and part copied (the strings are not: they cannot change)."""
+    return [
+        {**m, "content": [dict(p) for p in m["content"]]} if isinstance(m.get("content"), list) else dict(m)
+        for m in messages
+    ]
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
 class LLMCaller:
     """Calls the configured LLMs. Keys are read once from the environment; per-call work stays small."""
 
     def __init__(self, config: MoMConfig, env: Mapping[str, str], redactor: Redactor, *, lean: bool = True) -> None:
         self._redact = redactor
         self._static: dict[str, dict[str, Any]] = {}
+        self._ceiling: dict[str, int] = {}  # the operator's output limit per LLM (its params' max_tokens)
         self._missing_key: dict[str, str] = {}
         self._lean: dict[str, openai_http.LeanRoute] = {}
         catalog = frozenset(litellm.open_ai_chat_completion_models) | frozenset(litellm.open_ai_text_completion_models)
         for llm in config.llm_definitions:
-            static: dict[str, Any] = dict(llm.params)
+            body_params = {k: v for k, v in llm.params.items() if k not in LIMIT_NAMES}
+            limits = [int(llm.params[name]) for name in LIMIT_NAMES if llm.params.get(name) is not None]
+            if limits:
+                self._ceiling[llm.name] = min(limits)
+            static = dict(body_params)
             static["model"] = llm.model
             static["num_retries"] = 0  # LiteLLM's own retries: off, ours are the only ones
             static["max_retries"] = 0  # the OpenAI client's hidden retries: off
@@ -182,9 +349,10 @@ class LLMCaller:
                 # environment to whatever server api_base names. A keyless local server ignores this value.
                 static["api_key"] = NO_KEY
             self._static[llm.name] = static
-            route = openai_http.lean_route(llm, static.get("api_key", NO_KEY), catalog) if lean else None
-            if route is not None and llm.name not in self._missing_key:
-                self._lean[llm.name] = route
+            if lean and llm.name not in self._missing_key:
+                route = openai_http.lean_route(llm, static.get("api_key", NO_KEY), catalog, body_params)
+                if route is not None:
+                    self._lean[llm.name] = route
         self._session: aiohttp.ClientSession | None = None  # made on the first lean call, in the running loop
 
     def is_lean(self, llm: LLMDefinition) -> bool:
@@ -201,21 +369,21 @@ class LLMCaller:
             await self._session.close()
 
     def estimate_usage(self, llm: LLMDefinition, messages: list[dict[str, Any]], text: str) -> Usage:
-        """Our own count of a call's tokens, for a stream cut off before the provider reported its usage."""
-        # Count text only: LiteLLM's counter would download an image URL to size it.
-        messages = [
-            {**m, "content": [p for p in m["content"] if p.get("type") == "text"]}
-            if isinstance(m.get("content"), list)
-            else m
-            for m in messages
-        ]
-        try:
-            prompt = litellm.token_counter(model=llm.model, messages=messages) if messages else 0
-            completion = litellm.token_counter(model=llm.model, text=text, count_response_tokens=True) if text else 0
-        except Exception:  # a tokenizer problem must not hide the call: count roughly, 4 characters a token
-            prompt = sum(len(str(m.get("content", ""))) for m in messages) // 4
-            completion = len(text) // 4
-        return Usage(prompt_tokens=int(prompt), completion_tokens=int(completion))
+        """Our own count of a call's tokens, for a call whose provider reported none (cut off, failed on the way,
+        or a server that does not report usage). Bounded in CPU whatever the size of the conversation."""
+        return Usage(prompt_tokens=count_prompt(llm.model, messages), completion_tokens=count_text(llm.model, text))
+
+    def call_params(self, llm: LLMDefinition, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The request's parameters as this LLM's call carries them: one output limit, `max_tokens`, the smallest
+        of the client's (under either name) and the operator's (a client may lower it, never raise it)."""
+        limits = [params[name] for name in LIMIT_NAMES if params.get(name) is not None]
+        ceiling = self._ceiling.get(llm.name)
+        if ceiling is not None:
+            limits.append(ceiling)
+        out = {k: v for k, v in params.items() if k not in LIMIT_NAMES}
+        if limits:
+            out["max_tokens"] = min(limits)
+        return out
 
     def missing_key(self, llm: LLMDefinition) -> str | None:
         """The environment variable an LLM's key should be in, when it is not set."""
@@ -224,9 +392,13 @@ class LLMCaller:
     def _kwargs(self, llm: LLMDefinition, messages: list[dict[str, Any]], params: Mapping[str, Any]) -> dict[str, Any]:
         env_var = self._missing_key.get(llm.name)
         if env_var is not None:
-            raise LLMCallError("missing_key", f"no API key: environment variable {env_var} is not set")
+            raise LLMCallError(
+                "missing_key",
+                "no API key is configured for this LLM",
+                detail=f"no API key: environment variable {env_var} is not set",
+            )
         kwargs = {**self._static[llm.name], **params}
-        kwargs["messages"] = messages
+        kwargs["messages"] = _own_copy(messages)
         return kwargs
 
     @staticmethod
@@ -260,22 +432,39 @@ class LLMCaller:
                 attempt += 1
                 await asyncio.sleep(delay)
 
-    def _map_error(self, llm: LLMDefinition, exc: BaseException) -> LLMCallError:
+    def _map_error(self, llm: LLMDefinition, exc: BaseException, *, mid_stream: bool = False) -> LLMCallError:
+        """Our error for whatever a provider call raised: a safe message for clients, the full one for the log.
+        `mid_stream`: raised while a stream the server had accepted was read (a cut there is a stream cut short)."""
         if isinstance(exc, LLMCallError):
             return exc
+        detail = self._redact(" ".join(str(exc).split())) or type(exc).__name__
+        wrapped = getattr(exc, "original_exception", None)  # LiteLLM wraps what failed mid-stream
+        if isinstance(wrapped, Exception):
+            exc = wrapped
         if isinstance(exc, TimeoutError | openai.APITimeoutError):
-            return LLMCallError("timeout", f"timed out after {llm.timeout:g} s")
+            return LLMCallError("timeout", f"timed out after {llm.timeout:g} s", reached=True, detail=detail)
+        if isinstance(exc, openai_http.UpstreamTruncated) or (mid_stream and _cut_short(exc)):
+            return LLMCallError("truncated", TRUNCATED, reached=True, detail=detail)
         status = getattr(exc, "status_code", None)
-        text = self._redact(" ".join(str(exc).split()))[:_MAX_ERROR_CHARS]
+        said = scrub(_provider_message(exc), self._redact)
         if isinstance(exc, openai.RateLimitError) or status == 429:
-            return LLMCallError("rate_limited", text or "rate limited", 429)
-        if isinstance(exc, openai.APIConnectionError | aiohttp.ClientError):
-            return LLMCallError("connection", text or f"connection error ({type(exc).__name__})")
+            return LLMCallError("rate_limited", f"upstream HTTP 429: {said or 'rate limited'}", 429, detail=detail)
+        if _in_chain(exc, _CONNECTION_ERRORS):  # (LiteLLM reports some as a 500 raised from one)
+            if _never_sent(exc):
+                return LLMCallError("connection", "could not connect to the provider", detail=detail)
+            return LLMCallError("connection", "the connection to the provider failed", reached=True, detail=detail)
         if isinstance(exc, openai_http.UpstreamProtocolError):
-            return LLMCallError("error", text)
+            return LLMCallError("error", said, reached=True, detail=detail)
         if isinstance(status, int):
-            return LLMCallError("http_error", text or f"upstream HTTP {status}", status)
-        return LLMCallError("error", f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+            return LLMCallError(
+                "http_error",
+                f"upstream HTTP {status}: {said}" if said else f"upstream HTTP {status}",
+                status,
+                detail=detail,
+            )
+        return LLMCallError(
+            "error", f"{type(exc).__name__}: {said}" if said else type(exc).__name__, reached=True, detail=detail
+        )
 
     async def complete(
         self,
@@ -284,17 +473,20 @@ class LLMCaller:
         params: Mapping[str, Any],
         *,
         retries: int | None = None,
+        encoded: bytes | None = None,
     ) -> CallResult:
         """One whole (non-streamed) call, bounded by the LLM's timeout in total, retries included (`retries`
-        overrides the LLM's own setting, e.g. 0 for a health probe)."""
+        overrides the LLM's own setting, e.g. 0 for a health probe). `encoded`: the messages already serialized
+        (once for every member that gets the same conversation), sent as they are on the lean path."""
         started = time.perf_counter()
         deadline = asyncio.get_running_loop().time() + llm.timeout
         retries = llm.retries if retries is None else retries
+        params = self.call_params(llm, params)
         route = self._lean.get(llm.name)
         response: Any
         if route is not None:
             session = self._lean_session()
-            post = partial(openai_http.post_whole, session, route, messages, params)
+            post = partial(openai_http.post_whole, session, route, messages, params, encoded)
             response = await self._attempts(llm, post, deadline, retries)
         else:
             kwargs = self._kwargs(llm, messages, params)
@@ -317,6 +509,7 @@ class LLMCaller:
         wait for the next chunk, never a `yield`, so it cannot fire into the consumer's code. The call is retried
         (transient errors) only before the server accepted it, never once tokens may have been sent.
         """
+        params = self.call_params(llm, params)
         route = self._lean.get(llm.name)
         if route is not None:
             return self._lean_stream(llm, route, messages, params)
@@ -362,8 +555,8 @@ class LLMCaller:
             raise
         except Exception as exc:
             if expired:
-                raise LLMCallError("timeout", f"timed out after {llm.timeout:g} s") from None
-            raise self._map_error(llm, exc) from None
+                raise LLMCallError("timeout", f"timed out after {llm.timeout:g} s", reached=True) from None
+            raise self._map_error(llm, exc, mid_stream=response is not None) from None
         finally:
             if timer is not None:
                 timer.cancel()
@@ -371,7 +564,7 @@ class LLMCaller:
                 await chunks.aclose()
             if response is not None:
                 response.release()  # back to the pool when the body was read to its end, else closed
-        yield StreamEnd(finish_reason, usage)
+        yield StreamEnd(finish_reason or "stop", usage)
 
     async def _litellm_stream(
         self, llm: LLMDefinition, messages: list[dict[str, Any]], params: Mapping[str, Any]
@@ -385,7 +578,7 @@ class LLMCaller:
             response = await self._attempts(llm, partial(self._litellm_call, kwargs, deadline), deadline, llm.retries)
             chunks = response.__aiter__()
             usage: Usage | None = None
-            finish_reason = "stop"
+            finish_reason: str | None = None
             while True:
                 try:
                     async with asyncio.timeout_at(deadline):
@@ -399,11 +592,13 @@ class LLMCaller:
                     finish_reason = finished
                 if raw_usage:
                     usage = _usage_from(raw_usage)
+            if not _litellm_finished(response, finish_reason):
+                raise openai_http.UpstreamTruncated(TRUNCATED)
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as exc:
-            raise self._map_error(llm, exc) from None
+            raise self._map_error(llm, exc, mid_stream=response is not None) from None
         finally:
             if response is not None:
                 await response.aclose()
-        yield StreamEnd(finish_reason, usage)
+        yield StreamEnd(finish_reason or "stop", usage)

@@ -143,11 +143,13 @@ def build_state(settings: Settings, config: MoMConfig, config_path: str | None) 
     )
     metrics = Metrics(config, writer, breakers)
     cache = ResponseCache(cache_store(settings), config) if settings.mom_cache_enabled else None
+    engine = Engine(caller, prices, [writer.submit, metrics.record, remember_outcome], tracer, breakers, cache)
+    metrics.watch(engine.active)
     return AppState(
         settings=settings,
         config=config,
         config_path=config_path,
-        engine=Engine(caller, prices, [writer.submit, metrics.record, remember_outcome], tracer, breakers, cache),
+        engine=engine,
         redactor=redactor,
         started_at=int(time.time()),
         usage_db=usage_db,
@@ -199,6 +201,8 @@ class StartupFailed(Exception):
 
 # At shutdown, how long requests cancelled by the server get to record their outcome before the writer closes.
 SETTLE_TIMEOUT_S = 5.0
+# ... and how long the cache stores still running in the background get before the cache closes.
+CACHE_STORES_TIMEOUT_S = 2.0
 
 
 async def _close(app: FastAPI, state: AppState) -> None:
@@ -211,6 +215,7 @@ async def _close(app: FastAPI, state: AppState) -> None:
     await state.engine.caller.aclose()
     await state.tracer.close()
     if state.cache is not None:
+        await state.engine.aclose(CACHE_STORES_TIMEOUT_S)  # the answers being stored in the background
         await state.cache.store.close()
     await state.usage_db.dispose()
 
@@ -280,7 +285,14 @@ def create_app(
     app.include_router(metrics_api.router)
     app.include_router(metrics_api.prometheus_router)
     app.include_router(health_api.router)
+    # The last added is the outermost.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.mom_max_body_bytes)
+    app.add_middleware(AdmissionControl)
+    app.add_middleware(RequestLog, settings=settings)
     if settings.cors_origins:
+        # Around everything that answers: the refusals the middleware above send themselves (413, 429
+        # over_capacity, 503 shutting_down, the request log's 500) carry the CORS headers too, so that a browser
+        # sees the status and its error rather than an opaque failure. Preflights are answered here, unlogged.
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
@@ -290,10 +302,7 @@ def create_app(
             expose_headers=["X-Request-ID"],
             max_age=600,
         )
-    app.add_middleware(BodySizeLimit, max_bytes=settings.mom_max_body_bytes)
-    app.add_middleware(AdmissionControl)
-    app.add_middleware(RequestLog, settings=settings)
-    app.add_middleware(QuietStartupFailure)
+    app.add_middleware(QuietStartupFailure)  # the lifespan only
     return app
 
 

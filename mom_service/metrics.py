@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from mom_service.circuit_breaker import CIRCUIT_STATES, CircuitBreakers
 from mom_service.config import MoMConfig
 from mom_service.events import CallReport, MemberStatus, RequestOutcome, RequestStatus
+from mom_service.inflight import InFlight
 from mom_service.metrics_db import UsageWriter
 
 OTHER = "other"  # the label of a name that is not in the config (never expected: plans only name configured ones)
@@ -128,6 +129,12 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge("mom_requests_in_flight", "Chat requests being answered.", registry=r)
+        self.answering = Gauge(
+            "mom_answers_in_progress",
+            "Answers the engine is producing, replaying or following for a request now (past validation, their "
+            "outcome not recorded yet).",
+            registry=r,
+        )
         if writer is not None:
             r.register(_UsageWriterCollector(writer))
         if breakers is not None:
@@ -197,8 +204,12 @@ class Metrics:
         elif report.cost > 0:
             self.cost.labels(llm).inc(float(report.cost))
 
+    def watch(self, active: InFlight) -> None:
+        """Read the engine's count of answers in progress at each scrape."""
+        self.answering.set_function(lambda: active.count)
+
     @contextmanager
-    def answering(self) -> Iterator[None]:
+    def counting_in_flight(self) -> Iterator[None]:
         """Count a chat request as in flight while the block runs."""
         self.in_flight.inc()
         try:

@@ -27,11 +27,14 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    and_,
     case,
     event,
+    false,
     func,
     inspect,
     literal,
+    or_,
     select,
     text,
 )
@@ -66,6 +69,8 @@ requests_table = Table(
     Column("members_asked", Integer, nullable=False),
     Column("members_ok", Integer, nullable=False),
     Column("cost_saved_pico", BigInteger),  # what the cache saved (answers or members' answers); migration 2
+    # any call's usage counted by us (none reported, or the call was cut off); migration 3
+    Column("usage_estimated", Boolean, nullable=False, server_default=false()),
 )
 
 calls_table = Table(
@@ -118,8 +123,18 @@ async def _migration_2(conn: AsyncConnection) -> None:
     await conn.run_sync(add)
 
 
+async def _migration_3(conn: AsyncConnection) -> None:
+    """mom_requests.usage_estimated: true when any call of the request has usage counted by us (false before)."""
+
+    def add(sync: Connection) -> None:
+        if "usage_estimated" not in {c["name"] for c in inspect(sync).get_columns("mom_requests")}:
+            sync.execute(text("ALTER TABLE mom_requests ADD COLUMN usage_estimated BOOLEAN NOT NULL DEFAULT false"))
+
+    await conn.run_sync(add)
+
+
 # Numbered, applied in order, each once; never edit one that has shipped: add the next.
-MIGRATIONS: Sequence[Callable[[AsyncConnection], Any]] = (_migration_1, _migration_2)
+MIGRATIONS: Sequence[Callable[[AsyncConnection], Any]] = (_migration_1, _migration_2, _migration_3)
 SCHEMA_VERSION = len(MIGRATIONS)
 _PG_MIGRATION_LOCK = 0x4D6F4D5F  # "MoM_": replicas starting together migrate one at a time
 
@@ -223,9 +238,10 @@ def rows_for(outcome: RequestOutcome) -> tuple[dict[str, Any], list[dict[str, An
         "latency_ms": outcome.latency_ms,
         "ttft_ms": outcome.ttft_ms,
         "cache_hit": breakdown.cache == "hit",
-        "members_asked": len(breakdown.members),
+        "members_asked": breakdown.asked,  # as the answer's `mom.asked` and the request log count them
         "members_ok": breakdown.answered,
         "cost_saved_pico": to_pico(breakdown.saved),
+        "usage_estimated": any(report.estimated for report in breakdown.calls),
     }
     return request, calls
 
@@ -340,17 +356,9 @@ class UsageWriter:
 
 GroupBy = Literal["model", "llm", "day", "hour"]
 _MS_PER = {"day": 86_400_000, "hour": 3_600_000}
-
-
-def percentile(values: Sequence[float], fraction: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * fraction
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return round(ordered[low] + (ordered[high] - ordered[low]) * (position - low), 1)
+_FRACTIONS = (0.50, 0.95)  # the latency percentiles reported: p50 and p95
+Percentiles = tuple[float | None, float | None]
+_NO_LATENCY: Percentiles = (None, None)
 
 
 @dataclass(slots=True)
@@ -365,8 +373,9 @@ class _Group:
     priced: int = 0
     saved_pico: int = 0
     saving: int = 0  # rows with a saved cost
+    usage_estimated: int = 0  # rows with usage counted by us
 
-    def as_dict(self, latencies: list[float]) -> dict[str, Any]:
+    def as_dict(self, latency: Percentiles) -> dict[str, Any]:
         return {
             "requests": self.requests,
             "errors": self.errors,
@@ -374,10 +383,11 @@ class _Group:
             "completion_tokens": self.completion_tokens,
             "reasoning_tokens": self.reasoning_tokens,
             "cached_tokens": self.cached_tokens,
+            "usage_estimated": self.usage_estimated,
             "cost": usd(from_pico(self.cost_pico)) if self.priced else None,
             "cost_saved": usd(from_pico(self.saved_pico)) if self.saving else 0.0,
-            "latency_ms_p50": percentile(latencies, 0.50),
-            "latency_ms_p95": percentile(latencies, 0.95),
+            "latency_ms_p50": latency[0],
+            "latency_ms_p95": latency[1],
         }
 
 
@@ -387,6 +397,115 @@ def _group_key(group_by: GroupBy | None, raw: Any) -> str:
         stamp = time.gmtime(seconds)
         return time.strftime("%Y-%m-%d" if group_by == "day" else "%Y-%m-%dT%H:00:00Z", stamp)
     return str(raw)
+
+
+def _key(table: Table, group_by: GroupBy | None) -> Any:
+    """What the rows are grouped by: a time bucket, the MoM model, the LLM, or one group of all."""
+    c = table.c
+    if group_by in _MS_PER:
+        return c.created_ms // _MS_PER[str(group_by)]
+    if group_by == "model":
+        return c.mom_model
+    if group_by == "llm":
+        return c.llm
+    return literal("all")
+
+
+def _aggregate(table: Table, key: Any, conditions: list[Any], per_call: bool) -> Any:
+    """One row per group: the key, then _Group's fields in order."""
+    c = table.c
+    requests = func.count(func.distinct(c.request_id)) if per_call else func.count()
+    # what the cache saved is a request's (its calls were not made): 0 in a per-call report
+    saved = (
+        (literal(0), literal(0))
+        if per_call
+        else (func.coalesce(func.sum(c.cost_saved_pico), 0), func.count(c.cost_saved_pico))
+    )
+    return (
+        select(
+            key.label("key"),
+            requests,
+            _count_where(c.status == "error"),
+            func.coalesce(func.sum(c.prompt_tokens), 0),
+            func.coalesce(func.sum(c.completion_tokens), 0),
+            func.coalesce(func.sum(c.reasoning_tokens), 0),
+            func.coalesce(func.sum(c.cached_tokens), 0),
+            func.coalesce(func.sum(c.cost_pico), 0),
+            func.count(c.cost_pico),
+            *saved,
+            _count_where(c.usage_estimated),
+        )
+        .where(*conditions)
+        .group_by(key)
+    )
+
+
+def _count_where(condition: Any) -> Any:
+    return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+
+async def _latency_percentiles(
+    conn: AsyncConnection, key: Any, latency: Any, conditions: list[Any]
+) -> dict[Any, Percentiles]:
+    """p50 and p95 of the latencies under each key, by raw key, computed in the database: linear interpolation
+    between the closest ranks (numpy's default), rounded to 0.1 ms. Keys without any latency are left out."""
+    if conn.dialect.name == "postgresql":
+        return await _percentiles_postgresql(conn, key, latency, conditions)
+    return await _percentiles_ranked(conn, key, latency, conditions)
+
+
+async def _percentiles_postgresql(
+    conn: AsyncConnection, key: Any, latency: Any, conditions: list[Any]
+) -> dict[Any, Percentiles]:
+    """percentile_cont: the same interpolation, in one aggregate row per key."""
+    query = (
+        select(key.label("key"), *(func.percentile_cont(f).within_group(latency) for f in _FRACTIONS))
+        .where(*conditions, latency.is_not(None))
+        .group_by(key)
+    )
+    return {raw: (round(p50, 1), round(p95, 1)) for raw, p50, p95 in await conn.execute(query)}
+
+
+async def _percentiles_ranked(
+    conn: AsyncConnection, key: Any, latency: Any, conditions: list[Any]
+) -> dict[Any, Percentiles]:
+    """Where the database has no percentile function (SQLite): each latency's rank in its key by window functions,
+    and only the rows at the ranks the interpolation needs (two per fraction at most); interpolated here."""
+    ranked = (
+        select(
+            key.label("key"),
+            latency.label("latency"),
+            func.row_number().over(partition_by=key, order_by=latency).label("rank"),
+            func.count().over(partition_by=key).label("size"),
+        )
+        .where(*conditions, latency.is_not(None))
+        .subquery()
+    )
+    r = ranked.c
+    # rank (from 1) is the closest below or above the position (from 0): position < rank <= position + 2; the
+    # fractions are bound as doubles, so the database computes the very position _interpolate does
+    near = [and_(r.rank > (r.size - 1) * f, r.rank <= (r.size - 1) * f + 2) for f in _FRACTIONS]
+    found: dict[Any, tuple[int, dict[int, float]]] = {}
+    for raw, size, rank, value in await conn.execute(select(r.key, r.size, r.rank, r.latency).where(or_(*near))):
+        found.setdefault(raw, (int(size), {}))[1][int(rank)] = float(value)
+    return {
+        raw: (_interpolate(ranks, size, _FRACTIONS[0]), _interpolate(ranks, size, _FRACTIONS[1]))
+        for raw, (size, ranks) in found.items()
+    }
+
+
+def _interpolate(ranks: dict[int, float], size: int, fraction: float) -> float:
+    """The value at `fraction` of `size` ordered values, between the two closest ranks (`ranks`: from 1)."""
+    position = (size - 1) * fraction
+    low = int(position)
+    below, above = ranks[low + 1], ranks[min(low + 1, size - 1) + 1]
+    return round(below + (above - below) * (position - low), 1)
+
+
+async def _requests_served(conn: AsyncConnection, table: Table, conditions: list[Any]) -> int:
+    """The distinct requests of the calls: one served by several of the named LLMs counts once in the totals."""
+    query = select(func.count(func.distinct(table.c.request_id))).where(*conditions)
+    return int((await conn.execute(query)).scalar() or 0)
 
 
 async def usage_report(
@@ -403,66 +522,34 @@ async def usage_report(
     per_call = llm is not None or group_by == "llm"
     table = calls_table if per_call else requests_table
     c = table.c
-    if group_by in _MS_PER:
-        key: Any = c.created_ms // _MS_PER[str(group_by)]
-    elif group_by == "model":
-        key = c.mom_model
-    elif group_by == "llm":
-        key = calls_table.c.llm
-    else:
-        key = literal("all")
+    key = _key(table, group_by)
     conditions = [c.created_ms >= start_ms, c.created_ms < end_ms]
     if model is not None:
         conditions.append(c.mom_model == model)
     if llm is not None:
-        conditions.append(calls_table.c.llm == llm)
-    requests = func.count(func.distinct(c.request_id)) if per_call else func.count()
-    # what the cache saved is a request's (its calls were not made): 0 in a per-call report
-    saved = (
-        (literal(0), literal(0))
-        if per_call
-        else (func.coalesce(func.sum(c.cost_saved_pico), 0), func.count(c.cost_saved_pico))
-    )
-    aggregate = (
-        select(
-            key.label("key"),
-            requests,
-            func.coalesce(func.sum(case((c.status == "error", 1), else_=0)), 0),
-            func.coalesce(func.sum(c.prompt_tokens), 0),
-            func.coalesce(func.sum(c.completion_tokens), 0),
-            func.coalesce(func.sum(c.reasoning_tokens), 0),
-            func.coalesce(func.sum(c.cached_tokens), 0),
-            func.coalesce(func.sum(c.cost_pico), 0),
-            func.count(c.cost_pico),
-            *saved,
-        )
-        .where(*conditions)
-        .group_by(key)
-    )
-    latency_query = select(key.label("key"), c.latency_ms).where(*conditions, c.latency_ms.is_not(None))
+        conditions.append(c.llm == llm)
     async with engine.connect() as conn:
-        rows = (await conn.execute(aggregate)).all()
-        latency_rows = (await conn.execute(latency_query)).all()
-    groups: dict[str, _Group] = {}
-    latencies: dict[str, list[float]] = {}
-    for row in rows:
-        name = _group_key(group_by, row[0])
-        groups[name] = _Group(*(int(v) for v in row[1:]))
-    for raw_key, latency in latency_rows:
-        latencies.setdefault(_group_key(group_by, raw_key), []).append(float(latency))
+        rows = (await conn.execute(_aggregate(table, key, conditions, per_call))).all()
+        latencies = await _latency_percentiles(conn, key, c.latency_ms, conditions)
+        overall = (
+            latencies
+            if group_by is None
+            else await _latency_percentiles(conn, literal("all"), c.latency_ms, conditions)
+        )
+        served = await _requests_served(conn, table, conditions) if per_call else None
+    groups = {_group_key(group_by, row[0]): (_Group(*(int(v) for v in row[1:])), row[0]) for row in rows}
     totals = _Group()
-    for group in groups.values():
+    for group, _ in groups.values():
         for field in _Group.__slots__:
             setattr(totals, field, getattr(totals, field) + getattr(group, field))
-    if per_call:  # a request served by several of the named LLMs counts once
-        async with engine.connect() as conn:
-            totals.requests = int(
-                (await conn.execute(select(func.count(func.distinct(c.request_id))).where(*conditions))).scalar() or 0
-            )
-    all_latencies = [v for values in latencies.values() for v in values]
+    if served is not None:
+        totals.requests = served
     return {
-        "totals": totals.as_dict(all_latencies),
-        "groups": [{"key": name, **groups[name].as_dict(latencies.get(name, []))} for name in sorted(groups)]
+        "totals": totals.as_dict(overall.get("all", _NO_LATENCY)),
+        "groups": [
+            {"key": name, **group.as_dict(latencies.get(raw, _NO_LATENCY))}
+            for name, (group, raw) in sorted(groups.items())
+        ]
         if group_by is not None
         else [],
     }

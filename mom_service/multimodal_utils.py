@@ -1,5 +1,8 @@
 """Images in requests: the URL guard, who may see them, and per-provider message sanitization.
 
+The guard resolves each image URL's host once and keeps the addresses it checked: a provider that needs the
+bytes gets a `data:` URL the service downloaded from exactly those addresses (image_fetch.py), never the URL.
+
 The sanitizer is table-driven: each provider family has one row of rules (`RULES`), and one function applies
 a row to a conversation. Adding a provider is adding a row, not a branch.
 """
@@ -12,8 +15,9 @@ import binascii
 import ipaddress
 import re
 import socket
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -49,34 +53,51 @@ def _internal(address: str) -> bool:
     return not ip.is_global or ip.is_multicast
 
 
+def _refused(message: str, param: str) -> InvalidRequest:
+    return InvalidRequest(message, param=param, code="invalid_image_url")
+
+
 def check_data_url(url: str, param: str) -> None:
     match = _DATA_URL.match(url)
     if match is None:
-        raise InvalidRequest(
-            "An image data URL must be 'data:image/<type>;base64,<data>'.", param=param, code="invalid_image_url"
-        )
+        raise _refused("An image data URL must be 'data:image/<type>;base64,<data>'.", param)
     try:
         decoded = base64.b64decode(match.group(3).strip(), validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidRequest("The image data URL is not valid base64.", param=param, code="invalid_image_url") from None
+        raise _refused("The image data URL is not valid base64.", param) from None
     if not decoded:
-        raise InvalidRequest("The image data URL is empty.", param=param, code="invalid_image_url")
+        raise _refused("The image data URL is empty.", param)
 
 
-async def check_image_url(url: str, param: str, *, allow_private: bool, resolve: Resolver = resolve_host) -> None:
+async def _lookup(host: str, port: int, param: str, resolve: Resolver) -> tuple[str, ...]:
+    """The host's addresses; a name that does not resolve, or not in time, is a 400 (fail closed)."""
+    try:
+        async with asyncio.timeout(DNS_TIMEOUT_S):
+            addresses = tuple(dict.fromkeys(await resolve(host, port)))
+    except TimeoutError:
+        raise _refused(f"The image URL's host name did not resolve within {DNS_TIMEOUT_S:g} s.", param) from None
+    except (OSError, UnicodeError):
+        addresses = ()
+    if not addresses:
+        raise _refused("The image URL's host name does not resolve.", param)
+    return addresses
+
+
+async def check_image_url(
+    url: str, param: str, *, allow_private: bool, resolve: Resolver = resolve_host
+) -> tuple[str, ...]:
     """Raise a 400 for anything but http(s) to a public address or a valid base64 `data:image/...` URL.
 
-    LiteLLM downloads image URLs for some providers, so a URL pointing inside our network would be a
-    server-side request forgery. A name that does not resolve is passed on, for the provider to report.
+    Returns the addresses the host resolved to (none for a `data:` URL): the only ones a download of the URL may
+    connect to, so that a name answering differently the next time (DNS rebinding) reaches nothing else. A URL
+    pointing inside our network would be a server-side request forgery; `allow_private` lifts only that check.
     """
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
         check_data_url(url, param)
-        return
+        return ()
     if scheme not in ("http", "https"):
-        raise InvalidRequest(
-            "An image URL must be http, https or data:image/...;base64.", param=param, code="invalid_image_url"
-        )
+        raise _refused("An image URL must be http, https or data:image/...;base64.", param)
     try:
         parts = urlsplit(url)
         host = parts.hostname
@@ -84,20 +105,11 @@ async def check_image_url(url: str, param: str, *, allow_private: bool, resolve:
     except ValueError:
         host = None
     if not host:
-        raise InvalidRequest("The image URL has no valid host.", param=param, code="invalid_image_url")
-    if allow_private:
-        return
-    try:
-        async with asyncio.timeout(DNS_TIMEOUT_S):
-            addresses = await resolve(host, port)
-    except (OSError, TimeoutError, UnicodeError):
-        return  # does not resolve (here): the provider will say so
-    if any(_internal(address) for address in addresses):
-        raise InvalidRequest(
-            "The image URL points to a private, loopback, link-local or otherwise internal address.",
-            param=param,
-            code="invalid_image_url",
-        )
+        raise _refused("The image URL has no valid host.", param)
+    addresses = await _lookup(host, port, param, resolve)
+    if not allow_private and any(_internal(address) for address in addresses):
+        raise _refused("The image URL points to a private, loopback, link-local or otherwise internal address.", param)
+    return addresses
 
 
 def image_parts(messages: Iterable[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -112,10 +124,27 @@ def image_parts(messages: Iterable[dict[str, Any]]) -> list[tuple[str, str]]:
     return found
 
 
+@dataclass(frozen=True, slots=True)
+class RemoteImage:
+    """An http(s) image URL as the guard checked it."""
+
+    url: str
+    param: str  # the first content part that holds it
+    addresses: tuple[str, ...]  # what its host resolved to: the only addresses its download may connect to
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedImages:
+    """Every image of a request, checked."""
+
+    count: int
+    remote: tuple[RemoteImage, ...]  # each distinct http(s) URL once, in order of appearance
+
+
 async def check_images(
     messages: Sequence[dict[str, Any]], *, max_images: int, allow_private: bool, resolve: Resolver = resolve_host
-) -> int:
-    """Validate every image of a request; returns how many there are."""
+) -> CheckedImages:
+    """Validate every image of a request; each distinct URL is checked (and its host resolved) once."""
     images = image_parts(messages)
     if len(images) > max_images:
         raise InvalidRequest(
@@ -123,10 +152,14 @@ async def check_images(
             param="messages",
             code="too_many_images",
         )
-    await asyncio.gather(
-        *(check_image_url(url, param, allow_private=allow_private, resolve=resolve) for param, url in images)
+    distinct: dict[str, str] = {}  # url -> the first part that holds it
+    for param, url in images:
+        distinct.setdefault(url, param)
+    checked = await asyncio.gather(
+        *(check_image_url(url, param, allow_private=allow_private, resolve=resolve) for url, param in distinct.items())
     )
-    return len(images)
+    remote = (RemoteImage(url, param, found) for (url, param), found in zip(distinct.items(), checked, strict=True))
+    return CheckedImages(len(images), tuple(image for image in remote if image.addresses))
 
 
 # ------------------------------------------------------------------------------------------------ capability
@@ -154,15 +187,20 @@ class Rules:
     drop_empty: bool  # messages with empty content are dropped (the provider refuses them)
     merge_same_role: bool  # consecutive messages of one role are merged (the provider wants turns to alternate)
     image_detail: bool  # `image_url.detail` accepted
+    # http(s) image URLs passed as they are: the provider fetches them from its own cloud, outside our network.
+    # Else each becomes the `data:` URL of the bytes the service downloaded (image_fetch.py).
+    image_urls: bool
 
 
 RULES: dict[Family, Rules] = {
-    "openai": Rules(False, True, True, False, False, True),
-    "anthropic": Rules(True, False, False, True, True, False),
-    "gemini": Rules(True, False, False, True, True, False),
-    "ollama": Rules(True, False, False, True, False, False),
-    # any other OpenAI-compatible server (vLLM, llama.cpp, LM Studio, ...): the plainest shapes
-    "compatible": Rules(True, False, False, True, False, True),
+    "openai": Rules(False, True, True, False, False, True, True),
+    # LiteLLM would download the URL (a second DNS lookup, from inside our network): they get the bytes
+    "anthropic": Rules(True, False, False, True, True, False, False),
+    "gemini": Rules(True, False, False, True, True, False, False),
+    "ollama": Rules(True, False, False, True, False, False, False),
+    # any other OpenAI-compatible server (vLLM, llama.cpp, LM Studio, ...): the plainest shapes; it would fetch a
+    # URL from inside the operator's network, so it gets the bytes too
+    "compatible": Rules(True, False, False, True, False, True, False),
 }
 
 _PREFIX_FAMILY: dict[str, Family] = {
@@ -183,10 +221,24 @@ def family(llm: LLMDefinition) -> Family:
     return _PREFIX_FAMILY.get(prefix, "compatible")
 
 
+def needs_bytes(llms: Iterable[LLMDefinition], vision: Mapping[str, bool]) -> bool:
+    """Whether any of these LLMs sees images and takes them only as bytes (its family's `image_urls` is false)."""
+    return any(vision[llm.name] and not RULES[family(llm)].image_urls for llm in llms)
+
+
 IMAGE_PLACEHOLDER = "[image {n}: not shown to you; the panel's answers describe it]"
+NOTHING_DOWNLOADED: Mapping[str, str] = MappingProxyType({})
 
 
-def _content(content: Any, rules: Rules, vision: bool, counter: list[int]) -> Any:
+def _image_url(url: str, rules: Rules, downloaded: Mapping[str, str]) -> str:
+    """The URL as this family gets it: a `data:` URL stays; an http(s) URL stays only where the provider fetches it
+    itself, else it is the `data:` URL of what the service downloaded (which must be in `downloaded`)."""
+    if rules.image_urls or url[:5].lower() == "data:":
+        return url
+    return downloaded[url]
+
+
+def _content(content: Any, rules: Rules, vision: bool, counter: list[int], downloaded: Mapping[str, str]) -> Any:
     if isinstance(content, str):
         return content
     parts: list[dict[str, Any]] = []
@@ -197,6 +249,7 @@ def _content(content: Any, rules: Rules, vision: bool, counter: list[int]) -> An
                 parts.append({"type": "text", "text": IMAGE_PLACEHOLDER.format(n=counter[0])})
                 continue
             image = dict(part["image_url"])
+            image["url"] = _image_url(image["url"], rules, downloaded)
             if not rules.image_detail:
                 image.pop("detail", None)
             parts.append({"type": "image_url", "image_url": image})
@@ -218,15 +271,24 @@ def _merge(first: Any, second: Any) -> Any:
     return as_parts[0] + as_parts[1]
 
 
-def sanitize(messages: Sequence[dict[str, Any]], rules: Rules, *, vision: bool) -> list[dict[str, Any]]:
-    """The conversation in the shapes this family accepts; images become placeholders when `vision` is False."""
+def sanitize(
+    messages: Sequence[dict[str, Any]],
+    rules: Rules,
+    *,
+    vision: bool,
+    downloaded: Mapping[str, str] = NOTHING_DOWNLOADED,
+) -> list[dict[str, Any]]:
+    """The conversation in the shapes this family accepts; images become placeholders when `vision` is False.
+
+    `downloaded` maps each http(s) image URL to the `data:` URL of its bytes, for families that take no URLs.
+    """
     counter = [0]
     out: list[dict[str, Any]] = []
     for message in messages:
         role = message["role"]
         if role == "developer" and not rules.developer_role:
             role = "system"
-        content = _content(message["content"], rules, vision, counter)
+        content = _content(message["content"], rules, vision, counter, downloaded)
         if rules.drop_empty and _is_empty(content):
             continue
         cleaned: dict[str, Any] = {"role": role, "content": content}

@@ -81,12 +81,15 @@ def env_proxy(url: str) -> str | None:
     return proxies.get(parts.scheme) or proxies.get("all")
 
 
-def lean_route(llm: LLMDefinition, api_key: str, catalog: frozenset[str]) -> LeanRoute | None:
+def lean_route(
+    llm: LLMDefinition, api_key: str, catalog: frozenset[str], params: Mapping[str, Any] | None = None
+) -> LeanRoute | None:
     """The lean route for an LLM that LiteLLM would only pass through, else None (it stays on LiteLLM).
 
     That is an `openai/<model>` with an `api_base` (an OpenAI-compatible server: vLLM, Ollama, LM Studio, a
     proxy...), a model outside OpenAI's catalog (LiteLLM adapts parameters for those), and params that are plain
-    OpenAI body fields.
+    OpenAI body fields. `params`: the LLM's own as every call carries them (default: all of them; the caller
+    leaves out the output limit, which it sets per call).
     """
     provider, _, model = llm.model.partition("/")
     if provider != "openai" or not model or not llm.api_base or model in catalog:
@@ -95,7 +98,8 @@ def lean_route(llm: LLMDefinition, api_key: str, catalog: frozenset[str]) -> Lea
         return None
     headers = {"authorization": f"Bearer {api_key}", "content-type": "application/json"}
     url = f"{llm.api_base.rstrip('/')}/chat/completions"
-    return LeanRoute(url, headers, {**llm.params, "model": model}, env_proxy(url))
+    body = {**(llm.params if params is None else params), "model": model}
+    return LeanRoute(url, headers, body, env_proxy(url))
 
 
 def new_session() -> aiohttp.ClientSession:
@@ -108,10 +112,12 @@ def new_session() -> aiohttp.ClientSession:
 
 
 class UpstreamStatusError(Exception):
-    """The server answered with an HTTP error. `response` (its headers) is kept for Retry-After."""
+    """The server answered with an HTTP error. `message` is the error body's message; `response` (its headers) is
+    kept for Retry-After."""
 
     def __init__(self, response: aiohttp.ClientResponse, message: str) -> None:
-        super().__init__(message)
+        super().__init__(f"upstream HTTP {response.status}: {message}")
+        self.message = message
         self.status_code = response.status
         self.response = response
 
@@ -120,10 +126,20 @@ class UpstreamProtocolError(Exception):
     """The server's answer is not what an OpenAI-compatible server sends."""
 
 
-def request_body(route: LeanRoute, messages: list[dict[str, Any]], params: Mapping[str, Any]) -> bytes:
+class UpstreamTruncated(UpstreamProtocolError):
+    """A stream ended before its end: neither a finish_reason nor `[DONE]`."""
+
+
+def request_body(
+    route: LeanRoute, messages: list[dict[str, Any]], params: Mapping[str, Any], encoded: bytes | None = None
+) -> bytes:
+    """The JSON body; `encoded` is the messages already serialized (shared by the calls that send the same
+    conversation), spliced in as they are."""
     body = {**route.body, **{k: v for k, v in params.items() if k not in NOT_FORWARDED}}
-    body["messages"] = messages
-    return orjson.dumps(body)
+    if encoded is None:
+        body["messages"] = messages
+        return orjson.dumps(body)
+    return orjson.dumps(body)[:-1] + b',"messages":' + encoded + b"}"
 
 
 def _error_message(raw: bytes) -> str:
@@ -146,14 +162,18 @@ async def _status_error(response: aiohttp.ClientResponse) -> UpstreamStatusError
         raw = await response.content.read(_MAX_ERROR_BODY)
     finally:
         response.release()
-    return UpstreamStatusError(response, f"upstream HTTP {response.status}: {_error_message(raw)}")
+    return UpstreamStatusError(response, _error_message(raw))
 
 
 async def post_whole(
-    session: aiohttp.ClientSession, route: LeanRoute, messages: list[dict[str, Any]], params: Mapping[str, Any]
+    session: aiohttp.ClientSession,
+    route: LeanRoute,
+    messages: list[dict[str, Any]],
+    params: Mapping[str, Any],
+    encoded: bytes | None = None,
 ) -> dict[str, Any]:
     """One non-streamed call: the `chat.completion` body."""
-    body = request_body(route, messages, params)
+    body = request_body(route, messages, params, encoded)
     post = session.post(route.url, data=body, headers=route.headers, proxy=route.proxy, allow_redirects=False)
     async with post as response:
         if response.status != 200:
@@ -234,4 +254,4 @@ async def events(response: aiohttp.ClientResponse) -> AsyncGenerator[dict[str, A
         finished = finished or _finishes(last)
         yield last
     if not finished:
-        raise UpstreamProtocolError("the stream ended before it was finished")
+        raise UpstreamTruncated("the stream ended before it was finished")

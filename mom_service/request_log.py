@@ -1,4 +1,5 @@
-"""Request logs: every HTTP request gets an id (`X-Request-ID`, echoed) and exactly one log line when it ends.
+"""Request logs: every HTTP request gets an id (`X-Request-ID`, echoed) and exactly one log line when it ends (but
+CORS preflights, which the CORS layer answers before this middleware sees them).
 
 `RequestLog` is a pure ASGI middleware, so streaming and disconnect detection pass through untouched. It logs
 when the response is complete or the client has left.

@@ -4,8 +4,10 @@
    `shutting_down` (and `Connection: close`), the listening socket stays open so load balancers see the 503s.
 2. Answers in flight keep streaming until they are all done, or the grace period (`MOM_SHUTDOWN_GRACE_SECONDS`,
    default 20 s) has passed.
-3. Then uvicorn's own shutdown: the socket closes, what is still running is cancelled (its usage records say so),
-   and the lifespan flushes the usage records and traces. The process exits 0.
+3. Answers still running then are cut off: a stream ends with an error event, a wait is answered 500; both say
+   `cut_off_by_shutdown` (not 503 `shutting_down`: their LLM calls are already paid for, and a load balancer
+   retries a 503 on another replica). Then uvicorn's own shutdown: the socket closes, what is still running is
+   cancelled (its usage records say so), and the lifespan flushes the usage records and traces. The process exits 0.
 
 A second signal skips the wait (a second Ctrl-C forces the exit, as uvicorn does).
 """
@@ -72,7 +74,7 @@ class DrainingServer(uvicorn.Server):
             )
         if not await admission.in_flight.wait_idle(self._grace_s):
             logger.warning(
-                "Grace period of %g s over: ending %d answer(s) still in flight with a shutting_down error",
+                "Grace period of %g s over: ending %d answer(s) still in flight with a cut_off_by_shutdown error",
                 self._grace_s,
                 admission.in_flight.count,
             )

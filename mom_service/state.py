@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -13,6 +13,7 @@ from mom_service.cache import ResponseCache
 from mom_service.config import MoMConfig, MoMModelConfig, Settings
 from mom_service.core_logic import Engine
 from mom_service.errors import ServiceUnavailable
+from mom_service.live_checks import LiveChecks
 from mom_service.metrics import Metrics
 from mom_service.metrics_db import UsageWriter
 from mom_service.redaction import Redactor
@@ -34,6 +35,7 @@ class AppState:
     metrics: Metrics  # Prometheus metrics of this app (its own registry)
     admission: Admission  # in-flight limit, per-token rate limit, draining at shutdown
     cache: ResponseCache | None  # None when MOM_CACHE_ENABLED=false
+    llm_checks: LiveChecks = field(default_factory=LiveChecks)  # the live calls of /health/detailed?check_llm
 
     def accepts_images(self, model: MoMModelConfig) -> bool:
         """A MoM model accepts images when at least one panel member can see them."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import httpx
 import orjson
 import pytest
 import redis
+import tiktoken
 import yaml
 
 from tests.fake_upstream import FakeUpstream
@@ -34,8 +36,11 @@ def free_port() -> int:
 class Service:
     """The service as a user runs it (`mom-service serve`), in its own process and working directory."""
 
-    def __init__(self, workdir: Path, config: dict[str, Any] | None, env: dict[str, str]) -> None:
+    def __init__(
+        self, workdir: Path, config: dict[str, Any] | None, env: dict[str, str], *, patch: str | None = None
+    ) -> None:
         self.workdir = workdir
+        self.patch = patch  # a stand-in installed first (tests/patched_service.py), None for the service as shipped
         self.port = free_port()
         self.log_path = workdir / "service.log"
         self.env = env
@@ -54,10 +59,13 @@ class Service:
     def start(self, timeout: float = 30.0) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("API_TOKEN", "MOM_", "LITELLM_", "OPENAI_"))}
         env.update({"PORT": str(self.port), "HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1"})
+        if self.patch is not None:  # the launcher lives in the tests package
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         env.update(self.env)
         with self.log_path.open("wb") as log:
+            launcher = ["-m", "mom_service.cli"] if self.patch is None else ["-m", "tests.patched_service", self.patch]
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "mom_service.cli", "serve"],
+                [sys.executable, *launcher, "serve"],
                 cwd=self.workdir,
                 env=env,
                 stdout=log,
@@ -160,6 +168,15 @@ def empty_redis_db(db: int) -> Iterator[redis.Redis]:
         client.close()
 
 
+def cl100k() -> tiktoken.Encoding:
+    """OpenAI's cl100k_base tokenizer (LiteLLM's for a model it does not know), read from the copy LiteLLM ships:
+    for counting tokens in a test independently of the service's own counting code, without a download."""
+    spec = importlib.util.find_spec("litellm")
+    assert spec is not None and spec.origin is not None
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(Path(spec.origin).parent / "litellm_core_utils" / "tokenizers")
+    return tiktoken.get_encoding("cl100k_base")
+
+
 def wait_until(check: Callable[[], bool], timeout: float = 10.0) -> None:
     """Poll `check` until it holds; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -257,7 +274,11 @@ def start_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartSer
     started: list[Service] = []
 
     def start(
-        config: dict[str, Any] | None, env: dict[str, str] | None = None, *, token: str | None = TOKEN
+        config: dict[str, Any] | None,
+        env: dict[str, str] | None = None,
+        *,
+        token: str | None = TOKEN,
+        patch: str | None = None,
     ) -> Service:
         # The shared services see one test's requests after another's: circuit breakers and the response cache
         # are off unless a test turns them on (test_circuit_breaker.py, test_cache.py), so that no test depends
@@ -266,7 +287,7 @@ def start_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartSer
         if token is not None:
             environment["API_TOKEN"] = token
         environment.update(env or {})
-        service = Service(tmp_path_factory.mktemp("service"), config, environment)
+        service = Service(tmp_path_factory.mktemp("service"), config, environment, patch=patch)
         started.append(service)
         service.start()
         return service

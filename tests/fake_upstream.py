@@ -1,4 +1,4 @@
-"""OpenAI-compatible fake LLM upstream for tests.
+"""Fake LLM upstream for tests: speaks OpenAI's Chat Completions API and Anthropic's Messages API.
 
 Runs as a separate process and speaks real HTTP + SSE (starlette + uvicorn)::
 
@@ -7,19 +7,44 @@ Runs as a separate process and speaks real HTTP + SSE (starlette + uvicorn)::
 
 Readiness: ``GET /_control/health`` -> 200 ``{"status": "ok"}``.
 
-Upstream endpoints: ``POST /v1/chat/completions`` and ``POST /chat/completions`` (same handler),
-``GET /v1/models`` and ``GET /models``.
+Upstream endpoints:
+
+* OpenAI: ``POST /v1/chat/completions`` and ``POST /chat/completions`` (same handler), ``GET /v1/models``
+  and ``GET /models``. LiteLLM: ``model: openai/<name>``, ``api_base: <root>/v1`` (:attr:`FakeUpstream.base_url`).
+* Anthropic: ``POST /v1/messages``. LiteLLM: ``model: anthropic/<name>``, ``api_base: <root>``
+  (:attr:`FakeUpstream.root_url`, no ``/v1``): LiteLLM 1.110.2 appends ``/v1/messages`` to the api_base unless
+  it already ends with it, so ``<root>/v1/messages`` works too; ``<root>/v1`` would make it call
+  ``/v1/v1/messages``, which is served as well (the log's ``path`` shows which). The ``anthropic-version``
+  header is accepted, not required; ``x-api-key`` is logged like any header. A message answer has
+  ``stop_reason: "end_turn"`` and ``usage`` with ``input_tokens`` = prompt - cached tokens,
+  ``cache_read_input_tokens`` = cached tokens, ``cache_creation_input_tokens`` = 0, ``output_tokens`` (and
+  ``output_tokens_details: {thinking_tokens}`` if ``reasoning_tokens`` is set, here and in message_delta); its
+  stream is ``message_start`` (usage as above, ``output_tokens`` 1), ``content_block_start``, ``ping``, one
+  ``content_block_delta`` (``text_delta``) per token, ``content_block_stop``, ``message_delta``
+  (``stop_reason: "end_turn"``, ``usage: {output_tokens}``), ``message_stop``, each with its ``event:`` line.
+  ``reasoning_text`` comes first as a ``thinking`` block (``thinking_delta`` per token, then a ``signature_delta``),
+  the text block after it at index 1. Errors are ``{"type": "error", "error": {"type", "message"}}``, the type
+  by status: 400 invalid_request_error, 401 authentication_error, 403 permission_error, 404 not_found_error,
+  413 request_too_large, 429 rate_limit_error, 529 overloaded_error, other 5xx api_error, else
+  invalid_request_error (``error_type`` overrides it; ``error_code`` has no place there). On an
+  ``end_after_tokens`` stream LiteLLM 1.110.2 yields the text so far without a finish_reason, then raises
+  ``MidStreamFallbackError`` ("... Stream ended before a finish_reason was received").
+
+Both protocols share the behaviours, the per-model counters and the log; a per-protocol encoder spells the
+answers, stream events and errors. The system prompt (Anthropic's top-level ``system``) counts towards the
+default prompt tokens on both.
 
 Behaviour is chosen per request by the body's ``model`` field (exact name; LiteLLM strips the
-``openai/`` prefix). Unconfigured models fall back to the behaviour configured for ``"*"`` if any,
-else to the default behaviour (answer ``"Answer from <model>."``, no delay). Behaviour fields (all
+``openai/`` or ``anthropic/`` prefix). Unconfigured models fall back to the behaviour configured for ``"*"`` if
+any, else to the default behaviour (answer ``"Answer from <model>."``, no delay). Behaviour fields (all
 optional, see :data:`BEHAVIOUR_FIELDS`):
 
 ``text``               answer text; ``{last_user}`` is replaced by the text of the last user message.
 ``ttft_ms``            delay before the first token (streaming: response headers are sent at once, the
-                       role chunk and first token after the delay; non-streaming: before the response).
+                       role chunk (Anthropic: message_start, content_block_start, ping) and first token after
+                       the delay; non-streaming: before the response).
 ``token_delay_ms``     delay between tokens (non-streaming: tokens * delay added to the response delay).
-``status``             HTTP status of an OpenAI error response (if set and not 200).
+``status``             HTTP status of an error response (if set and not 200).
 ``error_message``      overrides the error message; ``error_type`` / ``error_code`` override those fields.
 ``error_delay_ms``     delay before an error response (default 0: errors are immediate).
 ``fail_times``         only the first N requests (per model since its last configure/reset) misbehave.
@@ -31,15 +56,20 @@ optional, see :data:`BEHAVIOUR_FIELDS`):
 ``hang``               accept the request and never answer (until the client disconnects).
 ``hang_after_tokens``  streaming: send that many tokens (at most all of them), then hang.
 ``stop_after_tokens``  streaming: send that many tokens (at most all), then close the connection (no
-                       finish chunk, no [DONE]); non-streaming: close the connection, no response, after
-                       the delay.
+                       finish chunk, no [DONE]; Anthropic: no content_block_stop, message_delta or
+                       message_stop); non-streaming: close the connection, no response, after the delay.
+``end_after_tokens``   streaming: send that many tokens (at most all), then end the response cleanly (the HTTP
+                       body is complete) with neither a finish chunk nor [DONE] (Anthropic: no
+                       content_block_stop, message_delta or message_stop): a stream cut short that no transport
+                       error reveals; non-streaming: ignored.
 ``reset_connection``   close the TCP connection (RST) without any response.
-``reasoning_text``     streamed token by token in ``delta.reasoning_content`` before the content;
-                       non-streaming: ``message.reasoning_content``.
-``reasoning_tokens``, ``cached_tokens``, ``prompt_tokens``  usage numbers.
+``reasoning_text``     streamed token by token in ``delta.reasoning_content`` (Anthropic: a thinking block)
+                       before the content; non-streaming: ``message.reasoning_content`` (a thinking block).
+``reasoning_tokens``, ``cached_tokens``, ``prompt_tokens``  usage numbers (``prompt_tokens`` includes the cached
+                       ones; ``reasoning_tokens`` are added to the completion/output tokens).
 
-"Misbehaviour" means ``status``, ``reset_connection``, ``hang``, ``hang_after_tokens`` and
-``stop_after_tokens``. Without ``fail_times``/``fail_rate`` they apply to every request; with them they
+"Misbehaviour" means ``status``, ``reset_connection``, ``hang``, ``hang_after_tokens``, ``stop_after_tokens``
+and ``end_after_tokens``. Without ``fail_times``/``fail_rate`` they apply to every request; with them they
 apply only to the failing requests (status 500 if no other misbehaviour is configured) and the other
 requests get the normal answer. Token counts for ``*_after_tokens`` include reasoning tokens.
 
@@ -49,9 +79,10 @@ behaviour of each named model and resets its counters; unknown fields -> 400), `
 
 Log entries (one per upstream request, appended on arrival and updated in place)::
 
-    {"id", "model", "path", "stream", "body", "headers" (lower-cased; authorization kept as sent),
+    {"id", "protocol": "openai" | "anthropic", "model", "path", "stream", "body",
+     "headers" (lower-cased; authorization and x-api-key kept as sent),
      "received_at", "first_token_at", "finished_at", "disconnected_at", "tokens_sent",
-     "outcome": null (in flight) | "ok" | "error" | "hung" | "stopped" | "reset" | "disconnected",
+     "outcome": null (in flight) | "ok" | "error" | "hung" | "stopped" | "ended" | "reset" | "disconnected",
      "status": int | null (null until response headers are sent)}
 
 :class:`FakeUpstream` starts/stops the server process and wraps the control API for tests.
@@ -71,11 +102,12 @@ import struct
 import subprocess
 import sys
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, ClassVar, Literal, Self
 
 import httpx
 from starlette.applications import Starlette
@@ -85,6 +117,10 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
+# LiteLLM's anthropic provider appends /v1/messages to api_base (unless it already ends so): the root URL
+# gives /v1/messages, the /v1 URL gives /v1/v1/messages. Both are served.
+ANTHROPIC_PATHS = frozenset({"/v1/messages", "/v1/v1/messages"})
+UPSTREAM_PATHS: dict[str, str] = dict.fromkeys(CHAT_PATHS, "openai") | dict.fromkeys(ANTHROPIC_PATHS, "anthropic")
 POLL_INTERVAL_S = 0.02
 
 LogEntry = dict[str, Any]
@@ -107,6 +143,7 @@ BEHAVIOUR_FIELDS: dict[str, str] = {
     "hang": "bool",
     "hang_after_tokens": "int",
     "stop_after_tokens": "int",
+    "end_after_tokens": "int",
     "reset_connection": "bool",
     "reasoning_tokens": "int",
     "cached_tokens": "int",
@@ -135,6 +172,7 @@ class Behaviour:
     hang: bool = False
     hang_after_tokens: int | None = None
     stop_after_tokens: int | None = None
+    end_after_tokens: int | None = None
     reset_connection: bool = False
     reasoning_tokens: int = 0
     cached_tokens: int = 0
@@ -181,6 +219,7 @@ class Behaviour:
             or self.hang
             or self.hang_after_tokens is not None
             or self.stop_after_tokens is not None
+            or self.end_after_tokens is not None
         )
 
 
@@ -193,6 +232,7 @@ class _Plan:
     hang: bool = False
     hang_after: int | None = None
     stop_after: int | None = None
+    end_after: int | None = None
 
 
 @dataclass
@@ -213,6 +253,23 @@ def _error_type_code(status: int) -> tuple[str, str | None]:
     if status >= 500:
         return "server_error", None
     return "invalid_request_error", None
+
+
+_ANTHROPIC_ERROR_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
+
+
+def _anthropic_error_type(status: int) -> str:
+    default = "api_error" if status >= 500 else "invalid_request_error"
+    return _ANTHROPIC_ERROR_TYPES.get(status, default)
 
 
 def _content_text(content: object) -> str:
@@ -239,7 +296,9 @@ def _last_user_text(body: dict[str, Any]) -> str:
 
 
 def _prompt_word_count(body: dict[str, Any]) -> int:
-    words = sum(len(_content_text(m.get("content")).split()) for m in _messages(body))
+    # Anthropic's Messages API carries the system prompt beside the messages, not among them.
+    words = len(_content_text(body.get("system")).split())
+    words += sum(len(_content_text(m.get("content")).split()) for m in _messages(body))
     return max(1, words)
 
 
@@ -250,6 +309,241 @@ def split_tokens(text: str) -> list[str]:
 
 def _dumps(obj: object) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _sse(data: object, event: str | None = None) -> bytes:
+    head = f"event: {event}\n".encode() if event else b""
+    return head + b"data: " + _dumps(data) + b"\n\n"
+
+
+Kind = Literal["reasoning", "text"]
+"""What a streamed token belongs to: the reasoning (thinking) or the answer text."""
+
+
+@dataclass(frozen=True)
+class _Usage:
+    """Token counts of one answer, whatever the protocol."""
+
+    prompt: int  # all input tokens, the cached ones included
+    cached: int
+    completion: int  # answer tokens + reasoning tokens
+    reasoning: int
+
+
+class _Encoder(ABC):
+    """How one protocol spells an answer, its stream events and its errors (one instance per request)."""
+
+    protocol: ClassVar[str]
+
+    def __init__(self, request_id: int, model: str, body: dict[str, Any]) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.body = body
+        self.created = int(time.time())
+
+    @abstractmethod
+    def error(self, status: int, message: str, error_type: str | None, code: str | None) -> dict[str, Any]:
+        """The JSON body of an error response."""
+
+    @abstractmethod
+    def message(self, answer: str, reasoning: str | None, usage: _Usage) -> dict[str, Any]:
+        """The JSON body of a non-streamed answer."""
+
+    @abstractmethod
+    def stream_start(self, usage: _Usage, first: Kind) -> bytes:
+        """The SSE events sent before the first token (``first`` is the kind of that token)."""
+
+    @abstractmethod
+    def stream_token(self, kind: Kind, token: str) -> bytes:
+        """The SSE event(s) carrying one token."""
+
+    @abstractmethod
+    def stream_end(self, usage: _Usage) -> list[bytes]:
+        """The SSE events that end a complete stream, in order (the last one ends the HTTP body)."""
+
+
+class _OpenAIEncoder(_Encoder):
+    protocol = "openai"
+
+    def __init__(self, request_id: int, model: str, body: dict[str, Any]) -> None:
+        super().__init__(request_id, model, body)
+        stream_options = body.get("stream_options")
+        self.include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+        self.id = f"chatcmpl-fake-{request_id}"
+
+    def error(self, status: int, message: str, error_type: str | None, code: str | None) -> dict[str, Any]:
+        default_type, default_code = _error_type_code(status)
+        return {
+            "error": {
+                "message": message,
+                "type": error_type or default_type,
+                "param": None,
+                "code": code if code is not None else default_code,
+            }
+        }
+
+    @staticmethod
+    def _usage(usage: _Usage) -> dict[str, Any]:
+        return {
+            "prompt_tokens": usage.prompt,
+            "completion_tokens": usage.completion,
+            "total_tokens": usage.prompt + usage.completion,
+            "completion_tokens_details": {
+                "reasoning_tokens": usage.reasoning,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
+            "prompt_tokens_details": {"cached_tokens": usage.cached, "audio_tokens": 0},
+        }
+
+    def message(self, answer: str, reasoning: str | None, usage: _Usage) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": answer, "refusal": None, "annotations": []}
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
+            "usage": self._usage(usage),
+        }
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        data: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        }
+        if self.include_usage:
+            data["usage"] = None
+        return _sse(data)
+
+    def stream_start(self, usage: _Usage, first: Kind) -> bytes:
+        return self._chunk({"role": "assistant", "content": ""})
+
+    def stream_token(self, kind: Kind, token: str) -> bytes:
+        return self._chunk({"reasoning_content" if kind == "reasoning" else "content": token})
+
+    def stream_end(self, usage: _Usage) -> list[bytes]:
+        events = [self._chunk({}, "stop")]
+        if self.include_usage:
+            usage_chunk = {
+                "id": self.id,
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": self.model,
+                "system_fingerprint": None,
+                "choices": [],
+                "usage": self._usage(usage),
+            }
+            events.append(_sse(usage_chunk))
+        events.append(b"data: [DONE]\n\n")
+        return events
+
+
+class _AnthropicEncoder(_Encoder):
+    """Anthropic Messages API: reasoning goes in a ``thinking`` block before the ``text`` block."""
+
+    protocol = "anthropic"
+    signature = "fake-signature"
+
+    def __init__(self, request_id: int, model: str, body: dict[str, Any]) -> None:
+        super().__init__(request_id, model, body)
+        self.id = f"msg_fake_{request_id}"
+        self._block_index = -1
+        self._block_kind: Kind | None = None
+
+    def error(self, status: int, message: str, error_type: str | None, code: str | None) -> dict[str, Any]:
+        return {"type": "error", "error": {"type": error_type or _anthropic_error_type(status), "message": message}}
+
+    @staticmethod
+    def _output_usage(usage: _Usage) -> dict[str, Any]:
+        output: dict[str, Any] = {"output_tokens": usage.completion}
+        if usage.reasoning:
+            output["output_tokens_details"] = {"thinking_tokens": usage.reasoning}
+        return output
+
+    @staticmethod
+    def _input_usage(usage: _Usage) -> dict[str, Any]:
+        # Anthropic's input_tokens leave out the cached tokens (total input = the sum of the three).
+        return {
+            "input_tokens": max(0, usage.prompt - usage.cached),
+            "cache_read_input_tokens": usage.cached,
+            "cache_creation_input_tokens": 0,
+        }
+
+    def message(self, answer: str, reasoning: str | None, usage: _Usage) -> dict[str, Any]:
+        content: list[dict[str, Any]] = []
+        if reasoning is not None:
+            content.append({"type": "thinking", "thinking": reasoning, "signature": self.signature})
+        content.append({"type": "text", "text": answer})
+        return {
+            "id": self.id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": content,
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {**self._input_usage(usage), **self._output_usage(usage)},
+        }
+
+    def _open_block(self, kind: Kind) -> bytes:
+        self._block_index += 1
+        self._block_kind = kind
+        block = {"type": "thinking", "thinking": ""} if kind == "reasoning" else {"type": "text", "text": ""}
+        start = {"type": "content_block_start", "index": self._block_index, "content_block": block}
+        return _sse(start, "content_block_start")
+
+    def _delta(self, delta: dict[str, Any]) -> bytes:
+        return _sse({"type": "content_block_delta", "index": self._block_index, "delta": delta}, "content_block_delta")
+
+    def _close_block(self) -> bytes:
+        signature = b""
+        if self._block_kind == "reasoning":
+            signature = self._delta({"type": "signature_delta", "signature": self.signature})
+        self._block_kind = None
+        return signature + _sse({"type": "content_block_stop", "index": self._block_index}, "content_block_stop")
+
+    def stream_start(self, usage: _Usage, first: Kind) -> bytes:
+        message: dict[str, Any] = {
+            "id": self.id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {**self._input_usage(usage), "output_tokens": 1},  # as Anthropic does: 1 so far
+        }
+        started = _sse({"type": "message_start", "message": message}, "message_start")
+        return started + self._open_block(first) + _sse({"type": "ping"}, "ping")
+
+    def stream_token(self, kind: Kind, token: str) -> bytes:
+        switch = b"" if kind == self._block_kind else self._close_block() + self._open_block(kind)
+        delta = (
+            {"type": "thinking_delta", "thinking": token}
+            if kind == "reasoning"
+            else {"type": "text_delta", "text": token}
+        )
+        return switch + self._delta(delta)
+
+    def stream_end(self, usage: _Usage) -> list[bytes]:
+        # The answer always has a text block, an empty one after reasoning alone (as in a non-streamed message).
+        blocks = b"" if self._block_kind == "text" else self._close_block() + self._open_block("text")
+        blocks += self._close_block()
+        message_delta = {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "usage": self._output_usage(usage),
+        }
+        return [blocks, _sse(message_delta, "message_delta"), _sse({"type": "message_stop"}, "message_stop")]
 
 
 class _Exchange:
@@ -409,10 +703,11 @@ class FakeState:
             hang=behaviour.hang,
             hang_after=behaviour.hang_after_tokens,
             stop_after=behaviour.stop_after_tokens,
+            end_after=behaviour.end_after_tokens,
         )
 
     # ----- upstream -----
-    async def handle_chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def handle_upstream(self, scope: Scope, receive: Receive, send: Send, protocol: str) -> None:
         chunks: list[bytes] = []
         while True:
             message = await receive()
@@ -437,6 +732,7 @@ class FakeState:
         model = model if isinstance(model, str) else ""
         entry: LogEntry = {
             "id": self.next_id,
+            "protocol": protocol,
             "model": model,
             "path": scope["path"],
             "stream": body_dict.get("stream") is True,
@@ -452,16 +748,17 @@ class FakeState:
         }
         self.next_id += 1
         self.log.append(entry)
+        encoder = ENCODERS[protocol](entry["id"], model, body_dict)
         exchange = _Exchange(scope, receive, send, entry)
         try:
             if not isinstance(body, dict) or not model or not isinstance(body.get("messages"), list):
-                await self._send_error(exchange, 400, "fake upstream: body needs 'model' and 'messages'")
+                await self._send_error(exchange, encoder, 400, "fake upstream: body needs 'model' and 'messages'")
                 return
             behaviour = self.behaviour_for(model)
             plan = self.plan_for(model, behaviour)
             if plan.error_status is not None:
                 if await exchange.sleep(behaviour.error_delay_ms / 1000):
-                    await self._send_failure(exchange, behaviour, plan.error_status, model)
+                    await self._send_failure(exchange, encoder, behaviour, plan.error_status)
                 return
             if plan.reset:
                 entry["outcome"] = "reset"
@@ -472,9 +769,9 @@ class FakeState:
                 await exchange.hang()
                 return
             if entry["stream"]:
-                await self._stream(exchange, body_dict, behaviour, plan, model)
+                await self._stream(exchange, encoder, behaviour, plan)
             else:
-                await self._complete(exchange, body_dict, behaviour, plan, model)
+                await self._complete(exchange, encoder, behaviour, plan)
         finally:
             exchange.close()
             if entry["finished_at"] is None:
@@ -483,21 +780,14 @@ class FakeState:
     async def _send_error(
         self,
         exchange: _Exchange,
+        encoder: _Encoder,
         status: int,
         message: str,
         error_type: str | None = None,
         code: str | None = None,
         extra_headers: dict[str, str] | None = None,
     ) -> None:
-        default_type, default_code = _error_type_code(status)
-        payload = {
-            "error": {
-                "message": message,
-                "type": error_type or default_type,
-                "param": None,
-                "code": code if code is not None else default_code,
-            }
-        }
+        payload = encoder.error(status, message, error_type, code)
         headers = {"content-type": "application/json", "x-request-id": f"req-fake-{exchange.entry['id']}"}
         headers.update(extra_headers or {})
         if await exchange.start_response(status, headers):
@@ -505,13 +795,13 @@ class FakeState:
             exchange.entry["outcome"] = "error"
             exchange.entry["finished_at"] = time.time()
 
-    async def _send_failure(self, exchange: _Exchange, behaviour: Behaviour, status: int, model: str) -> None:
+    async def _send_failure(self, exchange: _Exchange, encoder: _Encoder, behaviour: Behaviour, status: int) -> None:
         extra: dict[str, str] = {}
         if behaviour.retry_after is not None:
             value = behaviour.retry_after
             extra["retry-after"] = str(int(value)) if float(value).is_integer() else str(value)
-        message = behaviour.error_message or f"Fake upstream error {status} for model {model}."
-        await self._send_error(exchange, status, message, behaviour.error_type, behaviour.error_code, extra)
+        message = behaviour.error_message or f"Fake upstream error {status} for model {encoder.model}."
+        await self._send_error(exchange, encoder, status, message, behaviour.error_type, behaviour.error_code, extra)
 
     @staticmethod
     def _answer(body: dict[str, Any], behaviour: Behaviour, model: str) -> str:
@@ -520,27 +810,18 @@ class FakeState:
         return behaviour.text.replace("{last_user}", _last_user_text(body))
 
     @staticmethod
-    def _usage(body: dict[str, Any], behaviour: Behaviour, answer_tokens: int) -> dict[str, Any]:
+    def _usage(body: dict[str, Any], behaviour: Behaviour, answer_tokens: int) -> _Usage:
         prompt = behaviour.prompt_tokens if behaviour.prompt_tokens is not None else _prompt_word_count(body)
-        completion = answer_tokens + behaviour.reasoning_tokens
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "completion_tokens_details": {
-                "reasoning_tokens": behaviour.reasoning_tokens,
-                "audio_tokens": 0,
-                "accepted_prediction_tokens": 0,
-                "rejected_prediction_tokens": 0,
-            },
-            "prompt_tokens_details": {"cached_tokens": behaviour.cached_tokens, "audio_tokens": 0},
-        }
+        return _Usage(
+            prompt=prompt,
+            cached=behaviour.cached_tokens,
+            completion=answer_tokens + behaviour.reasoning_tokens,
+            reasoning=behaviour.reasoning_tokens,
+        )
 
-    async def _complete(
-        self, exchange: _Exchange, body: dict[str, Any], behaviour: Behaviour, plan: _Plan, model: str
-    ) -> None:
+    async def _complete(self, exchange: _Exchange, encoder: _Encoder, behaviour: Behaviour, plan: _Plan) -> None:
         entry = exchange.entry
-        answer = self._answer(body, behaviour, model)
+        answer = self._answer(encoder.body, behaviour, encoder.model)
         tokens = split_tokens(answer)
         reasoning = split_tokens(behaviour.reasoning_text or "")
         delay_ms = behaviour.ttft_ms + (len(tokens) + len(reasoning)) * behaviour.token_delay_ms
@@ -551,18 +832,7 @@ class FakeState:
             entry["finished_at"] = time.time()
             await exchange.close_connection(reset=False)
             return
-        message: dict[str, Any] = {"role": "assistant", "content": answer, "refusal": None, "annotations": []}
-        if behaviour.reasoning_text is not None:
-            message["reasoning_content"] = behaviour.reasoning_text
-        payload = {
-            "id": f"chatcmpl-fake-{entry['id']}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
-            "usage": self._usage(body, behaviour, len(tokens)),
-        }
+        payload = encoder.message(answer, behaviour.reasoning_text, self._usage(encoder.body, behaviour, len(tokens)))
         headers = {"content-type": "application/json", "x-request-id": f"req-fake-{entry['id']}"}
         if not await exchange.start_response(200, headers):
             return
@@ -572,30 +842,13 @@ class FakeState:
         entry["outcome"] = "ok"
         entry["finished_at"] = time.time()
 
-    async def _stream(
-        self, exchange: _Exchange, body: dict[str, Any], behaviour: Behaviour, plan: _Plan, model: str
-    ) -> None:
+    async def _stream(self, exchange: _Exchange, encoder: _Encoder, behaviour: Behaviour, plan: _Plan) -> None:
         entry = exchange.entry
-        answer = self._answer(body, behaviour, model)
+        answer = self._answer(encoder.body, behaviour, encoder.model)
         tokens = split_tokens(answer)
-        items = [("reasoning_content", t) for t in split_tokens(behaviour.reasoning_text or "")]
-        items += [("content", t) for t in tokens]
-        stream_options = body.get("stream_options")
-        include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
-        created = int(time.time())
-
-        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-            data: dict[str, Any] = {
-                "id": f"chatcmpl-fake-{entry['id']}",
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "system_fingerprint": None,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-            }
-            if include_usage:
-                data["usage"] = None
-            return b"data: " + _dumps(data) + b"\n\n"
+        items: list[tuple[Kind, str]] = [("reasoning", t) for t in split_tokens(behaviour.reasoning_text or "")]
+        items += [("text", t) for t in tokens]
+        usage = self._usage(encoder.body, behaviour, len(tokens))
 
         async def emit(data: bytes) -> bool:
             return await exchange.send({"type": "http.response.body", "body": data, "more_body": True})
@@ -609,7 +862,7 @@ class FakeState:
             return
         if not await exchange.sleep(behaviour.ttft_ms / 1000):
             return
-        if not await emit(chunk({"role": "assistant", "content": ""})):
+        if not await emit(encoder.stream_start(usage, items[0][0] if items else "text")):
             return
         for index in range(len(items) + 1):
             if plan.hang_after is not None and index == min(plan.hang_after, len(items)):
@@ -620,33 +873,31 @@ class FakeState:
                 entry["finished_at"] = time.time()
                 await exchange.close_connection(reset=False)
                 return
+            if plan.end_after is not None and index == min(plan.end_after, len(items)):
+                await exchange.finish(b"")  # a complete HTTP body, an incomplete stream
+                entry["outcome"] = "ended"
+                entry["finished_at"] = time.time()
+                return
             if index == len(items):
                 break
             if index > 0 and not await exchange.sleep(behaviour.token_delay_ms / 1000):
                 return
             kind, token = items[index]
-            if not await emit(chunk({kind: token})):
+            if not await emit(encoder.stream_token(kind, token)):
                 return
             if entry["first_token_at"] is None:
                 entry["first_token_at"] = time.time()
             entry["tokens_sent"] = index + 1
-        if not await emit(chunk({}, "stop")):
-            return
-        if include_usage:
-            usage_chunk = {
-                "id": f"chatcmpl-fake-{entry['id']}",
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "system_fingerprint": None,
-                "choices": [],
-                "usage": self._usage(body, behaviour, len(tokens)),
-            }
-            if not await emit(b"data: " + _dumps(usage_chunk) + b"\n\n"):
+        *events, last = encoder.stream_end(usage)
+        for event in events:
+            if not await emit(event):
                 return
-        await exchange.finish(b"data: [DONE]\n\n")
+        await exchange.finish(last)
         entry["outcome"] = "ok"
         entry["finished_at"] = time.time()
+
+
+ENCODERS: dict[str, type[_Encoder]] = {"openai": _OpenAIEncoder, "anthropic": _AnthropicEncoder}
 
 
 def create_app() -> ASGIApp:
@@ -692,8 +943,9 @@ def create_app() -> ASGIApp:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         # The chat handler gets the server's own receive/send (not wrapped by middleware) so it can
         # watch for http.disconnect and reach the transport to close the connection abruptly.
-        if scope["type"] == "http" and scope["path"] in CHAT_PATHS and scope["method"] == "POST":
-            await state.handle_chat(scope, receive, send)
+        protocol = UPSTREAM_PATHS.get(scope["path"]) if scope["type"] == "http" else None
+        if protocol is not None and scope["method"] == "POST":
+            await state.handle_upstream(scope, receive, send, protocol)
         else:
             await control(scope, receive, send)
 
@@ -701,7 +953,7 @@ def create_app() -> ASGIApp:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="OpenAI-compatible fake LLM upstream for tests")
+    parser = argparse.ArgumentParser(description="Fake LLM upstream (OpenAI and Anthropic APIs) for tests")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"])

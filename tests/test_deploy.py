@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 import yaml
 
 from mom_service.config import Settings
@@ -341,12 +342,41 @@ def test_load_balancer_config(compose: dict[str, Any], final: Stage) -> None:
     assert re.search(r"proxy_read_timeout\s+300s;", directives)
     (body,) = re.findall(r"client_max_body_size\s+(\d+)m;", directives)
     assert int(body) * 1024 * 1024 >= MAX_BODY_BYTES  # the service's own limit answers 413, in OpenAI's shape
-    # a draining replica's 503 sends the request to the other one; a timeout never repeats a running request
+    # A chat POST goes to the other replica only when the first spent nothing on it (see test_load_balancer.py):
+    # never re-sent once it reached a replica (no `non_idempotent` with `error` or `timeout`), a 503 refusal handed
+    # to a named location that retries 503s only.
+    locations = nginx_locations(directives)
+    main = locations["/"]
+    assert main["proxy_next_upstream"] == ["error"]
+    assert main["proxy_intercept_errors"] == ["on"]
+    ((status, equals, named),) = (e.split() for e in main["error_page"])
+    assert (status, equals) == ("503", "=") and named.startswith("@")
+    other = locations[named]
+    assert other["proxy_pass"] == main["proxy_pass"] == ["http://mom_replicas"]
+    assert other["proxy_next_upstream"] == ["http_503 non_idempotent"]
+    assert "proxy_intercept_errors" not in other  # the last 503 reaches the client as the replica sent it
+    for streaming in (main, other):
+        assert streaming["proxy_buffering"] == ["off"]
+        assert streaming["proxy_read_timeout"] == ["300s"]
+    assert locations["/health"]["proxy_next_upstream"] == ["error timeout"]  # GETs
     retry = re.findall(r"proxy_next_upstream\s+([^;]*);", directives)
-    assert "error http_503 non_idempotent" in retry
-    assert all("timeout" not in r for r in retry if "non_idempotent" in r)
+    assert all("error" not in r.split() and "timeout" not in r.split() for r in retry if "non_idempotent" in r)
+    # idle upstream connections close at nginx first: a POST on one the replica just closed would not be re-sent
+    (keepalive_timeout,) = re.findall(r"keepalive_timeout\s+(\d+)s;", upstream)
+    assert int(keepalive_timeout) < uvicorn.Config(app=None).timeout_keep_alive
     assert re.search(r"location\s+=\s+/lb-health", directives)
     assert "/lb-health" in " ".join(compose["services"]["lb"]["healthcheck"]["test"])
+
+
+def nginx_locations(directives: str) -> dict[str, dict[str, list[str]]]:
+    """Each `location` block of an nginx config (comments removed), by its name or path: directive -> arguments."""
+    locations: dict[str, dict[str, list[str]]] = {}
+    for spec, body in re.findall(r"location\s+([^{]+?)\s*\{([^}]*)\}", directives):
+        parsed: dict[str, list[str]] = {}
+        for name, arguments in re.findall(r"(\w+)\s+([^;]*);", body):
+            parsed.setdefault(name, []).append(" ".join(arguments.split()))
+        locations[spec.split()[-1]] = parsed
+    return locations
 
 
 def test_env_example_has_no_secrets() -> None:

@@ -1,7 +1,8 @@
 """Health endpoints.
 
 `/health` and `/health/live`: liveness, fast, no I/O, no auth, reveal nothing. `/health/ready`: no auth; ready when
-the config is loaded and the usage database answers. `/health/detailed[?check_llm=true]`: bearer; every component.
+the config is loaded and the usage database answers. `/health/detailed[?check_llm=true]`: bearer; every component,
+checked for each report, except the LLMs' billed live calls: one run at a time, reused for 60 s (health.LiveChecks).
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ async def ready(request: Request) -> JSONResponse:
 async def detailed(
     state: StateDep,
     _: Authorized,
-    check_llm: Annotated[bool, Query(description="make one single-token call to every LLM")] = False,
+    check_llm: Annotated[
+        bool, Query(description="one single-token call to every LLM (billed; results reused for 60 s)")
+    ] = False,
 ) -> JSONResponse:
-    report = await health.detailed_report(state, check_llms=check_llm)
+    report = await health.detailed_report(state, live=state.llm_checks if check_llm else None)
     return _json(report, 503 if report["status"] == "error" else 200)

@@ -22,6 +22,7 @@ router = APIRouter(prefix="/v1")
 prometheus_router = APIRouter()
 
 DEFAULT_PERIOD_S = 24 * 3600
+MAX_RANGE_DAYS = 366  # a longer range is refused: a year of records per query at most
 MAX_UNIX_S = 253402300800  # 10000-01-01
 
 
@@ -53,6 +54,17 @@ def parse_time(value: str, param: str) -> float:
     return parsed.timestamp()
 
 
+def check_range(start_s: float, end_s: float) -> None:
+    """At most MAX_RANGE_DAYS from 'start' to 'end'."""
+    if end_s - start_s > MAX_RANGE_DAYS * 86_400:
+        raise InvalidRequest(
+            f"Invalid value for 'start': the range from 'start' to 'end' is longer than {MAX_RANGE_DAYS} days; "
+            f"ask for at most {MAX_RANGE_DAYS} days at once.",
+            param="start",
+            code="invalid_value",
+        )
+
+
 def iso(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
 
@@ -71,6 +83,7 @@ async def usage(
     start_s = parse_time(start, "start") if start is not None else end_s - DEFAULT_PERIOD_S
     if end_s < start_s:
         raise InvalidRequest("'end' is before 'start'.", param="end", code="invalid_value")
+    check_range(start_s, end_s)
     allowed = get_args(GroupBy)
     if group_by is not None and group_by not in allowed:
         raise InvalidRequest(

@@ -7,10 +7,12 @@ built for every chunk, so they stay cheap; the tests validate them against OpenA
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import ErrorDetails
 from typing_extensions import TypedDict
 
 from mom_service.cost_calculation import usd
@@ -18,6 +20,8 @@ from mom_service.errors import InvalidRequest
 from mom_service.events import Breakdown, CallReport, Usage
 
 # ---------------------------------------------------------------------------------------------------- requests
+
+MAX_STOP = 4  # stop sequences, as OpenAI allows
 
 SAMPLING_PARAMS = (
     "temperature",
@@ -33,7 +37,10 @@ SAMPLING_PARAMS = (
 
 
 class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """Unknown fields are accepted (and never read); known ones are validated strictly, as OpenAI's API does: a
+    string where a boolean or a number belongs is a 400, not coerced."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class TextPart(_Open):
@@ -94,7 +101,7 @@ class ChatCompletionRequest(_Open):
     top_p: float | None = Field(default=None, ge=0, le=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = None
     user: str | None = Field(default=None, max_length=256)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -138,27 +145,101 @@ def _param_path(loc: tuple[int | str, ...]) -> str:
     return path
 
 
-def parse_chat_request(data: Any) -> ChatCompletionRequest:
-    """Validate a decoded body; raise an OpenAI-shaped 400 naming the first wrong parameter."""
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """What one request may hold before it reaches a provider (MOM_MAX_MESSAGES, MOM_MAX_TEXT_CHARS)."""
+
+    max_messages: int = 2000
+    max_text_chars: int = 4 * 1024 * 1024
+
+
+_JSON_TYPES: dict[str, str] = {
+    "bool_type": "a boolean",
+    "int_type": "an integer",
+    "float_type": "a number",
+    "string_type": "a string",
+    "list_type": "an array",
+    "dict_type": "an object",
+    "model_type": "an object",
+}
+
+
+_PYTHON_JSON_TYPES: tuple[tuple[type, str], ...] = (
+    (bool, "a boolean"),  # (before int: a bool is an int in Python)
+    (int, "an integer"),
+    (float, "a decimal number"),
+    (str, "a string"),
+    (list, "an array"),
+    (dict, "an object"),
+)
+
+
+def _json_type(value: Any) -> str:
+    """What JSON type a decoded value was, as OpenAI's errors name it."""
+    return next((name for kind, name in _PYTHON_JSON_TYPES if isinstance(value, kind)), "null")
+
+
+def _invalid(error: ErrorDetails) -> InvalidRequest:
+    """OpenAI's 400 for one validation error, naming the parameter (its own wording for wrong types)."""
+    param = _param_path(error["loc"])
+    if error["type"] == "missing":
+        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    expected = _JSON_TYPES.get(error["type"])
+    if expected is not None:
+        message = f"Invalid type for '{param}': expected {expected}, but got {_json_type(error['input'])} instead."
+        return InvalidRequest(message, param=param, code="invalid_type")
+    if error["type"] == "too_long" and isinstance(error["input"], list):
+        return _array_too_long(param, int((error.get("ctx") or {}).get("max_length", 0)), len(error["input"]))
+    return InvalidRequest(f"Invalid value for '{param}': {error['msg']}.", param=param, code="invalid_value")
+
+
+def _array_too_long(param: str, limit: int, length: int) -> InvalidRequest:
+    return InvalidRequest(
+        f"Invalid '{param}': array too long. Expected an array with maximum length {limit}, but got an array with "
+        f"length {length} instead.",
+        param=param,
+        code="array_above_max_length",
+    )
+
+
+def text_chars(messages: list[ChatMessage]) -> int:
+    """Characters of text in a conversation (images not counted)."""
+    total = 0
+    for message in messages:
+        if isinstance(message.content, str):
+            total += len(message.content)
+        else:
+            total += sum(len(part.text) for part in message.content if isinstance(part, TextPart))
+    return total
+
+
+def parse_chat_request(data: Any, limits: RequestLimits = RequestLimits()) -> ChatCompletionRequest:
+    """Validate a decoded body; raise an OpenAI-shaped 400 naming the first wrong parameter. The size of what a
+    request may hold is checked first, so an oversized one costs no validation."""
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_request_body")
+    messages = data.get("messages")
+    if isinstance(messages, list) and len(messages) > limits.max_messages:
+        raise _array_too_long("messages", limits.max_messages, len(messages))
     try:
         request = ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
-        # A union failure lists one error per branch: report the most specific (longest) location.
-        first = max(errors, key=lambda e: len(e["loc"]), default=None)
+        # A union failure lists one error per branch: report the most specific (longest) location, and of those
+        # the branch whose type matched (an array too long, rather than "not a string").
+        first = max(errors, key=lambda e: (len(e["loc"]), e["type"] not in _JSON_TYPES), default=None)
         if first is None:
             raise InvalidRequest("Invalid request body.") from None
-        param = _param_path(first["loc"])
-        if first["type"] == "missing":
-            raise InvalidRequest(
-                f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
-            ) from None
-        message = f"Invalid value for '{param}': {first['msg']}."
-        raise InvalidRequest(message, param=param, code="invalid_value") from None
+        raise _invalid(first) from None
     if request.n is not None and request.n != 1:
         raise InvalidRequest("Only n=1 is supported: a MoM model gives one answer.", param="n", code="invalid_value")
+    chars = text_chars(request.messages)
+    if chars > limits.max_text_chars:
+        raise InvalidRequest(
+            f"The messages hold {chars} characters of text; at most {limits.max_text_chars} are accepted.",
+            param="messages",
+            code="request_too_large",
+        )
     return request
 
 
@@ -211,6 +292,7 @@ def _report_dict(report: CallReport) -> dict[str, Any]:
         "latency_ms": report.latency_ms,
         "ttft_ms": report.ttft_ms,
         "usage": usage_dict(report.usage, report.cost) if report.usage is not None else None,
+        "usage_estimated": report.estimated,
         "cost": usd(report.cost),
         "cached": report.cached,
         "images": report.images,
@@ -228,6 +310,7 @@ def breakdown_dict(breakdown: Breakdown) -> dict[str, Any]:
         "degraded": breakdown.degraded,
         "cost": usd(breakdown.cost),
         "cost_saved": usd(breakdown.saved) or 0.0,
+        "usage_estimated": breakdown.usage_estimated,
         "unpriced": breakdown.unpriced,
         "cache": breakdown.cache,
     }

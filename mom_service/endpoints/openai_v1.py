@@ -15,12 +15,14 @@ from fastapi.responses import JSONResponse, Response
 from mom_service.admission import Admission
 from mom_service.auth import Authorized, RateLimitedToken
 from mom_service.core_logic import CachePolicy, make_plan
-from mom_service.endpoints.models import ModelList, ModelObject, model_object, parse_chat_request
+from mom_service.endpoints.models import ModelList, ModelObject, RequestLimits, model_object, parse_chat_request
 from mom_service.endpoints.serialize import CompletionCollector, StreamSerializer
 from mom_service.endpoints.streaming import ClientGone, ServerStopping, SSEResponse, unless_disconnected
-from mom_service.errors import CLIENT_CLOSED, InternalError, InvalidRequest, NotFound
+from mom_service.errors import CLIENT_CLOSED, InternalError, InvalidRequest, MoMError, NotFound
 from mom_service.events import Event, Failed
-from mom_service.multimodal_utils import check_images
+from mom_service.image_fetch import download_all
+from mom_service.multimodal_utils import check_images, needs_bytes
+from mom_service.redaction import KEEP_TRACEBACK
 from mom_service.state import StateDep
 
 logger = logging.getLogger(__name__)
@@ -63,27 +65,36 @@ async def _read_json(request: Request) -> Any:
 
 
 @router.post("/chat/completions")
-async def chat_completions(request: Request, state: StateDep, _: Authorized, __: RateLimitedToken) -> Response:
-    chat = parse_chat_request(await _read_json(request))
+async def chat_completions(request: Request, state: StateDep, caller: Authorized, _: RateLimitedToken) -> Response:
+    settings = state.settings
+    limits = RequestLimits(max_messages=settings.mom_max_messages, max_text_chars=settings.mom_max_text_chars)
+    chat = parse_chat_request(await _read_json(request), limits)
     mom = state.config.mom_model(chat.model)
     if mom is None:
         raise NotFound(f"The model '{chat.model}' does not exist.", code="model_not_found", param="model")
     messages = chat.upstream_messages()
-    settings = state.settings
     images = await check_images(
         messages, max_images=settings.mom_max_images, allow_private=settings.mom_allow_private_image_urls
     )
+    downloaded: dict[str, str] = {}  # image URL -> the data: URL of its bytes, for the providers that need them
+    asked = (state.config.llm(n) for n in (*mom.llms_to_query, mom.concluding_llm, *mom.concluding_fallbacks))
+    if images.remote and needs_bytes(asked, state.vision):  # before any upstream call
+        downloaded = await download_all(
+            images.remote, max_bytes=settings.mom_max_image_bytes, timeout_s=settings.mom_image_fetch_timeout_seconds
+        )
     plan = make_plan(
         state.config,
         mom,
         messages,
         chat.sampling_params(),
         vision=state.vision,
-        has_images=images > 0,
+        has_images=images.count > 0,
+        downloaded=downloaded,
         request_id=getattr(request.state, "request_id", None) or str(uuid.uuid4()),
         stream=bool(chat.stream),
         user=chat.user,
         cache=cache_policy(request.headers.get("cache-control", "")) if state.cache is not None else None,
+        caller=caller,
     )
     events = state.engine.run(plan)
     stop = state.admission.cut_off
@@ -104,40 +115,44 @@ async def chat_completions(request: Request, state: StateDep, _: Authorized, __:
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED)
         except ServerStopping:
-            raise Admission.shutting_down() from None
+            raise Admission.cut_off_error() from None
 
     serializer = StreamSerializer(mom, include_usage=chat.include_usage)
-
-    async def first_output() -> bytes:
-        """Wait for the first bytes worth sending; an error before them is answered with its HTTP status."""
-        async for event in events:
-            if isinstance(event, Failed):
-                await events.aclose()
-                raise event.error
-            out = serializer.feed(event)
-            if out:
-                return out
-        return b""
-
-    try:
-        first = await unless_disconnected(request, first_output(), stop)
+    body = _sse(events, serializer)
+    try:  # the first bytes worth sending; a failure before them is answered with its HTTP status
+        first = await unless_disconnected(request, anext(body, b""), stop)
     except ClientGone:
-        await events.aclose()
+        await body.aclose()
         return Response(status_code=CLIENT_CLOSED)
     except ServerStopping:
-        await events.aclose()
-        raise Admission.shutting_down() from None
-    return SSEResponse(_sse(first, events, serializer), stop, serializer.error(Admission.shutting_down()))
+        await body.aclose()
+        raise Admission.cut_off_error() from None
+    return SSEResponse(_after(first, body), stop, serializer.error(Admission.cut_off_error()))
 
 
-async def _sse(first: bytes, events: AsyncGenerator[Event], serializer: StreamSerializer) -> AsyncGenerator[bytes]:
+async def _sse(events: AsyncGenerator[Event], serializer: StreamSerializer) -> AsyncGenerator[bytes]:
+    """The stream's SSE frames, the engine's events closed however it ends. A failure before the first frame is
+    raised, to be answered with its HTTP status; after it, it is the stream's last event."""
     async with aclosing(events):
-        yield first
         try:
             async for event in events:
+                if isinstance(event, Failed) and not serializer.started:
+                    raise event.error
                 out = serializer.feed(event)
                 if out:
                     yield out
-        except Exception as exc:  # a bug must still end the stream in OpenAI's shape
-            logger.error("stream failed: %s", type(exc).__name__)
-            yield serializer.error(InternalError("The service failed while answering.", code="internal_error"))
+        except MoMError:
+            raise
+        except Exception as exc:  # a bug in the encoding: the stream still ends in OpenAI's shape
+            logger.error("stream failed", exc_info=exc, extra={KEEP_TRACEBACK: True})
+            error = InternalError("The service failed while answering this request.")
+            if not serializer.started:
+                raise error from None
+            yield serializer.error(error)
+
+
+async def _after(first: bytes, body: AsyncGenerator[bytes]) -> AsyncGenerator[bytes]:
+    async with aclosing(body):
+        yield first
+        async for out in body:
+            yield out

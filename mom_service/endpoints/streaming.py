@@ -1,7 +1,9 @@
 """Client disconnects: a stream stops and closes the engine; a wait before the response also notices them.
 
 The same goes for the end of a shutdown's grace period (`stop`): a wait is cancelled with ServerStopping, and a
-stream ends with a last frame (an error event and `[DONE]`) instead of being cut off mid-way.
+stream ends with a last frame (an error event and `[DONE]`) instead of being cut off mid-way. Either way the answer
+was cut off after its LLM calls began: the endpoint answers `cut_off_by_shutdown` (500), never the 503 that tells a
+load balancer the request was refused untouched and may go to another replica.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class ClientGone(Exception):
 
 
 class ServerStopping(Exception):
-    """The shutdown's grace period ended before the answer was ready."""
+    """The shutdown's grace period ended before the answer was ready (answered `Admission.cut_off_error()`)."""
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:

@@ -559,8 +559,8 @@ def test_a_client_leaving_does_not_cut_the_others_off(cached: Service, fake: Fak
         fake.wait_for(lambda log: any(e["model"] == JUDGE for e in log), timeout=10)  # the synthesis started
         with ThreadPoolExecutor(19) as pool:
             futures = [pool.submit(ask, cached, text, stream=i % 2 == 0) for i in range(19)]
-            wait_until(lambda: scrape(cached).value("mom_requests_in_flight") == 20, timeout=10)
-            time.sleep(0.2)  # past admission, into the engine
+            # every one has joined the leader's run (past admission and validation, into the engine)
+            wait_until(lambda: scrape(cached).value("mom_answers_in_progress") == 20, timeout=10)
             leader.close()  # the first client leaves before any answer
             answers = [f.result() for f in futures]
     finally:
@@ -585,8 +585,7 @@ def test_a_follower_leaving_early_is_recorded_without_call_rows(cached: Service,
         fake.wait_for(lambda log: any(e["model"] == JUDGE for e in log), timeout=10)
         follower = raw_request(cached, {"model": "cmom", "messages": question(text)})
         try:
-            wait_until(lambda: scrape(cached).value("mom_requests_in_flight") == 2, timeout=10)
-            time.sleep(0.2)  # past admission, into the engine
+            wait_until(lambda: scrape(cached).value("mom_answers_in_progress") == 2, timeout=10)  # it follows
         finally:
             follower.close()  # it leaves before any answer
         assert_miss(leader.result())
@@ -731,3 +730,70 @@ def test_with_the_cache_turned_off_nothing_is_ever_a_hit(service: Service, fake:
     assert sorted(e["model"] for e in fake.log()) == sorted(["alpha", "beta", "gamma", "judge"] * 3)
     health = httpx.get(f"{service.url}/health/detailed", headers=service.headers(), timeout=10).json()
     assert health["components"]["cache"] == {"status": "ok", "latency_ms": 0.0, "backend": "none"}
+
+
+# ------------------------------------------------------------------------------------- whose answers are whose
+
+TOKEN_A, TOKEN_B = "cache-token-a-123456", "cache-token-b-654321"
+
+
+@pytest.fixture(scope="module")
+def tenants(fake_server: FakeUpstream, start_service: StartService) -> Service:
+    """The cache on, two API tokens (two callers); `cmom-shared` shares its answers between callers."""
+    config = cache_config(fake_server)
+    shared = {**config["models"][0], "name": "cmom-shared", "cache": {"scope": "global"}}
+    config["models"].append(shared)
+    return start_service(
+        config, {"MOM_CACHE_ENABLED": "true", "REDIS_URL": "", "API_TOKEN": f"{TOKEN_A},{TOKEN_B}"}, token=None
+    )
+
+
+def ask_as(service: Service, token: str, text: str, model: str = "cmom") -> Answer:
+    body = {"model": model, "messages": question(text)}
+    response = httpx.post(f"{service.base_url}/chat/completions", headers=service.headers(token), json=body)
+    return parse(response, stream=False)
+
+
+def test_a_caller_never_sees_anothers_cached_answers(tenants: Service, fake: FakeUpstream) -> None:
+    """By default the cache keeps each caller's answers (and members' answers) apart: `mom.cache` cannot tell one
+    caller what another asked."""
+    configure(fake, "Private.")
+    text = "Did anyone else ask this?"
+    first = ask_as(tenants, TOKEN_A, text)
+    assert_miss(first)
+    other = ask_as(tenants, TOKEN_B, text)
+    assert_miss(other)
+    assert all(c["cached"] is False for c in other.calls)  # not even a member's answer came from the cache
+    assert upstream(fake) == sorted([*MEMBERS, JUDGE] * 2)
+    assert_hit(ask_as(tenants, TOKEN_A, text), first)  # each caller still has its own cache
+    assert_hit(ask_as(tenants, TOKEN_B, text), other)
+    assert upstream(fake) == sorted([*MEMBERS, JUDGE] * 2)
+
+
+def test_a_model_may_share_its_cache_between_callers(tenants: Service, fake: FakeUpstream) -> None:
+    configure(fake, "Shared.")
+    text = "Shall we share?"
+    first = ask_as(tenants, TOKEN_A, text, "cmom-shared")
+    assert_miss(first)
+    assert_hit(ask_as(tenants, TOKEN_B, text, "cmom-shared"), first)
+    assert upstream(fake) == sorted([*MEMBERS, JUDGE])
+
+
+# ------------------------------------------------------------------------------------------- empty answers
+
+
+def test_an_empty_member_answer_is_not_cached_nor_the_answer_it_is_part_of(cached: Service, fake: FakeUpstream) -> None:
+    configure(fake, "Two of three.")
+    fake.configure({MEMBERS[1]: {"text": ""}})
+    text = "Who answered nothing?"
+    first = ask(cached, text)
+    assert_miss(first)
+    silent = {m["name"]: m for m in first.mom["members"]}[MEMBERS[1]]
+    assert (silent["status"], silent["reason"]) == ("error", "empty_answer")
+    fake.clear_log()
+    again = ask(cached, text)
+    assert_miss(again)  # an answer with a failed member is not stored
+    members = {m["name"]: m for m in again.mom["members"]}
+    assert members[MEMBERS[1]]["cached"] is False  # asked again: its empty answer was not stored
+    assert members[MEMBERS[0]]["cached"] is True  # the others' answers were
+    assert upstream(fake) == sorted([MEMBERS[1], JUDGE])

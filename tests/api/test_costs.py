@@ -11,7 +11,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.conftest import PRICES, Service, StartService, panel_config
+from tests.conftest import PRICES, CallPath, Service, StartService, cl100k, free_port, llm, panel_config, wait_until
 from tests.fake_upstream import FakeUpstream
 
 QUESTION = [{"role": "user", "content": "How much does this cost?"}]
@@ -168,6 +168,7 @@ def test_usage_api_totals_and_groups_match_the_answers(fresh_service: Service, f
         a["usage"]["completion_tokens_details"]["reasoning_tokens"] for a in answers
     )
     assert totals["cached_tokens"] == sum(a["usage"]["prompt_tokens_details"]["cached_tokens"] for a in answers)
+    assert totals["usage_estimated"] == 0  # the fake reports every call's usage
     assert Decimal(repr(totals["cost"])) == sum((Decimal(repr(a["usage"]["cost"])) for a in answers), Decimal(0))
     assert totals["latency_ms_p50"] > 0 and totals["latency_ms_p95"] >= totals["latency_ms_p50"]
     assert report["groups"] == []
@@ -254,3 +255,119 @@ def test_a_client_that_leaves_still_gets_its_spent_calls_recorded(fresh_service:
     judge = by_llm["judge"]
     assert judge[2] == "cancelled" and judge[4] == 1  # its usage counted by us from what it streamed
     assert 5 <= judge[3] < 200 and judge[5] > 0
+
+
+# ---------------------------------------------------------------------------------- calls that failed, paid
+
+
+ACCOUNT_PRICE = {"input_per_million": "4", "output_per_million": "16"}
+
+
+@pytest.fixture(scope="module")
+def accounts(fake_server: FakeUpstream, start_service: StartService, call_path: CallPath) -> Service:
+    """A panel whose calls fail in the ways that are, and are not, paid for (no retries: one call each)."""
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there: a connection refused, never sent
+
+    def priced(name: str, **extra: Any) -> dict[str, Any]:
+        return llm(name, fake_server, pricing=ACCOUNT_PRICE, retries=0, **extra)
+
+    config = {
+        "llm_definitions": [
+            priced("acc-one"),
+            priced("acc-tardy", timeout=1),
+            priced("acc-gone", api_base=dead),
+            priced("acc-judge"),
+        ],
+        "models": [
+            {"name": "acc-timeout", "llms_to_query": ["acc-one", "acc-tardy"], "concluding_llm": "acc-judge"},
+            {"name": "acc-refused", "llms_to_query": ["acc-one", "acc-gone"], "concluding_llm": "acc-judge"},
+        ],
+    }
+    return start_service(config, call_path.env)
+
+
+def tokens(text: str) -> int:
+    """Our own count of a text's tokens (cl100k_base, the tokenizer LiteLLM uses for a model it does not know)."""
+    return len(cl100k().encode(text))
+
+
+def account_price(usage: dict[str, Any]) -> Decimal:
+    return (usage["prompt_tokens"] * 4 + usage["completion_tokens"] * 16) / MILLION
+
+
+def call_rows(service: Service, request_id: str) -> dict[str, dict[str, Any]]:
+    query = (
+        "SELECT llm, status, error_type, prompt_tokens, completion_tokens, usage_estimated, cost_pico "
+        "FROM mom_calls WHERE request_id = ?"
+    )
+    names = ("status", "error_type", "prompt_tokens", "completion_tokens", "usage_estimated", "cost_pico")
+    with sqlite3.connect(service.workdir / "data" / "mom.db") as db:
+        return {row[0]: dict(zip(names, row[1:], strict=True)) for row in db.execute(query, (request_id,))}
+
+
+def test_a_member_that_times_out_is_charged_for_its_input(accounts: Service, fake: FakeUpstream) -> None:
+    """Its prompt was sent (the provider bills it) but it never answered: our estimate of the input, marked."""
+    fake.configure({"acc-tardy": {"hang": True}, "acc-one": {"text": "On time."}, "acc-judge": {"text": "Done."}})
+    response = accounts.chat("acc-timeout", messages=QUESTION)
+    body = response.json()
+    tardy = {m["name"]: m for m in body["mom"]["members"]}["acc-tardy"]
+    assert (tardy["status"], tardy["reason"], tardy["usage_estimated"]) == ("error", "timeout", True)
+    assert tardy["usage"]["prompt_tokens"] > 0 and tardy["usage"]["completion_tokens"] == 0
+    assert Decimal(repr(tardy["cost"])) == account_price(tardy["usage"])
+    assert body["mom"]["usage_estimated"] is True
+    total = sum(Decimal(repr(m["cost"])) for m in body["mom"]["members"]) + Decimal(
+        repr(body["mom"]["concluding"]["cost"])
+    )
+    assert Decimal(repr(body["mom"]["cost"])) == total
+    wait_until(lambda: "acc-tardy" in call_rows(accounts, response.headers["x-request-id"]))
+    row = call_rows(accounts, response.headers["x-request-id"])["acc-tardy"]
+    assert (row["status"], row["error_type"], row["usage_estimated"]) == ("error", "timeout", 1)
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (tardy["usage"]["prompt_tokens"], 0)
+    assert Decimal(row["cost_pico"]) / 10**12 == account_price(tardy["usage"])
+
+
+def test_a_concluding_llm_failing_mid_stream_is_charged_for_what_it_streamed(
+    accounts: Service, fake: FakeUpstream
+) -> None:
+    fake.configure(
+        {
+            "acc-one": {"text": "Fine."},
+            "acc-tardy": {"text": "Fine too."},
+            "acc-judge": {"text": JUDGED, "stop_after_tokens": 3},
+        }
+    )
+    with httpx.Client(timeout=30) as client:
+        response = client.post(
+            f"{accounts.base_url}/chat/completions",
+            headers=accounts.headers(),
+            json={"model": "acc-timeout", "messages": QUESTION, "stream": True},
+        )
+    assert response.status_code == 200
+    assert orjson.loads(response.text.split("\n\n")[-3].removeprefix("data: "))["error"]["code"] == "concluding_failed"
+    request_id = response.headers["x-request-id"]
+    wait_until(lambda: "acc-judge" in call_rows(accounts, request_id))
+    judge = call_rows(accounts, request_id)["acc-judge"]
+    assert (judge["status"], judge["error_type"], judge["usage_estimated"]) == ("error", "truncated", 1)
+    assert judge["completion_tokens"] == tokens("one two three ")  # what it streamed before the cut
+    assert judge["prompt_tokens"] > 0
+    usage = {"prompt_tokens": judge["prompt_tokens"], "completion_tokens": judge["completion_tokens"]}
+    assert Decimal(judge["cost_pico"]) / 10**12 == account_price(usage)
+
+
+JUDGED = "one two three four five six"
+
+
+def test_a_call_that_never_reached_its_provider_costs_nothing(accounts: Service, fake: FakeUpstream) -> None:
+    fake.configure({"acc-one": {"text": "Here."}, "acc-judge": {"text": "Done."}})
+    body = accounts.chat("acc-refused", messages=QUESTION).json()
+    gone = {m["name"]: m for m in body["mom"]["members"]}["acc-gone"]
+    assert (gone["status"], gone["reason"]) == ("error", "connection")
+    assert (gone["usage"], gone["usage_estimated"], gone["cost"]) == (None, False, 0)
+    assert body["mom"]["usage_estimated"] is False
+
+
+def test_a_call_refused_with_an_error_status_costs_nothing(accounts: Service, fake: FakeUpstream) -> None:
+    fake.configure({"acc-tardy": {"status": 400}, "acc-one": {"text": "Here."}, "acc-judge": {"text": "Done."}})
+    body = accounts.chat("acc-timeout", messages=QUESTION).json()
+    refused = {m["name"]: m for m in body["mom"]["members"]}["acc-tardy"]
+    assert (refused["status"], refused["reason"], refused["usage"], refused["cost"]) == ("error", "http_error", None, 0)

@@ -11,7 +11,7 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import TOKEN, Service
+from tests.conftest import TOKEN, Service, StartService, llm
 from tests.fake_upstream import FakeUpstream
 from tests.openai_schema import validate
 
@@ -76,20 +76,21 @@ def test_concluding_failing_before_answering_is_a_502(service: Service, fake: Fa
     assert "judge crashed" in body["error"]["message"]
 
 
-def test_concluding_failing_mid_stream_ends_with_an_error_event_then_done(service: Service, fake: FakeUpstream) -> None:
-    fake.configure({"judge": {"text": "one two three four five six", "stop_after_tokens": 3}})
-    response = service.chat(messages=QUESTION, stream=True)
+def failed_stream(response: httpx.Response) -> tuple[dict[str, Any], str]:
+    """(the error event, the content streamed before it) of a 200 stream that ended with an error then [DONE]."""
     assert response.status_code == 200
     frames = [f.removeprefix("data: ") for f in response.text.split("\n\n") if f.strip()]
     assert frames[-1] == "[DONE]"
-    error = orjson.loads(frames[-2])
+    error: dict[str, Any] = orjson.loads(frames[-2])
     validate(error, "ErrorResponse")
+    chunks = [orjson.loads(f) for f in frames[:-2]]
+    return error, "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+
+
+def test_concluding_failing_mid_stream_ends_with_an_error_event_then_done(service: Service, fake: FakeUpstream) -> None:
+    fake.configure({"judge": {"text": "one two three four five six", "stop_after_tokens": 3}})
+    error, content = failed_stream(service.chat(messages=QUESTION, stream=True))
     assert error["error"]["code"] == "concluding_failed"
-    content = "".join(
-        orjson.loads(f)["choices"][0]["delta"].get("content") or ""
-        for f in frames[:-2]
-        if orjson.loads(f).get("choices")
-    )
     assert content == "one two three "
 
 
@@ -172,3 +173,60 @@ def test_disconnect_during_the_synthesis_stream_cancels_the_concluding_call(
     judge = next(e for e in log if e["model"] == "judge")
     assert judge["disconnected_at"] - left < 1.0
     assert judge["tokens_sent"] < 200
+
+
+# ---------------------------------------------------------------------------------- streams cut short, cleanly
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_concluding_stream_ending_without_its_end_is_a_failure(
+    service: Service, fake: FakeUpstream, stream: bool
+) -> None:
+    """The server ends its response properly after two tokens, with neither a finish_reason nor [DONE]: no
+    transport error says so, but the answer is not complete (on either call path)."""
+    fake.configure({"judge": {"text": "one two three four", "end_after_tokens": 2}})
+    assert_cut_short(service.chat(messages=QUESTION, stream=stream), stream)
+
+
+def assert_cut_short(response: httpx.Response, stream: bool) -> None:
+    """A 502 (or, streamed, an error event after what was sent) saying the concluding LLM's stream ended early."""
+    if stream:
+        error, content = failed_stream(response)
+        assert content == "one two "
+    else:
+        assert response.status_code == 502
+        error = response.json()
+        validate(error, "ErrorResponse")
+    assert error["error"]["code"] == "concluding_failed"
+    assert "the stream ended before the LLM finished its answer" in error["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def claude_concludes(fake_server: FakeUpstream, start_service: StartService) -> Service:
+    """A concluding LLM on LiteLLM's Anthropic provider (the fake speaks the Messages API too): another stream
+    format, with its own way of ending, on the LiteLLM path."""
+    config: dict[str, Any] = {
+        "llm_definitions": [
+            llm("fa-member", fake_server),
+            {
+                "name": "fa-claude",
+                "model": "anthropic/fa-claude",
+                "api_base": fake_server.root_url,
+                "api_key_env": "FAKE_KEY",
+                "retries": 0,
+            },
+        ],
+        "models": [{"name": "fa-mom", "llms_to_query": ["fa-member"], "concluding_llm": "fa-claude"}],
+    }
+    return start_service(config)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_anthropic_stream_ending_without_its_end_is_a_failure(
+    claude_concludes: Service, fake: FakeUpstream, stream: bool
+) -> None:
+    fake.configure({"fa-claude": {"text": "one two three four", "end_after_tokens": 2}})
+    response = claude_concludes.chat("fa-mom", messages=QUESTION, stream=stream)
+    (call,) = [e for e in fake.log() if e["model"] == "fa-claude"]
+    assert (call["protocol"], call["outcome"]) == ("anthropic", "ended")
+    assert_cut_short(response, stream)

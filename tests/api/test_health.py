@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,11 @@ def assert_reveals_nothing(response: httpx.Response, fake: FakeUpstream) -> None
 
 
 def detailed(service: Service, fake: FakeUpstream, query: str = "", status: int = 200) -> dict[str, Any]:
-    response = get(service, f"/health/detailed{query}")
+    return validated(get(service, f"/health/detailed{query}"), fake, status)
+
+
+def validated(response: httpx.Response, fake: FakeUpstream, status: int = 200) -> dict[str, Any]:
+    """The body of a detailed report, checked: its status, its shape, and that it reveals nothing."""
     assert response.status_code == status, response.text
     assert response.headers["cache-control"] == "no-store"
     assert_reveals_nothing(response, fake)
@@ -178,6 +183,73 @@ def test_check_llm_calls_every_llm_once_bounded_and_reports_failures(service: Se
     assert max(arrivals) - min(arrivals) < 0.5
 
 
+async def test_check_llm_is_one_shared_run_reused_for_a_minute(
+    start_service: StartService, fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """`check_llm=true` bills a call to every LLM: reports asked for at once share one run (one call per LLM), a
+    report within 60 s reuses its results and says how old they are; the rest of the report is checked every time."""
+    database = tmp_path / "mom.db"
+    checked = start_service(panel_config(fake), {"DATABASE_URL": f"sqlite+aiosqlite:///{database}"})
+    fake.configure({"*": {"ttft_ms": 1000}, "sloth": {"hang": True}})  # every live call takes about 1 s
+    try:
+        await check_once_then_reuse(checked, fake, database)
+    finally:
+        fake.reset()  # slow calls are this test's: not for tests that use the fake without resetting it
+
+
+async def check_once_then_reuse(checked: Service, fake: FakeUpstream, database: Path) -> None:
+    url = f"{checked.url}/health/detailed?check_llm=true"
+    async with httpx.AsyncClient(timeout=30) as client:
+
+        async def report() -> tuple[float, httpx.Response]:
+            started = time.monotonic()
+            response = await client.get(url, headers=checked.headers())
+            return time.monotonic() - started, response
+
+        concurrent = await asyncio.gather(*(report() for _ in range(5)))
+    # each of them waited for the run in flight (none was answered from a finished one)...
+    assert all(took >= 0.5 for took, _ in concurrent), [took for took, _ in concurrent]
+    # ...and that run made one call per LLM, not one per report
+    calls = fake.log()
+    assert sorted(e["model"] for e in calls) == sorted("gpt-4o-mini" if n == "catalog" else n for n in PANEL_LLMS)
+    bodies = [validated(response, fake) for _, response in concurrent]
+    for body in bodies:
+        assert body["status"] == "degraded"  # sloth timed out
+        for name in PANEL_LLMS:
+            llm_report = body["components"][f"llm:{name}"]
+            first = bodies[0]["components"][f"llm:{name}"]
+            assert llm_report["checked"] is True
+            assert llm_report["checked_at"] == first["checked_at"]  # one run
+            assert 0 <= llm_report["checked_age_s"] < 60
+        assert body["components"]["llm:alpha"]["status"] == "ok"
+        assert "timed out after 1 s" in body["components"]["llm:sloth"]["error"]
+    checked_at = bodies[0]["components"]["llm:alpha"]["checked_at"]
+    assert abs(datetime.fromisoformat(checked_at).timestamp() - time.time()) < 30
+    oldest = max(b["components"]["llm:alpha"]["checked_age_s"] for b in bodies)
+
+    # within the minute: no call, the same results, older
+    again = detailed(checked, fake, "?check_llm=true")
+    assert len(fake.log()) == len(calls)
+    alpha = again["components"]["llm:alpha"]
+    assert alpha["checked_at"] == checked_at and alpha["checked_age_s"] >= oldest
+    assert alpha["latency_ms"] == bodies[0]["components"]["llm:alpha"]["latency_ms"]
+    assert again["components"]["database"]["status"] == "ok"
+
+    # the database is checked anew on every report, while the LLMs' results are still reused
+    moved = database.with_name("mom.db.moved")
+    database.rename(moved)
+    database.mkdir()
+    try:
+        down = detailed(checked, fake, "?check_llm=true", status=503)
+        assert down["components"]["database"]["status"] == "error"
+        assert down["components"]["llm:alpha"]["checked_at"] == checked_at
+    finally:
+        database.rmdir()
+        moved.rename(database)
+    assert detailed(checked, fake, "?check_llm=true")["components"]["database"]["status"] == "ok"
+    assert len(fake.log()) == len(calls)
+
+
 def test_missing_key_is_degraded_and_never_called(start_service: StartService, fake: FakeUpstream) -> None:
     config = panel_config(fake)
     config["llm_definitions"].append(llm("keyless", fake, api_key_env="SOME_UNSET_VAR"))
@@ -188,7 +260,9 @@ def test_missing_key_is_degraded_and_never_called(start_service: StartService, f
         component = body["components"]["llm:keyless"]
         assert component["status"] == "degraded"
         assert component["key"] == "missing" and component["checked"] is False
-        assert "SOME_UNSET_VAR" in component["error"]
+        # the variable is named in the start-up log, for the operator, not in a response a client can read
+        assert component["error"] == "no API key: the environment variable its api_key_env names is not set"
+        assert "SOME_UNSET_VAR" in keyless.log()
         assert body["components"]["llm:alpha"]["status"] == "ok"
         assert body["components"]["database"]["status"] == "ok"
     assert not [e for e in fake.log() if e["model"] == "keyless"]

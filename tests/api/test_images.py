@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import TOKEN, Service, StartService, panel_config
 from tests.fake_upstream import FakeUpstream
+from tests.image_server import ImageServer, Reply, png_bytes
 from tests.openai_schema import validate
 
 PNG = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 32).decode()
@@ -144,11 +145,15 @@ def test_sdk_image_request(service: Service, fake: FakeUpstream) -> None:
     assert completion.choices[0].message.content == "Described."
 
 
-def test_unresolvable_public_url_is_passed_on(service: Service, fake: FakeUpstream) -> None:
-    url = "https://images.example.invalid/cat.png"
-    assert service.chat("mom", messages=image_question(url)).status_code == 200
-    (part,) = [p for p in sent_to(fake, "alpha")[0]["content"] if p["type"] == "image_url"]
-    assert part["image_url"]["url"] == url
+@pytest.mark.parametrize("url", ["http://no-such-host.invalid/x.png", "https://images.example.invalid/cat.png"])
+def test_a_name_that_does_not_resolve_is_400_and_reaches_nobody(service: Service, fake: FakeUpstream, url: str) -> None:
+    response = service.chat("mom", messages=image_question(url))
+    assert response.status_code == 400
+    error = response.json()["error"]
+    validate(response.json(), "ErrorResponse")
+    assert (error["code"], error["param"]) == ("invalid_image_url", "messages[0].content[1].image_url.url")
+    assert "does not resolve" in error["message"]
+    assert fake.log() == []
 
 
 @pytest.mark.parametrize(
@@ -177,9 +182,13 @@ def test_unsafe_image_urls_are_400_and_reach_nobody(service: Service, fake: Fake
 def test_private_urls_allowed_when_configured(fake_server: FakeUpstream, start_service: StartService) -> None:
     service = start_service(panel_config(fake_server), {"MOM_ALLOW_PRIVATE_IMAGE_URLS": "true"})
     fake_server.reset()
-    url = f"http://127.0.0.1:{fake_server.port}/image.png"
-    assert service.chat("mom", messages=image_question(url)).status_code == 200
-    assert images_in(sent_to(fake_server, "alpha")) == [url]
+    served = png_bytes()
+    with ImageServer({"/image.png": Reply(served)}) as images:
+        url = images.url("/image.png")
+        assert service.chat("mom", messages=image_question(url)).status_code == 200
+        assert images.paths() == ["/image.png"]
+    # alpha, an OpenAI-compatible server, gets the bytes the service downloaded, not the URL
+    assert images_in(sent_to(fake_server, "alpha")) == ["data:image/png;base64," + base64.b64encode(served).decode()]
     # the other checks still hold
     assert service.chat("mom", messages=image_question("file:///etc/passwd")).status_code == 400
 

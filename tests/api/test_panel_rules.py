@@ -167,3 +167,39 @@ def test_failure_after_tokens_is_not_retried_elsewhere(ruled: Service, fake: Fak
     assert frames[-1] == "[DONE]"
     assert orjson.loads(frames[-2])["error"]["code"] == "concluding_failed"
     assert not [e for e in fake.log() if e["model"] in ("qk", "ql")]
+
+
+# ------------------------------------------------------------------------------------------- empty answers
+
+
+@pytest.mark.parametrize("empty", ["", "  \n "])
+def test_an_empty_answer_is_a_failed_member_that_was_paid_for(ruled: Service, fake: FakeUpstream, empty: str) -> None:
+    """No content (and no tool call) is not an answer: status error, reason empty_answer; its tokens were billed."""
+    fake.configure({"qb": {"text": empty, "prompt_tokens": 50}, "qj": {"text": "From qa and qc."}})
+    body = ruled.chat("min-2", messages=QUESTION).json()
+    found = members(body)
+    assert (found["qb"]["status"], found["qb"]["reason"]) == ("error", "empty_answer")
+    assert found["qb"]["usage"]["prompt_tokens"] == 50
+    assert Decimal(str(found["qb"]["cost"])) == Decimal(50 * 2 + found["qb"]["usage"]["completion_tokens"] * 8) / 10**6
+    assert body["mom"]["answered"] == 2 and body["mom"]["degraded"] is True
+    judge = next(e for e in fake.log() if e["model"] == "qj")
+    assert 'name="qb" status="error">\n(no answer: ' in judge["body"]["messages"][-1]["content"]
+
+
+def test_empty_answers_do_not_count_toward_min_successful(ruled: Service, fake: FakeUpstream) -> None:
+    fake.configure({"qb": {"text": ""}, "qc": {"text": " "}})
+    response = ruled.chat("min-2", messages=QUESTION)
+    assert response.status_code == 502
+    error = response.json()["error"]
+    assert error["code"] == "members_failed" and "1 of 3 panel members answered, 2 needed" in error["message"]
+    assert not [e for e in fake.log() if e["model"] == "qj"]
+
+
+def test_empty_answers_do_not_count_toward_the_quorum(ruled: Service, fake: FakeUpstream) -> None:
+    """qa answers nothing at once: the quorum of 2 is reached only when qb and qc have both answered."""
+    fake.configure({"qa": {"text": ""}, "qb": {"ttft_ms": 200}, "qc": {"ttft_ms": 600}, "qj": {"text": "From two."}})
+    body = ruled.chat("quorum-2", messages=QUESTION).json()
+    found = members(body)
+    assert (found["qa"]["status"], found["qa"]["reason"]) == ("error", "empty_answer")
+    assert found["qb"]["status"] == found["qc"]["status"] == "ok"
+    assert body["mom"]["answered"] == 2

@@ -7,6 +7,7 @@ import logging
 import re
 import sqlite3
 import time
+import uuid
 from datetime import datetime
 from typing import Any
 
@@ -47,17 +48,16 @@ def json_request_lines(service: Service) -> list[dict[str, Any]]:
 
 
 def lines_of(service: Service, request_id: str, *, timeout: float = 10.0) -> list[dict[str, str]]:
-    """The text lines of one request, once there is at least one (and a moment later, to see any second one)."""
-    deadline = time.monotonic() + timeout
+    """The text lines of one request, once its request has ended: a later request's line is waited for, as every
+    line of an earlier request is written before it (each when its request ends, before the next one starts)."""
+    sentinel = f"after-{uuid.uuid4().hex}"
+    assert httpx.get(f"{service.url}/no-such-path", headers={"X-Request-ID": sentinel}).status_code == 404
 
-    def found() -> list[dict[str, str]]:
-        return [f for f in map(text_fields, request_lines(service)) if f["request_id"] == request_id]
+    def found(request: str) -> list[dict[str, str]]:
+        return [f for f in map(text_fields, request_lines(service)) if f["request_id"] == request]
 
-    while not found():
-        assert time.monotonic() < deadline, f"no log line for {request_id}:\n{service.log()}"
-        time.sleep(0.05)
-    time.sleep(0.3)
-    return found()
+    wait_until(lambda: bool(found(sentinel)), timeout=timeout)
+    return found(request_id)
 
 
 def one_line(service: Service, request_id: str) -> dict[str, str]:
@@ -265,10 +265,11 @@ def test_json_lines(fake_server: FakeUpstream, start_service: StartService, fake
     assert response.status_code == 200
     assert post(service, b"{nope", request_id="json-2").status_code == 400
     assert post(service, {"model": "mom", "messages": QUESTION}, request_id="json-3", token=None).status_code == 401
-    wait_until(lambda: len(json_request_lines(service)) >= 3)
-    time.sleep(0.3)
-    lines = {line["request_id"]: line for line in json_request_lines(service)}
-    assert len(json_request_lines(service)) == 3
+    # a later request's line is written after every line of the three (each when its request ended)
+    assert httpx.get(f"{service.url}/no-such-path", headers={"X-Request-ID": "json-after"}).status_code == 404
+    wait_until(lambda: any(line["request_id"] == "json-after" for line in json_request_lines(service)))
+    lines = {line["request_id"]: line for line in json_request_lines(service) if line["request_id"] != "json-after"}
+    assert len(json_request_lines(service)) == 4
     chat = lines["json-1"]
     usage = response.json()["usage"]
     assert chat["level"] == "INFO"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import signal
+import socket
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import FAKE_KEY, TOKEN, Service, StartService, panel_config
+from tests.conftest import FAKE_KEY, TOKEN, Service, StartService, llm, panel_config, wait_until
 from tests.fake_upstream import FakeUpstream
 from tests.openai_schema import validate
 
@@ -84,6 +87,84 @@ def test_cors_allows_only_the_configured_origins(fake_server: FakeUpstream, star
     assert simple.headers["access-control-allow-origin"] == "https://chat.example.com"
     other = httpx.get(f"{service.base_url}/models", headers={"Origin": "https://evil.example", **service.headers()})
     assert "access-control-allow-origin" not in other.headers
+
+
+ALLOWED_ORIGIN, OTHER_ORIGIN = "https://chat.example.com", "https://evil.example"
+
+
+def open_chat(service: Service, body: dict[str, Any]) -> socket.socket:
+    """Send a chat request on a raw connection and leave it waiting; closing the socket is the client leaving."""
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{service.port}\r\n"
+        f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
+    connection = socket.create_connection(("127.0.0.1", service.port), timeout=10)
+    connection.sendall(head.encode() + payload)
+    return connection
+
+
+def assert_cors(response: httpx.Response, origin: str | None) -> None:
+    """The response carries the CORS headers for `origin`; with None, it allows no origin."""
+    if origin is None:
+        assert "access-control-allow-origin" not in response.headers, response.headers
+        return
+    assert response.headers["access-control-allow-origin"] == origin
+    assert "x-request-id" in response.headers["access-control-expose-headers"].lower()
+
+
+def test_cors_headers_on_the_refusals_sent_before_the_app(fake: FakeUpstream, start_service: StartService) -> None:
+    """413 (too large), 429 over_capacity and 503 shutting_down are sent by middleware before the app: an allowed
+    origin gets the CORS headers on them too (a browser would see an opaque failure), another origin none."""
+    env = {"ALLOWED_CORS_ORIGINS": ALLOWED_ORIGIN, "MOM_MAX_IN_FLIGHT": "1", "MOM_MAX_BODY_BYTES": "1000"}
+    config = panel_config(fake)
+    # an LLM of this test's own hangs (others' tests may reuse the fake without resetting it)
+    config["llm_definitions"].append(llm("holder", fake))
+    config["models"].append({"name": "mom-held", "llms_to_query": ["holder"], "concluding_llm": "judge"})
+    service = start_service(config, env)
+    url = f"{service.base_url}/chat/completions"
+
+    def post(
+        origin: str, content: bytes = b'{"model": "mom", "messages": [{"role": "user", "content": "hi"}]}'
+    ) -> httpx.Response:
+        headers = {**service.headers(), "Origin": origin, "Content-Type": "application/json"}
+        return httpx.post(url, headers=headers, content=content, timeout=30)
+
+    big = b'{"model": "mom", "messages": [{"role": "user", "content": "' + b"x" * 2000 + b'"}]}'
+    for origin, expected in ((ALLOWED_ORIGIN, ALLOWED_ORIGIN), (OTHER_ORIGIN, None)):
+        too_large = post(origin, big)
+        assert assert_openai_error(too_large, 413)["error"]["code"] == "request_too_large"
+        assert_cors(too_large, expected)
+
+    # one answer in flight, waiting on its hanging panel, holds the only slot
+    fake.configure({"holder": {"hang": True}})
+    process = service.process
+    assert process is not None
+    holder = open_chat(service, {"model": "mom-held", "messages": QUESTION})
+    try:
+        fake.wait_for(lambda log: [e["outcome"] for e in log] == ["hung"], timeout=15)
+        for origin, expected in ((ALLOWED_ORIGIN, ALLOWED_ORIGIN), (OTHER_ORIGIN, None)):
+            busy = post(origin)
+            assert assert_openai_error(busy, 429)["error"]["code"] == "over_capacity"
+            assert busy.headers["retry-after"] == "1"
+            assert_cors(busy, expected)
+        preflight = httpx.options(
+            url, headers={"Origin": ALLOWED_ORIGIN, "Access-Control-Request-Method": "POST"}, timeout=10
+        )
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+        assert "POST" in preflight.headers["access-control-allow-methods"]
+
+        # draining for a shutdown (the held answer keeps the process alive): 503 shutting_down
+        process.send_signal(signal.SIGTERM)
+        wait_until(lambda: httpx.get(f"{service.url}/health/ready", timeout=5).status_code == 503)
+        for origin, expected in ((ALLOWED_ORIGIN, ALLOWED_ORIGIN), (OTHER_ORIGIN, None)):
+            stopping = post(origin)
+            assert assert_openai_error(stopping, 503)["error"]["code"] == "shutting_down"
+            assert_cors(stopping, expected)
+    finally:
+        holder.close()  # the client leaves: its answer ends, and the drain with it
+    assert process.wait(20) == 0, service.log()
 
 
 def test_no_cors_headers_when_no_origins_are_configured(service: Service) -> None:

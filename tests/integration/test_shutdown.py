@@ -225,8 +225,10 @@ def test_sigterm_drains_answers_in_flight_then_exits(fake: FakeUpstream, start_s
 
 
 @pytest.mark.slow
-def test_grace_period_over_ends_answers_with_shutting_down(fake: FakeUpstream, start_service: StartService) -> None:
-    """Answers still running when the grace period ends: streams end in OpenAI's error shape, waits get 503."""
+def test_grace_period_over_cuts_answers_off(fake: FakeUpstream, start_service: StartService) -> None:
+    """Answers still running when the grace period ends: streams end in OpenAI's error shape, waits get a 500; both
+    say `cut_off_by_shutdown`, never the 503 `shutting_down` of a refusal (which a load balancer sends elsewhere,
+    running again a panel already paid for)."""
     fake.configure(
         {
             "judge": {"text": words(40), "token_delay_ms": 150},  # each answer would stream for ~6 s
@@ -257,18 +259,22 @@ def test_grace_period_over_ends_answers_with_shutting_down(fake: FakeUpstream, s
         assert answer.status == 200
         assert answer.frames[-1] == "[DONE]", answer.frames[-3:]
         last = json.loads(answer.frames[-2])
-        assert last["error"]["code"] == "shutting_down", last
-        assert last["error"]["type"] == "service_unavailable", last
+        assert last["error"]["code"] == "cut_off_by_shutdown", last
+        assert last["error"]["type"] == "server_error", last
+        assert "paid" in last["error"]["message"], last
         assert sum("error" in c for c in answer.chunks) == 1
         assert not any(c["choices"][0]["finish_reason"] for c in answer.chunks if c.get("choices"))
         assert answer.content, "some of the answer was streamed before the cut-off"
         assert 0.8 <= answer.ended_at - signalled < 4, answer.ended_at - signalled  # after the grace period
     for answer in plain:
         assert answer.error is None, answer.error
-        assert answer.status == 503, answer.body
-        assert answer.body["error"]["code"] == "shutting_down"
-        assert answer.body["error"]["type"] == "service_unavailable"
-        assert answer.headers["retry-after"] == "1"
+        assert answer.status == 500, answer.body
+        assert answer.body["error"]["code"] == "cut_off_by_shutdown"
+        assert answer.body["error"]["type"] == "server_error"
+        assert "ended by the service's shutdown" in answer.body["error"]["message"]
+        assert "paid" in answer.body["error"]["message"]
+        assert "retry-after" not in answer.headers  # not an invitation to send it again
+        assert answer.headers["connection"] == "close"
         assert 0.8 <= answer.ended_at - signalled < 4, answer.ended_at - signalled
 
     assert process.wait(15) == 0, service.log()
@@ -295,7 +301,7 @@ def test_grace_period_over_ends_answers_with_shutting_down(fake: FakeUpstream, s
     member_calls = calls_of(service, plain[1].request_id)
     assert [(c["llm"], c["role"], c["status"]) for c in member_calls] == [("catalog", "member", "cancelled")]
     log = service.log()
-    assert f"ending {streams + 2} answer(s) still in flight with a shutting_down error" in log
+    assert f"ending {streams + 2} answer(s) still in flight with a cut_off_by_shutdown error" in log
     assert f"Usage records written: {streams + 2}, dropped: 0" in log
 
 
@@ -337,8 +343,8 @@ def test_second_sigterm_stops_without_waiting(fake: FakeUpstream, start_service:
         assert answer.status == 200
         assert answer.content
         assert not any(c["choices"][0]["finish_reason"] for c in answer.chunks if c.get("choices"))
-        # uvicorn cancels them: today the connection is cut (no shutting_down event); an error event would do too
-        assert answer.error is not None or json.loads(answer.frames[-2])["error"]["code"] == "shutting_down"
+        # uvicorn cancels them: the connection is cut, or they end with the cut-off error event
+        assert answer.error is not None or json.loads(answer.frames[-2])["error"]["code"] == "cut_off_by_shutdown"
     records = requests_by_id(service)
     assert set(records) == {a.request_id for a in answers}
     assert {r["status"] for r in records.values()} == {"cancelled"}

@@ -35,6 +35,7 @@ class BuggyCaller(LLMCaller):
         params: Mapping[str, Any],
         *,
         retries: int | None = None,
+        encoded: bytes | None = None,
     ) -> CallResult:
         if llm.name == "buggy":
             raise ValueError("an adapter bug")

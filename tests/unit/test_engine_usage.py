@@ -8,10 +8,11 @@ from typing import Any
 
 from mom_service.config import LLMDefinition
 from mom_service.core_logic import Engine
-from mom_service.events import Completed
+from mom_service.events import Completed, Usage
 from mom_service.llm_calls import CallResult, LLMCaller, StreamEnd
 from mom_service.pricing_utils import build_price_book
 from mom_service.redaction import Redactor
+from tests.conftest import cl100k
 from tests.unit.test_engine_permits import CONFIG, _ask
 
 
@@ -25,6 +26,7 @@ class NoUsageCaller(LLMCaller):
         params: Mapping[str, Any],
         *,
         retries: int | None = None,
+        encoded: bytes | None = None,
     ) -> CallResult:
         return CallResult(text=f"{llm.name} says hi there", usage=None, latency_ms=1.0)
 
@@ -47,10 +49,14 @@ def test_unreported_usage_is_counted_and_marked_estimated() -> None:
         assert report.status == "ok" and report.estimated, report
         assert report.usage is not None and report.usage.prompt_tokens > 0 and report.usage.completion_tokens > 0
     member = completed.breakdown.members[0]
-    llm = CONFIG.llm(member.name)
-    assert member.usage == caller.estimate_usage(
-        llm, [{"role": "user", "content": "hi"}], f"{member.name} says hi there"
+    encoding = cl100k()  # what the tokenizer says, computed here, not by the function the engine calls
+    prompt = 3 + len(encoding.encode("user")) + len(encoding.encode("hi")) + 3  # per message, role, text, reply
+    assert member.usage == Usage(
+        prompt_tokens=prompt, completion_tokens=len(encoding.encode(f"{member.name} says hi there"))
     )
+    concluding = completed.breakdown.concluding
+    assert concluding.usage is not None
+    assert concluding.usage.completion_tokens == len(encoding.encode("the synthesis of it all"))
     assert completed.usage.completion_tokens == sum(
         r.usage.completion_tokens for r in [*completed.breakdown.members, completed.breakdown.concluding] if r.usage
     )

@@ -66,6 +66,7 @@ def test_default_answer_and_log(fake: FakeUpstream, client: OpenAI) -> None:
     assert result.usage.total_tokens == 6
 
     (entry,) = fake.log()
+    assert entry["protocol"] == "openai"
     assert entry["model"] == "plain-model"
     assert entry["path"] == "/v1/chat/completions"
     assert entry["stream"] is False
@@ -177,7 +178,7 @@ def test_fail_rate_is_deterministic(fake: FakeUpstream) -> None:
 def test_fail_rate_and_hang_rate_share_one_draw(fake: FakeUpstream) -> None:
     fake.configure({"chaos": {"fail_rate": 0.3, "hang_rate": 0.3, "seed": 3, "status": 502}})
     body = {"model": "chaos", "messages": [{"role": "user", "content": "x"}]}
-    outcomes = []
+    outcomes: list[int | str] = []
     for _ in range(40):
         try:
             outcomes.append(_post(fake, body, timeout=0.3).status_code)

@@ -24,7 +24,6 @@ from mom_service.metrics_db import (
     calls_table,
     create_engine,
     migrate,
-    percentile,
     requests_table,
     rows_for,
     usage_report,
@@ -160,10 +159,10 @@ async def test_migrate_is_idempotent(bare_engine: AsyncEngine) -> None:
     writer = UsageWriter(bare_engine)
     writer.submit(simple("r1"))
     await writer.close()
-    assert await migrate(bare_engine) == SCHEMA_VERSION == 2
-    assert await migrate(bare_engine) == 2
+    assert await migrate(bare_engine) == SCHEMA_VERSION == 3
+    assert await migrate(bare_engine) == 3
     assert await table_names(bare_engine) == tables
-    assert await count(bare_engine, versions_table) == 2
+    assert await count(bare_engine, versions_table) == 3
     assert await count(bare_engine, requests_table) == 1  # data survives a second migration
     assert await count(bare_engine, calls_table) == 2
 
@@ -177,7 +176,7 @@ async def test_migration_2_adds_cost_saved_to_a_version_1_database(bare_engine: 
         columns = ", ".join(
             f"{c.name} {'BIGINT' if c.name.endswith(('_ms', '_pico')) else 'TEXT'}"
             for c in requests_table.columns
-            if c.name != "cost_saved_pico"
+            if c.name not in ("cost_saved_pico", "usage_estimated")  # migrations 2 and 3
         )
         await conn.execute(text(f"CREATE TABLE mom_requests ({columns})"))
         await conn.execute(text("INSERT INTO mom_requests (id, created_ms) VALUES ('old', 1)"))
@@ -255,6 +254,23 @@ def test_rows_for_request_row() -> None:
     assert request["cache_hit"] is True
     assert request["members_asked"] == 5
     assert request["members_ok"] == 2
+    assert request["usage_estimated"] is True  # delta's usage was counted by us
+
+
+def test_rows_for_members_asked_leaves_out_members_that_cannot_see_the_images() -> None:
+    blind = "skipped: cannot see images"
+    members = [
+        call("alpha", usage=Usage(10, 5), cost=Decimal(0)),
+        call("beta", status="skipped", error=blind, latency_ms=None, cost=Decimal(0)),
+        call("gamma", status="skipped", error=blind, latency_ms=None, cost=Decimal(0)),
+        call("delta", status="skipped", error="circuit open", error_type="circuit_open", latency_ms=None),
+    ]
+    item = outcome("r", members, call("judge", usage=Usage(1, 1), cost=Decimal(0), role="concluding"))
+    request, calls = rows_for(item)
+    assert item.breakdown.asked == 2  # alpha, and delta (its open circuit makes the answer degraded)
+    assert (request["members_asked"], request["members_ok"]) == (2, 1)
+    assert request["usage_estimated"] is False
+    assert [c["llm"] for c in calls] == ["alpha", "judge"]
 
 
 def test_rows_for_one_row_per_call_that_ran() -> None:
@@ -423,21 +439,30 @@ async def test_same_batch_twice_is_not_duplicated(engine: AsyncEngine) -> None:
     assert await count(engine, calls_table) == 5
 
 
-# ------------------------------------------------------------------------------------------------ percentile
+# ------------------------------------------------------------------------------------------------ percentiles
+
+# latencies of one MoM model each -> (p50, p95): linear interpolation between closest ranks (numpy's default)
+PERCENTILE_CASES: dict[str, tuple[list[float], tuple[float, float]]] = {
+    "one": ([7.0], (7.0, 7.0)),
+    "two": ([10.0, 20.0], (15.0, 19.5)),
+    "four": ([10.0, 20.0, 30.0, 40.0], (25.0, 38.5)),  # 30 + 0.85 * 10
+    "five": ([400.0, 100.0, 1000.0, 300.0, 200.0], (300.0, 880.0)),  # 400 + 0.8 * 600; order does not matter
+    "three": ([100.0, 200.0, 1000.0], (200.0, 920.0)),  # 200 + 0.9 * 800
+    "ties": ([5.0, 5.0, 5.0, 1.0], (5.0, 5.0)),
+    "ten": ([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0], (24.0, 396.8)),  # 256 + 0.55 * 256
+    "fractions": ([0.04, 0.06, 1.25], (0.1, 1.1)),  # 0.06 rounded; 0.06 + 0.9 * 1.19 = 1.131 rounded
+}
 
 
-def test_percentile_linear_interpolation() -> None:
-    assert percentile([], 0.5) is None
-    assert percentile([7.0], 0.5) == 7.0
-    assert percentile([7.0], 0.95) == 7.0
-    assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5
-    assert percentile([10.0, 20.0], 0.95) == 19.5
-    assert percentile([400.0, 100.0, 1000.0, 300.0, 200.0], 0.5) == 300.0  # order does not matter
-    assert percentile([100.0, 200.0, 300.0, 400.0, 1000.0], 0.95) == 880.0  # 400 + 0.8 * 600
-    assert percentile([100.0, 200.0, 1000.0], 0.95) == 920.0  # 200 + 0.9 * 800
-    assert percentile([5.0, 1.0, 3.0], 0.0) == 1.0
-    assert percentile([5.0, 1.0, 3.0], 1.0) == 5.0
-    assert percentile([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0], 0.95) == 396.8  # 256 + 0.55 * 256
+async def test_report_latency_percentiles_interpolate_between_closest_ranks(engine: AsyncEngine) -> None:
+    writer = UsageWriter(engine)
+    for name, (latencies, _) in PERCENTILE_CASES.items():
+        for i, latency in enumerate(latencies):
+            writer.submit(simple(f"{name}-{i}", mom_model=name, started_at=DAY0, latency_ms=latency))
+    await writer.close()
+    result = await run_report(engine, group_by="model")
+    found = {g["key"]: (g["latency_ms_p50"], g["latency_ms_p95"]) for g in result["groups"]}
+    assert found == {name: expected for name, (_, expected) in PERCENTILE_CASES.items()}
 
 
 # ---------------------------------------------------------------------------------------------- usage_report
@@ -551,6 +576,7 @@ async def test_report_totals(filled: AsyncEngine) -> None:
         "completion_tokens": 21 + 10 + 18 + 8 + 3,
         "reasoning_tokens": 4,
         "cached_tokens": 12,
+        "usage_estimated": 0,
         # r0 0.0000035 + r1 0 + r2 0.000009 + r3 unpriced + r4 0.0000045
         "cost": usd_of("0.000017"),
         "cost_saved": 0.0,  # nothing came from the cache

@@ -1,4 +1,4 @@
-"""Images: the URL guard (SSRF), who sees images, provider families, and the per-family sanitizer.
+"""Images: the URL guard (SSRF), who sees images, provider families, who gets bytes, and the per-family sanitizer.
 
 The sanitized shapes are checked against LiteLLM's own request adapters (Anthropic, Gemini, Ollama), offline:
 every image here is a data: URL, so no adapter downloads anything.
@@ -23,11 +23,13 @@ from mom_service.llm_calls import supports_vision  # sets LITELLM_LOCAL_MODEL_CO
 from mom_service.multimodal_utils import (
     IMAGE_PLACEHOLDER,
     RULES,
+    RemoteImage,
     check_data_url,
     check_image_url,
     check_images,
     family,
     image_parts,
+    needs_bytes,
     sanitize,
     sees_images,
 )
@@ -132,17 +134,19 @@ async def test_nat64_address_embedding_the_metadata_service_is_refused() -> None
 
 @pytest.mark.parametrize(
     "url",
-    [
-        PNG_URL,
-        JPEG_URL,
-        f"DATA:IMAGE/PNG;BASE64,{PNG_B64}",
-        f"data:image/webp;base64,{PNG_B64}\n",  # trailing whitespace is stripped
-        "https://example.com/cat.png",  # does not resolve here: passed on, for the provider to report
-        "https://images.example.org/a.jpg",
-    ],
+    [PNG_URL, JPEG_URL, f"DATA:IMAGE/PNG;BASE64,{PNG_B64}", f"data:image/webp;base64,{PNG_B64}\n"],
 )
-async def test_valid_urls_are_accepted(url: str) -> None:
-    await check_image_url(url, "p", allow_private=False)
+async def test_valid_data_urls_are_accepted_and_have_no_address(url: str) -> None:
+    resolve = fixed("10.0.0.1")
+    assert await check_image_url(url, "p", allow_private=False, resolve=resolve) == ()
+    assert resolve.calls == []
+
+
+@pytest.mark.parametrize("url", ["https://example.com/cat.png", "http://images.example.org:8080/a.jpg"])
+async def test_a_public_url_is_accepted_with_the_addresses_it_was_checked_at(url: str) -> None:
+    resolve = fixed("93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946", "93.184.216.34")
+    addresses = await check_image_url(url, "p", allow_private=False, resolve=resolve)
+    assert addresses == ("93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946")  # each once, in order
 
 
 def test_check_data_url_directly() -> None:
@@ -176,14 +180,32 @@ async def test_a_name_resolving_to_any_internal_address_is_refused(addresses: tu
     assert (info.value.status_code, info.value.code, info.value.param) == (400, "invalid_image_url", "p")
 
 
-async def test_a_resolver_that_fails_passes_the_url_on() -> None:
+@pytest.mark.parametrize("allow_private", [False, True])
+@pytest.mark.parametrize(
+    "failure", [OSError("Name or service not known"), UnicodeError("label too long"), None], ids=repr
+)
+async def test_a_name_that_does_not_resolve_is_refused(failure: Exception | None, allow_private: bool) -> None:
     async def no_such_name(host: str, port: int) -> Sequence[str]:
-        raise OSError("Name or service not known")
+        if failure is not None:
+            raise failure
+        return []  # an answer without addresses
 
-    await check_image_url("https://nowhere.test/a.png", "p", allow_private=False, resolve=no_such_name)
+    with pytest.raises(InvalidRequest) as info:
+        await check_image_url("https://nowhere.test/a.png", "p", allow_private=allow_private, resolve=no_such_name)
+    assert (info.value.status_code, info.value.code, info.value.param) == (400, "invalid_image_url", "p")
+    assert info.value.message == "The image URL's host name does not resolve."
 
 
-async def test_a_resolver_slower_than_the_dns_timeout_passes_the_url_on(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_real_resolver_refuses_a_name_that_does_not_exist() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        await check_image_url("http://no-such-host.invalid/x.png", "p", allow_private=False)
+    assert info.value.code == "invalid_image_url"
+
+
+@pytest.mark.parametrize("allow_private", [False, True])
+async def test_a_resolver_slower_than_the_dns_timeout_is_refused(
+    monkeypatch: pytest.MonkeyPatch, allow_private: bool
+) -> None:
     monkeypatch.setattr(multimodal_utils, "DNS_TIMEOUT_S", 0.05)
     cancelled = asyncio.Event()
 
@@ -196,16 +218,20 @@ async def test_a_resolver_slower_than_the_dns_timeout_passes_the_url_on(monkeypa
         return ["10.0.0.1"]
 
     started = asyncio.get_running_loop().time()
-    await check_image_url("https://slow.example.net/a.png", "p", allow_private=False, resolve=hangs)
+    with pytest.raises(InvalidRequest) as info:
+        await check_image_url("https://slow.example.net/a.png", "p", allow_private=allow_private, resolve=hangs)
     assert asyncio.get_running_loop().time() - started < 1.0
     assert cancelled.is_set()
+    assert (info.value.status_code, info.value.code, info.value.param) == (400, "invalid_image_url", "p")
+    assert "did not resolve within 0.05 s" in info.value.message
 
 
-async def test_allow_private_accepts_internal_hosts_without_resolving() -> None:
+async def test_allow_private_accepts_internal_addresses_and_returns_them() -> None:
     resolve = fixed("10.0.0.1")
     for url in ("http://127.0.0.1/x.png", "http://localhost:8080/", "http://[::1]/x.png", "http://10.0.0.5/"):
-        await check_image_url(url, "p", allow_private=True, resolve=resolve)
-    assert resolve.calls == []
+        # still resolved: the download may connect only to what was checked
+        assert await check_image_url(url, "p", allow_private=True, resolve=resolve) == ("10.0.0.1",)
+    assert resolve.calls == [("127.0.0.1", 80), ("localhost", 8080), ("::1", 80), ("10.0.0.5", 80)]
 
 
 @pytest.mark.parametrize(
@@ -244,13 +270,36 @@ async def test_check_images_counts_images() -> None:
         user(image(JPEG_URL)),
     ]
     resolve = fixed("93.184.216.34")
-    assert await check_images(messages, max_images=3, allow_private=False, resolve=resolve) == 3
+    checked = await check_images(messages, max_images=3, allow_private=False, resolve=resolve)
+    assert checked.count == 3
+    assert checked.remote == (
+        RemoteImage("https://cdn.example.net/b.png", "messages[1].content[2].image_url.url", ("93.184.216.34",)),
+    )
     assert resolve.calls == [("cdn.example.net", 443)]
 
 
 async def test_check_images_is_zero_for_text_only_messages() -> None:
     messages = [{"role": "system", "content": "S"}, user(text("a"), text("b")), {"role": "user", "content": "c"}]
-    assert await check_images(messages, max_images=0, allow_private=False, resolve=fixed("10.0.0.1")) == 0
+    checked = await check_images(messages, max_images=0, allow_private=False, resolve=fixed("10.0.0.1"))
+    assert (checked.count, checked.remote) == (0, ())
+
+
+async def test_check_images_checks_each_distinct_url_once_and_keeps_its_first_part() -> None:
+    """A name asked twice could answer twice differently (rebinding): each URL is looked up once, and that answer
+    is the one its download uses."""
+    answers = iter([["93.184.216.34"], ["8.8.4.4"], ["127.0.0.1"]])
+
+    async def rebinding(host: str, port: int) -> Sequence[str]:
+        return next(answers)
+
+    a, b = "https://a.example.net/1.png", "https://b.example.net/2.png"
+    messages = [user(image(a)), user(text("and"), image(b), image(a), image(PNG_URL), image(b))]
+    checked = await check_images(messages, max_images=5, allow_private=False, resolve=rebinding)
+    assert checked.count == 5
+    assert checked.remote == (
+        RemoteImage(a, "messages[0].content[0].image_url.url", ("93.184.216.34",)),
+        RemoteImage(b, "messages[1].content[1].image_url.url", ("8.8.4.4",)),
+    )
 
 
 def test_image_parts_names_every_image_by_its_path() -> None:
@@ -268,7 +317,7 @@ async def test_too_many_images() -> None:
     error = info.value
     assert (error.status_code, error.code, error.param) == (400, "too_many_images", "messages")
     assert "3" in error.message and "2" in error.message
-    assert await check_images(messages, max_images=3, allow_private=False) == 3
+    assert (await check_images(messages, max_images=3, allow_private=False)).count == 3
 
 
 @pytest.mark.parametrize(
@@ -296,7 +345,7 @@ async def test_check_images_names_the_offending_part(bad_url: str, param: str) -
 
 async def test_check_images_respects_allow_private() -> None:
     messages = [user(image("http://10.0.0.5/a.png"), image("http://localhost/b.png"))]
-    assert await check_images(messages, max_images=5, allow_private=True) == 2
+    assert (await check_images(messages, max_images=5, allow_private=True)).count == 2
     with pytest.raises(InvalidRequest):
         await check_images(messages, max_images=5, allow_private=False)
 
@@ -369,6 +418,38 @@ def test_azure_with_its_endpoint_is_still_openai() -> None:
     assert family(llm("azure/gpt-4o", api_base="https://my-resource.openai.azure.com")) == "openai"
 
 
+# -------------------------------------------------------------------------------------- who gets the bytes
+
+
+def named(name: str, model: str, api_base: str | None = None) -> LLMDefinition:
+    return LLMDefinition(name=name, model=model, api_base=api_base)
+
+
+@pytest.mark.parametrize(
+    ("model", "api_base", "expected"),
+    [
+        ("openai/gpt-4o", None, False),  # OpenAI fetches URLs from its own cloud
+        ("azure/gpt-4o", "https://my-resource.openai.azure.com", False),
+        ("anthropic/claude-sonnet-4-5", None, True),  # LiteLLM would download them: from inside our network
+        ("gemini/gemini-2.5-flash", None, True),
+        ("ollama_chat/llama3.2-vision", "http://localhost:11434", True),
+        ("openai/qwen2.5-vl", "http://vllm.internal:8000/v1", True),  # vLLM fetches from inside the network
+    ],
+)
+def test_an_llm_that_sees_images_needs_bytes_unless_its_provider_fetches_urls(
+    model: str, api_base: str | None, expected: bool
+) -> None:
+    assert needs_bytes([named("x", model, api_base)], {"x": True}) is expected
+    assert needs_bytes([named("x", model, api_base)], {"x": False}) is False  # it gets placeholders, or is skipped
+
+
+def test_needs_bytes_when_any_llm_does() -> None:
+    llms = [named("gpt", "openai/gpt-4o"), named("local", "openai/qwen", "http://vllm:8000/v1")]
+    assert needs_bytes(llms, {"gpt": True, "local": True}) is True
+    assert needs_bytes(llms, {"gpt": True, "local": False}) is False
+    assert needs_bytes([], {}) is False
+
+
 # ------------------------------------------------------------------------------------------------ sanitize
 
 PLACEHOLDER_1 = IMAGE_PLACEHOLDER.format(n=1)
@@ -394,12 +475,12 @@ IMG_PLAIN = {"type": "image_url", "image_url": {"url": PNG_URL}}
 
 # The table of rules itself, so a silent change to a row is seen here.
 EXPECTED_RULES = {
-    # join_text_parts, keep_name, developer_role, drop_empty, merge_same_role, image_detail
-    "openai": (False, True, True, False, False, True),
-    "anthropic": (True, False, False, True, True, False),
-    "gemini": (True, False, False, True, True, False),
-    "ollama": (True, False, False, True, False, False),
-    "compatible": (True, False, False, True, False, True),
+    # join_text_parts, keep_name, developer_role, drop_empty, merge_same_role, image_detail, image_urls
+    "openai": (False, True, True, False, False, True, True),
+    "anthropic": (True, False, False, True, True, False, False),
+    "gemini": (True, False, False, True, True, False, False),
+    "ollama": (True, False, False, True, False, False, False),
+    "compatible": (True, False, False, True, False, True, False),
 }
 
 
@@ -413,7 +494,30 @@ def test_rules_table() -> None:
             row.drop_empty,
             row.merge_same_role,
             row.image_detail,
+            row.image_urls,
         ) == EXPECTED_RULES[name]
+
+
+REMOTE = "https://cdn.example.net/cat.png"
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_families_that_take_no_urls_get_the_downloaded_data_url(name: str) -> None:
+    messages = [user(image(REMOTE), image(JPEG_URL), image(REMOTE))]
+    out = sanitize(messages, RULES[name], vision=True, downloaded={REMOTE: PNG_URL})
+    sent = [part["image_url"]["url"] for part in out[0]["content"]]
+    # the client's own data: URL goes as it is; the http(s) one as a URL only to OpenAI (and Azure)
+    assert sent == ([REMOTE, JPEG_URL, REMOTE] if name == "openai" else [PNG_URL, JPEG_URL, PNG_URL])
+    assert messages == [user(image(REMOTE), image(JPEG_URL), image(REMOTE))]  # the request's messages untouched
+
+
+def test_an_image_url_that_was_not_downloaded_is_never_handed_on() -> None:
+    with pytest.raises(KeyError):
+        sanitize([user(image(REMOTE))], RULES["compatible"], vision=True)
+    # without vision the image is a placeholder: nothing to download
+    assert sanitize([user(image(REMOTE))], RULES["compatible"], vision=False) == [
+        {"role": "user", "content": IMAGE_PLACEHOLDER.format(n=1)}
+    ]
 
 
 MERGED_FIRST_USER_TURN = [text("Hello\nthere"), text("What is this?"), IMG_PLAIN, text("Second question")]

@@ -277,10 +277,12 @@ def test_completion_body() -> None:
         "latency_ms": 8.0,
         "ttft_ms": None,
         "usage": None,
+        "usage_estimated": False,
         "cost": None,
         "cached": False,
         "images": None,
     }
+    assert breakdown_["usage_estimated"] is False
     assert breakdown_["concluding"]["name"] == "judge"
     assert breakdown_["concluding"]["usage"]["completion_tokens"] == 7
     # only alpha has a known cost: the totals add it, and the others are listed as unpriced

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from mom_service.endpoints.models import SAMPLING_PARAMS, parse_chat_request
+from mom_service.endpoints.models import SAMPLING_PARAMS, RequestLimits, parse_chat_request
 from mom_service.errors import InvalidRequest
 
 USER = [{"role": "user", "content": "Hello"}]
@@ -185,11 +185,9 @@ def test_bad_second_message_is_named() -> None:
     [
         ("temperature", 2.5),
         ("temperature", -0.1),
-        ("temperature", "hot"),
         ("top_p", 1.5),
         ("max_tokens", 0),
         ("presence_penalty", 3),
-        ("stream", "maybe"),
         ("model", ""),
     ],
 )
@@ -198,6 +196,76 @@ def test_bad_parameter(field: str, value: Any) -> None:
     assert error.param == field
     assert error.code == "invalid_value"
     assert error.message.startswith(f"Invalid value for '{field}': ")
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "expected", "got"),
+    [
+        ({"stream": "yes"}, "stream", "a boolean", "a string"),
+        ({"stream": "true"}, "stream", "a boolean", "a string"),
+        ({"stream": 1}, "stream", "a boolean", "an integer"),
+        ({"stream": "maybe"}, "stream", "a boolean", "a string"),
+        ({"temperature": "1"}, "temperature", "a number", "a string"),
+        ({"temperature": "hot"}, "temperature", "a number", "a string"),
+        ({"max_tokens": "100"}, "max_tokens", "an integer", "a string"),
+        ({"max_tokens": 100.5}, "max_tokens", "an integer", "a decimal number"),
+        ({"n": 1.0}, "n", "an integer", "a decimal number"),
+        ({"seed": True}, "seed", "an integer", "a boolean"),
+        (
+            {"stream": True, "stream_options": {"include_usage": "true"}},
+            "stream_options.include_usage",
+            "a boolean",
+            "a string",
+        ),
+        ({"user": 42}, "user", "a string", "an integer"),
+    ],
+)
+def test_wrong_json_types_are_refused_as_openai_refuses_them(
+    fields: dict[str, Any], param: str, expected: str, got: str
+) -> None:
+    """Strict types, as OpenAI's API validates them: no string where a boolean or a number belongs (a lax parser
+    would read "yes" as true and "1" as 1.0)."""
+    error = rejected(request(**fields))
+    assert (error.param, error.code) == (param, "invalid_type")
+    assert error.message == f"Invalid type for '{param}': expected {expected}, but got {got} instead."
+
+
+def test_numbers_take_integers_where_a_number_belongs() -> None:
+    parsed = parse_chat_request(request(temperature=1, top_p=1, presence_penalty=0))
+    assert parsed.sampling_params() == {"temperature": 1, "top_p": 1, "presence_penalty": 0}
+
+
+def test_at_most_four_stop_sequences() -> None:
+    assert parse_chat_request(request(stop=["a", "b", "c", "d"])).sampling_params()["stop"] == ["a", "b", "c", "d"]
+    error = rejected(request(stop=["a", "b", "c", "d", "e"]))
+    assert (error.param, error.code) == ("stop", "array_above_max_length")
+    assert error.message == (
+        "Invalid 'stop': array too long. Expected an array with maximum length 4, but got an array with length 5 "
+        "instead."
+    )
+
+
+def test_the_number_of_messages_is_bounded_before_they_are_validated() -> None:
+    limits = RequestLimits(max_messages=3)
+    assert len(parse_chat_request(request(messages=USER * 3), limits).messages) == 3
+    # over the limit: refused at once, even where every message is wrong (they are not validated one by one)
+    with pytest.raises(InvalidRequest) as info:
+        parse_chat_request(request(messages=[{"role": "wizard"}] * 4), limits)
+    assert (info.value.param, info.value.code) == ("messages", "array_above_max_length")
+    assert "maximum length 3, but got an array with length 4" in info.value.message
+
+
+def test_the_text_of_a_request_is_bounded() -> None:
+    limits = RequestLimits(max_text_chars=10)
+    parts = [
+        {"type": "text", "text": "12345"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}},
+    ]
+    assert parse_chat_request(request(messages=[{"role": "user", "content": parts}] * 2), limits)  # 10: images free
+    with pytest.raises(InvalidRequest) as info:
+        parse_chat_request(request(messages=[{"role": "system", "content": "123456"}, *USER]), limits)
+    assert (info.value.param, info.value.code, info.value.status_code) == ("messages", "request_too_large", 400)
+    assert "11 characters of text; at most 10" in info.value.message
 
 
 @pytest.mark.parametrize("n", [2, 0])

@@ -1,4 +1,4 @@
-# MoM Service image: `docker build -t mom-service .`, then see README "Deployment".
+# MoM Service image: `docker build -t mom-service .`, then see docs/deployment.md.
 # Two stages: the builder installs the pinned dependencies and the package into a virtualenv at /opt/venv; the
 # final image gets that virtualenv and nothing else from the build (no pip cache, no build tools, no sources).
 
@@ -52,5 +52,5 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
 # Numeric, so that Kubernetes' runAsNonRoot (and anyone reading the image config) can tell it is not root: mom.
 USER 10001:10001
 
-# The same command as `make run`. It handles SIGTERM itself, as PID 1 too: a graceful drain (README "Reliability").
+# The same command as `make run`. It handles SIGTERM itself, as PID 1 too: a graceful drain (docs/operations.md).
 CMD ["mom-service", "serve"]

@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export HOST PORT
 
-.PHONY: run test lint test-deps install install-dev bench clean
+.PHONY: run test lint docs test-deps install install-dev bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,13 @@ lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 	$(BIN)/hadolint Dockerfile
+
+# The documentation site (mkdocs.yml, docs/) into site/; strict: a broken link or a page left out of nav fails.
+docs: install-dev
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 # The load balancer tests (tests/integration/test_load_balancer.py) run deploy/nginx.conf in Debian's nginx: installed
 # here when missing, with apt as root. Quiet when it is there; never fails the build: where nginx cannot be installed

@@ -41,9 +41,9 @@ import httpx
 from sqlalchemy import func, select
 from sqlalchemy.engine import URL, make_url
 
-from mom_service.cost_calculation import to_pico
-from mom_service.events import Breakdown, CallReport, RequestOutcome, Usage
-from mom_service.metrics_db import UsageWriter, calls_table, create_engine, migrate, requests_table
+from mom_service.engine.events import Breakdown, CallReport, RequestOutcome, Usage
+from mom_service.usage.money import to_pico
+from mom_service.usage.records import UsageWriter, calls_table, create_engine, migrate, requests_table
 from tests.conftest import FAKE_KEY, TOKEN, Service, free_port, panel_config
 from tests.fake_upstream import FakeUpstream
 

@@ -8,8 +8,9 @@ import sys
 from collections.abc import Sequence
 from types import FrameType
 
-from mom_service.config import Settings, load_config, resolve_config
+from mom_service.config import load_config, resolve_config
 from mom_service.errors import ConfigError
+from mom_service.settings import Settings
 
 
 def _check_config(path: str | None, settings: Settings) -> int:
@@ -45,10 +46,10 @@ def _serve(settings: Settings, host: str | None, port: int | None) -> int:
         return 1
     import uvicorn
 
-    from mom_service.logs import setup_logging
-    from mom_service.main import create_app, log_config
-    from mom_service.redaction import Redactor
-    from mom_service.shutdown import DrainingServer
+    from mom_service.api.app import create_app, log_config
+    from mom_service.api.server import DrainingServer
+    from mom_service.observability.logs import setup_logging
+    from mom_service.observability.redaction import Redactor
 
     setup_logging(Redactor())
     log_config(config, path)

@@ -1,4 +1,5 @@
-"""Errors the service answers with, always in OpenAI's shape.
+"""The service's errors: what went wrong (status, type, code, param, message), with no HTTP in them. The API turns
+them into responses and stream events (api/errors.py), in OpenAI's shape (`to_dict`).
 
 Hierarchy::
 
@@ -17,8 +18,8 @@ Hierarchy::
 
     ConfigError                   a wrong config.yaml: stops start-up, never reaches a client
 
-The JSON body is ``{"error": {"message", "type", "param", "code"}}``; after streaming began the same object is
-sent as one SSE ``data:`` event, followed by ``data: [DONE]``.
+OpenAI's JSON body is ``{"error": {"message", "type", "param", "code"}}``; after streaming began the same object
+is sent as one SSE ``data:`` event, followed by ``data: [DONE]``.
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import orjson
-from starlette.responses import Response
 
 # nginx's status for "the client closed the connection first": nobody reads it, but logs and metrics do.
 CLIENT_CLOSED = 499
+# The `extra` of the one log line of an unexpected error (a bug): the redacting log filter keeps its traceback
+# (redacted); every other traceback is dropped (observability/redaction.py).
+KEEP_TRACEBACK = "keep_traceback"
+WITH_TRACEBACK = {KEEP_TRACEBACK: True}
 
 
 class MoMError(Exception):
@@ -67,13 +71,6 @@ class MoMError(Exception):
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.to_dict())
-
-    def to_response(self) -> Response:
-        """The JSON error response, with the error's status and headers (Retry-After, WWW-Authenticate, ...)."""
-        return Response(self.to_json(), self.status_code, headers=self.headers, media_type="application/json")
-
-    def to_sse(self) -> bytes:
-        return b"data: " + self.to_json() + b"\n\ndata: [DONE]\n\n"
 
 
 class InvalidRequest(MoMError):

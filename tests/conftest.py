@@ -299,7 +299,7 @@ def start_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartSer
 
 @dataclass(frozen=True)
 class CallPath:
-    """One of the two ways an upstream call is made (llm_calls.py)."""
+    """One of the two ways an upstream call is made (providers/caller.py)."""
 
     name: str  # as /health/detailed reports an OpenAI-compatible LLM's `client`
     env: dict[str, str]  # what selects it

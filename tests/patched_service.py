@@ -18,12 +18,12 @@ from mom_service import cli
 
 def _engine_bug() -> None:
     """Building the concluding LLM's messages raises: an exception no code path expects, inside the engine."""
-    from mom_service import core_logic
+    from mom_service.engine import concluding
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("injected engine bug (tests/patched_service.py)")
 
-    core_logic.concluding_messages = broken  # type: ignore[assignment]
+    concluding.concluding_messages = broken  # type: ignore[assignment]
 
 
 REBOUND_TO = "127.0.0.1"

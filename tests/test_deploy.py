@@ -1,5 +1,5 @@
-"""The Docker deployment: Dockerfile, .dockerignore, docker-compose.yml and deploy/nginx.conf say what README
-"Deployment" promises, and the image's start command works as the image runs it.
+"""The Docker deployment: Dockerfile, .dockerignore, docker-compose.yml and deploy/nginx.conf say what
+docs/deployment.md promises, and the image's start command works as the image runs it.
 
 There is no Docker engine in CI, so the image is not built. Instead the files are read as Docker reads them, and
 the image's CMD runs outside a container the way the container runs it: the Dockerfile's ENV (its /opt/venv mapped
@@ -31,7 +31,7 @@ import pytest
 import uvicorn
 import yaml
 
-from mom_service.config import Settings
+from mom_service.settings import Settings
 from tests.conftest import ROOT, TOKEN, free_port
 
 DOCKERFILE = ROOT / "Dockerfile"

@@ -1,4 +1,4 @@
-"""The response cache (README "Response cache"), against live services over the fake upstream.
+"""The response cache (docs/caching.md), against live services over the fake upstream.
 
 Each test asks questions of its own, so no test depends on what another left in the cache; the LLMs are this
 module's own (`ca-*`), so the fake's log shows exactly which upstream calls the cache did not save.

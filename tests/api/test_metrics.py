@@ -17,8 +17,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from mom_service.config import parse_config
-from mom_service.events import Breakdown, CallReport, RequestOutcome, Usage
-from mom_service.metrics import Metrics
+from mom_service.engine.events import Breakdown, CallReport, RequestOutcome, Usage
+from mom_service.observability.metrics import Metrics
 from tests.api.test_images import image_question
 from tests.conftest import Service, StartService, panel_config, wait_until
 from tests.fake_upstream import FakeUpstream

@@ -15,8 +15,8 @@ import httpx
 import orjson
 import pytest
 
-from mom_service.config import Settings
 from mom_service.main import create_app
+from mom_service.settings import Settings
 from tests.conftest import FAKE_KEY, TOKEN, Service, StartService, panel_config, wait_until
 from tests.fake_upstream import FakeUpstream
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from mom_service.metrics_db import SCHEMA_VERSION
+from mom_service.usage.schema import SCHEMA_VERSION
 from tests.conftest import Service, StartService, panel_config
 from tests.fake_upstream import FakeUpstream
 

@@ -18,17 +18,11 @@ import pytest
 from sqlalchemy import Connection, event, inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from mom_service.events import Breakdown, CallReport, RequestOutcome, Usage
-from mom_service.metrics_db import (
-    SCHEMA_VERSION,
-    UsageWriter,
-    create_engine,
-    migrate,
-    requests_table,
-    rows_for,
-    usage_report,
-    versions_table,
-)
+from mom_service.engine.events import Breakdown, CallReport, RequestOutcome, Usage
+from mom_service.usage.records import rows_for
+from mom_service.usage.report import usage_report
+from mom_service.usage.schema import SCHEMA_VERSION, create_engine, migrate, requests_table, versions_table
+from mom_service.usage.writer import UsageWriter
 
 DAY0 = 1_710_028_800  # 2024-03-10T00:00:00Z
 START_MS = DAY0 * 1000

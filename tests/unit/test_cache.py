@@ -9,9 +9,11 @@ from typing import Any
 
 import orjson
 
-from mom_service.cache import MemoryCache, ResponseCache, answer_key, cacheable, member_key, panel_identity
+from mom_service.cache.keys import answer_key, member_key, panel_identity
+from mom_service.cache.stores import MemoryCache
 from mom_service.config import MoMConfig, parse_config
-from mom_service.events import Breakdown, CallReport
+from mom_service.engine.cached import ResponseCache, cacheable
+from mom_service.engine.events import Breakdown, CallReport
 
 MESSAGES = [{"role": "user", "content": "Same question?"}]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mom_service.circuit_breaker import CircuitBreakers, CircuitView, Permit, Result
+from mom_service.providers.circuit_breaker import CircuitBreakers, CircuitView, Permit, Result
 
 COOLDOWN = 30.0
 

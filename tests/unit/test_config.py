@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from mom_service.cli import main
-from mom_service.config import Settings, demo_config, load_config, parse_config, resolve_config
+from mom_service.config import demo_config, load_config, parse_config, resolve_config
 from mom_service.errors import ConfigError
+from mom_service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,13 +6,15 @@ import asyncio
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
-from mom_service.circuit_breaker import CircuitBreakers
 from mom_service.config import LLMDefinition, parse_config
-from mom_service.core_logic import Engine, make_plan
-from mom_service.events import Completed, Event, Usage
-from mom_service.llm_calls import CallResult, LLMCaller, StreamEnd
-from mom_service.pricing_utils import build_price_book
-from mom_service.redaction import Redactor
+from mom_service.engine.calls import Calls
+from mom_service.engine.engine import Engine
+from mom_service.engine.events import Completed, Event, Usage
+from mom_service.engine.plan import make_plan
+from mom_service.observability.redaction import Redactor
+from mom_service.providers.caller import CallResult, LLMCaller, StreamEnd
+from mom_service.providers.circuit_breaker import CircuitBreakers
+from mom_service.providers.pricing import build_price_book
 
 CONFIG = parse_config(
     {
@@ -39,13 +41,23 @@ class BuggyCaller(LLMCaller):
     ) -> CallResult:
         if llm.name == "buggy":
             raise ValueError("an adapter bug")
-        return CallResult(text=f"{llm.name} says hi", usage=Usage(3, 2), latency_ms=1.0)
+        return CallResult(text=f"{llm.name} says hi", usage=Usage(3, 2))
 
     async def stream(
         self, llm: LLMDefinition, messages: list[dict[str, Any]], params: Mapping[str, Any]
     ) -> AsyncGenerator[str | StreamEnd]:
         yield "synthesis"
         yield StreamEnd("stop", Usage(5, 1))
+
+
+def engine_of(caller: LLMCaller, breakers: CircuitBreakers | None = None) -> Engine:
+    """An engine over CONFIG calling through `caller` (no cache, no tracer)."""
+    calls = Calls(
+        caller=caller,
+        prices=build_price_book(CONFIG, lambda _: None),
+        breakers=breakers or CircuitBreakers((), failures=0),
+    )
+    return Engine(CONFIG, calls, vision={d.name: False for d in CONFIG.llm_definitions})
 
 
 async def _ask(engine: Engine) -> list[Event]:
@@ -69,7 +81,7 @@ def test_a_member_failing_unexpectedly_is_an_error_and_its_probe_permit_comes_ba
     assert buggy_permit is not None
     breakers.record(buggy_permit, "failure")  # opened
     clock[0] = 11.0  # cool-down over: the next call is the probe
-    engine = Engine(BuggyCaller(CONFIG, {}, Redactor()), build_price_book(CONFIG, lambda _: None), breakers=breakers)
+    engine = engine_of(BuggyCaller(CONFIG, {}, Redactor()), breakers)
 
     events = asyncio.run(_ask(engine))
 

@@ -7,13 +7,11 @@ from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 from mom_service.config import LLMDefinition
-from mom_service.core_logic import Engine
-from mom_service.events import Completed, Usage
-from mom_service.llm_calls import CallResult, LLMCaller, StreamEnd
-from mom_service.pricing_utils import build_price_book
-from mom_service.redaction import Redactor
+from mom_service.engine.events import Completed, Usage
+from mom_service.observability.redaction import Redactor
+from mom_service.providers.caller import CallResult, LLMCaller, StreamEnd
 from tests.conftest import cl100k
-from tests.unit.test_engine_permits import CONFIG, _ask
+from tests.unit.test_engine_permits import CONFIG, _ask, engine_of
 
 
 class NoUsageCaller(LLMCaller):
@@ -28,7 +26,7 @@ class NoUsageCaller(LLMCaller):
         retries: int | None = None,
         encoded: bytes | None = None,
     ) -> CallResult:
-        return CallResult(text=f"{llm.name} says hi there", usage=None, latency_ms=1.0)
+        return CallResult(text=f"{llm.name} says hi there", usage=None)
 
     async def stream(
         self, llm: LLMDefinition, messages: list[dict[str, Any]], params: Mapping[str, Any]
@@ -40,7 +38,7 @@ class NoUsageCaller(LLMCaller):
 
 def test_unreported_usage_is_counted_and_marked_estimated() -> None:
     caller = NoUsageCaller(CONFIG, {}, Redactor())
-    engine = Engine(caller, build_price_book(CONFIG, lambda _: None))
+    engine = engine_of(caller)
 
     completed = asyncio.run(_ask(engine))[-1]
 

@@ -16,19 +16,12 @@ import pytest
 from sqlalchemy import func, inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from mom_service.cost_calculation import to_pico
-from mom_service.events import Breakdown, CallReport, RequestOutcome, Usage
-from mom_service.metrics_db import (
-    SCHEMA_VERSION,
-    UsageWriter,
-    calls_table,
-    create_engine,
-    migrate,
-    requests_table,
-    rows_for,
-    usage_report,
-    versions_table,
-)
+from mom_service.engine.events import Breakdown, CallReport, RequestOutcome, Usage
+from mom_service.usage.money import to_pico
+from mom_service.usage.records import rows_for
+from mom_service.usage.report import usage_report
+from mom_service.usage.schema import SCHEMA_VERSION, calls_table, create_engine, migrate, requests_table, versions_table
+from mom_service.usage.writer import UsageWriter
 
 # ------------------------------------------------------------------------------------------------- helpers
 

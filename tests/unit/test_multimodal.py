@@ -16,23 +16,19 @@ from typing import Any
 
 import pytest
 
-from mom_service import multimodal_utils
 from mom_service.config import LLMDefinition
 from mom_service.errors import InvalidRequest
-from mom_service.llm_calls import supports_vision  # sets LITELLM_LOCAL_MODEL_COST_MAP before litellm loads
-from mom_service.multimodal_utils import (
-    IMAGE_PLACEHOLDER,
-    RULES,
+from mom_service.providers import images
+from mom_service.providers.images import (
     RemoteImage,
     check_data_url,
     check_image_url,
     check_images,
-    family,
     image_parts,
-    needs_bytes,
-    sanitize,
     sees_images,
 )
+from mom_service.providers.litellm_api import supports_vision
+from mom_service.providers.sanitize import IMAGE_PLACEHOLDER, RULES, family, needs_bytes, sanitize
 
 # ------------------------------------------------------------------------------------------------ images
 
@@ -206,7 +202,7 @@ async def test_the_real_resolver_refuses_a_name_that_does_not_exist() -> None:
 async def test_a_resolver_slower_than_the_dns_timeout_is_refused(
     monkeypatch: pytest.MonkeyPatch, allow_private: bool
 ) -> None:
-    monkeypatch.setattr(multimodal_utils, "DNS_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(images, "DNS_TIMEOUT_S", 0.05)
     cancelled = asyncio.Event()
 
     async def hangs(host: str, port: int) -> Sequence[str]:

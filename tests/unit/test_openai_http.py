@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from mom_service.config import LLMDefinition
-from mom_service.openai_http import (
+from mom_service.providers.openai_http import (
     DONE,
     UpstreamProtocolError,
     _data,

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from mom_service.config import Pricing, parse_config
-from mom_service.cost_calculation import call_cost, from_pico, to_pico, usd
-from mom_service.events import Breakdown, CallReport, Usage
-from mom_service.llm_calls import cost_map_entry
-from mom_service.pricing_utils import Prices, build_price_book, from_config, from_cost_map
+from mom_service.engine.events import Breakdown, CallReport, Usage
+from mom_service.providers.litellm_api import cost_map_entry
+from mom_service.providers.pricing import Prices, build_price_book, call_cost, from_config, from_cost_map
+from mom_service.usage.money import from_pico, to_pico, usd
 
 # USD per token, chosen so every product is easy to compute by hand.
 PRICES = Prices(

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mom_service.redaction import MASK, RedactingFilter, Redactor
+from mom_service.observability.redaction import MASK, RedactingFilter, Redactor
 
 SECRET = "my-provider-secret-0001"
 KEY = "sk-live-abcdefghijklmnop1234"

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from mom_service.llm_calls import BACKOFF_BASE_S, LLMCallError, is_transient, retry_after, retry_delay
+from mom_service.providers.errors import BACKOFF_BASE_S, LLMCallError, is_transient, retry_after, retry_delay
 
 
 @pytest.mark.parametrize(

@@ -10,10 +10,9 @@ from typing import Any, Literal
 import jsonschema
 import pytest
 
+from mom_service.api.encoders.openai import CompletionCollector, StreamSerializer
 from mom_service.config import MoMModelConfig
-from mom_service.endpoints.serialize import CompletionCollector, StreamSerializer
-from mom_service.errors import MoMError, UpstreamFailed
-from mom_service.events import (
+from mom_service.engine.events import (
     Breakdown,
     CallReport,
     Completed,
@@ -24,6 +23,7 @@ from mom_service.events import (
     PanelDone,
     Usage,
 )
+from mom_service.errors import MoMError, UpstreamFailed
 from tests.openai_schema import validate
 
 ALPHA = CallReport(

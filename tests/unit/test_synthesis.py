@@ -6,8 +6,8 @@ import copy
 import re
 from typing import Any
 
-from mom_service.events import CallReport
-from mom_service.synthesis import UNTRUSTED_NOTICE, concluding_messages, thinking_block
+from mom_service.engine.events import CallReport
+from mom_service.engine.synthesis import UNTRUSTED_NOTICE, concluding_messages, thinking_block
 
 PROMPT = "SYNTH: combine the panel's answers."
 CONVERSATION: list[dict[str, Any]] = [

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from mom_service import llm_calls
-from mom_service.llm_calls import COUNT_SAMPLE_CHARS, COUNT_SAMPLE_MESSAGES, count_prompt, count_text
+from mom_service.providers.litellm_api import litellm
+from mom_service.providers.tokens import COUNT_SAMPLE_CHARS, COUNT_SAMPLE_MESSAGES, count_prompt, count_text
 from tests.conftest import cl100k
 
 MODEL = "openai/unknown-to-litellm"  # counted with cl100k_base
@@ -38,7 +38,7 @@ def test_a_large_conversation_is_estimated_from_a_bounded_sample(
     messages: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[int] = []
-    real = llm_calls.litellm.token_counter
+    real = litellm().token_counter
 
     def counting(**kwargs: Any) -> int:
         texts = [m["content"] for m in kwargs.get("messages") or []] + [kwargs.get("text") or ""]
@@ -46,7 +46,7 @@ def test_a_large_conversation_is_estimated_from_a_bounded_sample(
         assert len(kwargs.get("messages") or []) <= COUNT_SAMPLE_MESSAGES
         return int(real(**kwargs))
 
-    monkeypatch.setattr(llm_calls.litellm, "token_counter", counting)
+    monkeypatch.setattr(litellm(), "token_counter", counting)
     estimate = count_prompt(MODEL, messages)
     assert seen and max(seen) <= COUNT_SAMPLE_CHARS  # the tokenizer saw a sample, never the whole
     exact = independent_prompt_count(messages)

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from mom_service.endpoints.models import SAMPLING_PARAMS, RequestLimits, parse_chat_request
+from mom_service.api.schemas.openai import SAMPLING_PARAMS, RequestLimits, parse_chat_request
 from mom_service.errors import InvalidRequest
 
 USER = [{"role": "user", "content": "Hello"}]

@@ -1,0 +1,239 @@
+"""The app factory: the state built from the settings and the config, the middleware, the routers, the error
+handlers, and the lifespan that connects, starts and closes it all."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from mom_service import __version__
+from mom_service.api.admission import Admission, AdmissionControl
+from mom_service.api.errors import install_error_handlers
+from mom_service.api.middleware import BodySizeLimit, QuietStartupFailure
+from mom_service.api.routers import health, metrics, models, openai_chat, usage
+from mom_service.api.state import AppState
+from mom_service.cache.stores import CacheStore, MemoryCache, RedisCache
+from mom_service.config import MoMConfig, resolve_config
+from mom_service.engine.assembly import build_engine
+from mom_service.engine.cached import ResponseCache
+from mom_service.engine.plan import ImagePolicy
+from mom_service.errors import ConfigError
+from mom_service.observability.logs import LOGGER_NAME, setup_logging
+from mom_service.observability.metrics import Metrics
+from mom_service.observability.redaction import Redactor
+from mom_service.observability.request_log import RequestLog, remember_outcome
+from mom_service.observability.tracing import Tracer
+from mom_service.settings import Settings, environment
+from mom_service.usage.database import UsageDatabase, url_password
+from mom_service.usage.schema import SCHEMA_VERSION
+from mom_service.usage.writer import UsageWriter
+
+logger = logging.getLogger(LOGGER_NAME)
+
+DEMO_BANNER = (
+    "No config.yaml found: running the built-in DEMO config (a mock panel through LiteLLM's mock_response: "
+    "no keys, no network). To use real providers, copy config.yaml_template to config.yaml (or point MOM_CONFIG "
+    "at a file), name your LLMs and the environment variables holding their keys, and restart."
+)
+
+
+def build_state(settings: Settings, config: MoMConfig, config_path: str | None) -> AppState:
+    """Everything the app needs, built without network I/O: the database is connected by the lifespan."""
+    env = environment()
+    secrets = [*(t.decode() for t in settings.api_tokens)]
+    secrets += [env[d.api_key_env] for d in config.llm_definitions if d.api_key_env and env.get(d.api_key_env)]
+    secrets += [s for s in (settings.langfuse_secret_key, settings.langfuse_public_key) if s]
+    secrets += [s for s in (url_password(settings.database_url), _redis_password(settings.redis_url)) if s]
+    redactor = Redactor(secrets)
+    usage = UsageDatabase(settings.database_url)
+    writer = UsageWriter(usage.engine, max_queue=settings.mom_usage_queue_size)
+    tracer = Tracer(settings)
+    engine = build_engine(
+        config,
+        env=env,
+        redactor=redactor,
+        lean_calls=settings.mom_lean_calls,
+        circuit_failures=settings.mom_circuit_failures,
+        circuit_cooldown_s=settings.mom_circuit_cooldown_seconds,
+        images=ImagePolicy(
+            max_images=settings.mom_max_images,
+            allow_private=settings.mom_allow_private_image_urls,
+            max_bytes=settings.mom_max_image_bytes,
+            fetch_timeout_s=settings.mom_image_fetch_timeout_seconds,
+        ),
+        cache=ResponseCache(cache_store(settings), config) if settings.mom_cache_enabled else None,
+        tracer=tracer,
+        litellm_verbose=settings.litellm_verbose,
+    )
+    metrics = Metrics(config, writer, engine.breakers)
+    metrics.watch(engine.active)
+    engine.add_recorders(writer.submit, metrics.record, remember_outcome)
+    return AppState(
+        settings=settings,
+        config_path=config_path,
+        engine=engine,
+        redactor=redactor,
+        started_at=int(time.time()),
+        usage=usage,
+        usage_writer=writer,
+        tracer=tracer,
+        metrics=metrics,
+        admission=Admission(settings.mom_max_in_flight, settings.mom_rate_limit_rpm),
+    )
+
+
+def _redis_password(url: str | None) -> str | None:
+    return urlsplit(url).password if url else None
+
+
+def cache_store(settings: Settings) -> CacheStore:
+    """Redis when REDIS_URL is set (shared by every replica), else in process."""
+    if settings.redis_url:
+        return RedisCache(settings.redis_url, settings.mom_cache_timeout_ms / 1000)
+    return MemoryCache(settings.mom_cache_max_bytes)
+
+
+def log_config(config: MoMConfig, config_path: str | None) -> None:
+    """The first lines: which config runs (and, for the demo, how to configure real providers)."""
+    if config_path is None:
+        logger.warning(DEMO_BANNER)
+    else:
+        logger.info("Loaded config %s", config_path)
+    logger.info(
+        "MoM models: %s; LLMs: %s",
+        ", ".join(m.name for m in config.models),
+        ", ".join(d.name for d in config.llm_definitions),
+    )
+
+
+def log_warnings(state: AppState) -> None:
+    if not state.settings.api_tokens:
+        logger.warning("API_TOKEN is not set: protected endpoints answer 503 service_misconfigured until it is.")
+    for llm in state.config.llm_definitions:
+        if llm.api_key_env and state.engine.caller.missing_key(llm) is not None:
+            logger.warning(
+                "LLM '%s': environment variable %s is not set; its calls will fail", llm.name, llm.api_key_env
+            )
+
+
+MIGRATION_TIMEOUT_S = 15.0
+
+
+class StartupFailed(Exception):
+    """Start-up cannot go on; the reason has been logged."""
+
+
+# At shutdown, how long requests cancelled by the server get to record their outcome before the writer closes.
+SETTLE_TIMEOUT_S = 5.0
+# ... and how long the cache stores still running in the background get before the cache closes.
+CACHE_STORES_TIMEOUT_S = 2.0
+
+
+async def _close(app: FastAPI, state: AppState) -> None:
+    """The end of the lifespan: no new requests, the last outcomes recorded, records written, traces flushed."""
+    state.admission.draining = True
+    await state.engine.active.wait_idle(SETTLE_TIMEOUT_S)
+    app.state.mom = None
+    await state.usage_writer.close()
+    logger.info("Usage records written: %d, dropped: %d", state.usage_writer.written, state.usage_writer.dropped)
+    await state.engine.caller.aclose()
+    await state.tracer.close()
+    if state.engine.cache is not None:
+        await state.engine.aclose(CACHE_STORES_TIMEOUT_S)  # the answers being stored in the background
+        await state.engine.cache.store.close()
+    await state.usage.dispose()
+
+
+async def _open(settings: Settings, config: MoMConfig | None, config_path: str | None) -> AppState:
+    """The start of the lifespan: the config (unless the CLI loaded it), the state, the usage database migrated
+    (or, when it does not answer, records queued until it does), the writer started."""
+    setup_logging(Redactor(), log_format=settings.log_format)
+    try:
+        if config is None:
+            config, config_path = resolve_config(settings)
+            log_config(config, config_path)
+        state = build_state(settings, config, config_path)
+    except ConfigError as exc:
+        logger.error("Invalid config, not starting:\n%s", exc)
+        raise StartupFailed from None
+    setup_logging(state.redactor)
+    log_warnings(state)
+    database = state.usage.display_url
+    try:
+        async with asyncio.timeout(MIGRATION_TIMEOUT_S):
+            version = await state.usage.migrate()
+    except Exception as exc:
+        # Answers do not need the database: start anyway, keep records queued, and let the writer
+        # migrate and write once the database answers. Health reports the database as down meanwhile.
+        logger.error(
+            "Usage database %s is not usable (%s): starting without it; records are queued until it answers",
+            database,
+            state.redactor(str(exc)) or type(exc).__name__,
+        )
+    else:
+        state.usage_writer.schema_ready = True
+        logger.info("Usage database %s (schema version %d, was %d)", database, SCHEMA_VERSION, version)
+    state.usage_writer.start()
+    return state
+
+
+def create_app(
+    settings: Settings | None = None, config: MoMConfig | None = None, config_path: str | None = None
+) -> FastAPI:
+    """Build the app. Nothing is read or connected here: the lifespan does that when the server starts.
+
+    `config` is given when the caller (the CLI) has already loaded and announced it.
+    """
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = await _open(settings, config, config_path)
+        app.state.mom = state
+        # Everything loaded so far (LiteLLM's tables, the config, the app) lives as long as the process: moved out
+        # of the garbage collector's sight, so that a full collection does not walk it again and again, pausing
+        # every stream for hundreds of milliseconds under load.
+        gc.collect()
+        gc.freeze()
+        try:
+            yield
+        finally:
+            await _close(app, state)
+
+    app = FastAPI(
+        title="MoM Service", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
+    install_error_handlers(app)
+    for router in (openai_chat.router, models.router, usage.router, metrics.router, health.router):
+        app.include_router(router)
+    _add_middleware(app, settings)
+    return app
+
+
+def _add_middleware(app: FastAPI, settings: Settings) -> None:
+    # The last added is the outermost.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.mom_max_body_bytes)
+    app.add_middleware(AdmissionControl)
+    app.add_middleware(RequestLog, settings=settings)
+    if settings.cors_origins:
+        # Around everything that answers: the refusals the middleware above send themselves (413, 429
+        # over_capacity, 503 shutting_down, the request log's 500) carry the CORS headers too, so that a browser
+        # sees the status and its error rather than an opaque failure. Preflights are answered here, unlogged.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "Cache-Control", "X-Request-ID"],
+            allow_credentials=False,
+            expose_headers=["X-Request-ID"],
+            max_age=600,
+        )
+    app.add_middleware(QuietStartupFailure)  # the lifespan only

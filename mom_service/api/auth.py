@@ -1,0 +1,58 @@
+"""Bearer-token check: 503 when no token is configured (never open), 401 otherwise, constant-time on bytes.
+
+A caller is known by a hash of its token (never the token itself): the response cache keeps each caller's
+answers apart (unless a MoM model shares them), and per-token limits count by it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from mom_service.api.state import StateDep
+from mom_service.errors import AuthenticationFailed, ServiceUnavailable
+
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def caller_id(token: bytes) -> str:
+    """Who is asking, as a hash of their token: stable across replicas and restarts, and reveals nothing."""
+    return hashlib.sha256(b"mom-caller:" + token).hexdigest()[:32]
+
+
+async def require_token(request: Request, state: StateDep) -> str:
+    """The caller's identity (`caller_id`), once its bearer token is one of API_TOKEN's."""
+    tokens = state.settings.api_tokens
+    if not tokens:
+        raise ServiceUnavailable(
+            "The service is misconfigured: no API_TOKEN is set, so protected endpoints are closed.",
+            code="service_misconfigured",
+        )
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    presented = value.strip().encode()
+    if scheme.lower() != "bearer" or not presented:
+        raise AuthenticationFailed(
+            "Missing bearer token: send 'Authorization: Bearer <API_TOKEN>'.", headers=_CHALLENGE
+        )
+    matched = False
+    for token in tokens:  # compare with every token, so timing does not tell which one nearly matched
+        matched |= hmac.compare_digest(presented, token)
+    if not matched:
+        raise AuthenticationFailed("Incorrect API token.", headers=_CHALLENGE)
+    return caller_id(presented)
+
+
+Authorized = Annotated[str, Depends(require_token)]
+
+
+async def within_rate_limit(request: Request, state: StateDep) -> None:
+    """After `Authorized`: one request against the bearer token's per-minute limit (MOM_RATE_LIMIT_RPM)."""
+    if state.admission.rpm:
+        _, _, token = request.headers.get("authorization", "").partition(" ")
+        await state.admission.hit(token.strip().encode())
+
+
+RateLimitedToken = Annotated[None, Depends(within_rate_limit)]

@@ -1,0 +1,157 @@
+"""Two serializations of the engine's events: SSE chunks as they come, or one `chat.completion` at the end.
+
+The thinking context is decided here, once, for both: with `think_tags` the members' blocks go into `content`
+inside `<think>...</think>`; with `reasoning_content` they go into `reasoning_content` and `content` carries only
+the synthesis.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import orjson
+
+from mom_service.api.schemas.openai import breakdown_dict, completion_body, usage_dict
+from mom_service.config import MoMModelConfig
+from mom_service.engine.events import Completed, ContentDelta, Event, Failed, MemberFinished, PanelDone
+from mom_service.engine.synthesis import THINK_CLOSE, THINK_OPEN, thinking_block
+from mom_service.errors import MoMError
+
+CONTENT = "content"
+REASONING = "reasoning_content"
+
+
+class ThinkingRouter:
+    """Turns events into (field, text) pieces of the answer: where each piece of text goes."""
+
+    __slots__ = ("_opened", "_tags", "enabled")
+
+    def __init__(self, mom: MoMModelConfig) -> None:
+        self.enabled = mom.include_thinking_context
+        self._tags = mom.thinking_format == "think_tags"
+        self._opened = False
+
+    @property
+    def to_reasoning(self) -> bool:
+        """Whether the member blocks travel as `reasoning_content` (else inside `content`, or nowhere)."""
+        return self.enabled and not self._tags
+
+    def pieces(self, event: Event) -> list[tuple[str, str]]:
+        if isinstance(event, ContentDelta):
+            return [(CONTENT, event.text)]
+        if not self.enabled:
+            return []
+        if isinstance(event, MemberFinished):
+            block = thinking_block(event.report)
+            if not self._tags:
+                return [(REASONING, block)]
+            if not self._opened:
+                self._opened = True
+                block = THINK_OPEN + block
+            return [(CONTENT, block)]
+        if isinstance(event, PanelDone) and self._tags and self._opened:
+            return [(CONTENT, THINK_CLOSE)]
+        return []
+
+
+def new_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+class StreamSerializer:
+    """Events to SSE bytes. The chunk's constant head is encoded once; each chunk adds only its delta."""
+
+    def __init__(self, mom: MoMModelConfig, *, include_usage: bool) -> None:
+        self._router = ThinkingRouter(mom)
+        self._include_usage = include_usage
+        self.completion_id = new_completion_id()
+        self.created = int(time.time())
+        self._head = (
+            b'data: {"id":"'
+            + self.completion_id.encode()
+            + b'","object":"chat.completion.chunk","created":'
+            + str(self.created).encode()
+            + b',"model":'
+            + orjson.dumps(mom.name)
+        )
+        self._started = False
+
+    @property
+    def started(self) -> bool:
+        """Whether any chunk has been produced (after that, errors travel as an SSE event)."""
+        return self._started
+
+    def _chunk(self, delta: dict[str, str], finish_reason: str | None = None) -> bytes:
+        return (
+            self._head
+            + b',"choices":[{"index":0,"delta":'
+            + orjson.dumps(delta)
+            + b',"finish_reason":'
+            + (orjson.dumps(finish_reason) if finish_reason else b"null")
+            + b',"logprobs":null}]}\n\n'
+        )
+
+    def _role_chunk(self) -> bytes:
+        self._started = True
+        return self._chunk({"role": "assistant", "content": ""})
+
+    def feed(self, event: Event) -> bytes:
+        """The bytes this event adds to the stream (possibly none)."""
+        if isinstance(event, Completed):
+            out = b"" if self._started else self._role_chunk()
+            out += self._chunk({}, event.finish_reason)
+            if self._include_usage:
+                out += (
+                    self._head
+                    + b',"choices":[],"usage":'
+                    + orjson.dumps(usage_dict(event.usage, event.breakdown.cost))
+                    + b',"mom":'
+                    + orjson.dumps(breakdown_dict(event.breakdown))
+                    + b"}\n\n"
+                )
+            return out + b"data: [DONE]\n\n"
+        if isinstance(event, Failed):
+            return self.error(event.error)
+        pieces = self._router.pieces(event)
+        if not pieces:
+            return b""
+        out = b"" if self._started else self._role_chunk()
+        for field, text in pieces:
+            out += self._chunk({field: text})
+        return out
+
+    @staticmethod
+    def error(error: MoMError) -> bytes:
+        """An error after the stream began: its last event (OpenAI's error object), then `[DONE]`."""
+        return b"data: " + error.to_json() + b"\n\ndata: [DONE]\n\n"
+
+
+class CompletionCollector:
+    """Events to one `chat.completion` body."""
+
+    def __init__(self, mom: MoMModelConfig) -> None:
+        self._mom = mom
+        self._router = ThinkingRouter(mom)
+        self._content: list[str] = []
+        self._reasoning: list[str] = []
+
+    def feed(self, event: Event) -> dict[str, object] | None:
+        """Returns the body at Completed; raises the error at Failed; otherwise collects."""
+        if isinstance(event, Failed):
+            raise event.error
+        if isinstance(event, Completed):
+            reasoning = "".join(self._reasoning) if self._router.to_reasoning else None
+            return completion_body(
+                completion_id=new_completion_id(),
+                created=int(time.time()),
+                model=self._mom.name,
+                content="".join(self._content),
+                reasoning_content=reasoning,
+                finish_reason=event.finish_reason,
+                usage=event.usage,
+                breakdown=event.breakdown,
+            )
+        for field, text in self._router.pieces(event):
+            (self._content if field == CONTENT else self._reasoning).append(text)
+        return None

@@ -1,0 +1,104 @@
+"""`/v1/metrics/usage`: usage and cost over a time range, with filters and grouping."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any, cast, get_args
+
+from fastapi import APIRouter
+
+from mom_service.api.auth import Authorized
+from mom_service.api.state import StateDep
+from mom_service.errors import InvalidRequest, ServiceUnavailable
+from mom_service.usage.database import UsageUnavailable
+from mom_service.usage.report import GroupBy
+
+logger = logging.getLogger("mom_service")
+router = APIRouter(prefix="/v1")
+
+DEFAULT_PERIOD_S = 24 * 3600
+MAX_RANGE_DAYS = 366  # a longer range is refused: a year of records per query at most
+MAX_UNIX_S = 253402300800  # 10000-01-01
+
+
+def parse_time(value: str, param: str) -> float:
+    """Unix seconds, or ISO 8601 (a time without offset is UTC)."""
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        if not 0 <= seconds < MAX_UNIX_S:
+            raise InvalidRequest(
+                f"Invalid value for '{param}': {value} is not a time in unix seconds.",
+                param=param,
+                code="invalid_value",
+            )
+        return seconds
+    try:
+        parsed = datetime.fromisoformat(text.replace("z", "Z"))
+    except ValueError:
+        raise InvalidRequest(
+            f"Invalid value for '{param}': '{value}' is neither ISO 8601 nor unix seconds.",
+            param=param,
+            code="invalid_value",
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def check_range(start_s: float, end_s: float) -> None:
+    """At most MAX_RANGE_DAYS from 'start' to 'end'."""
+    if end_s - start_s > MAX_RANGE_DAYS * 86_400:
+        raise InvalidRequest(
+            f"Invalid value for 'start': the range from 'start' to 'end' is longer than {MAX_RANGE_DAYS} days; "
+            f"ask for at most {MAX_RANGE_DAYS} days at once.",
+            param="start",
+            code="invalid_value",
+        )
+
+
+def iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
+
+
+@router.get("/metrics/usage")
+async def usage(
+    state: StateDep,
+    _: Authorized,
+    start: str | None = None,
+    end: str | None = None,
+    model: str | None = None,
+    llm: str | None = None,
+    group_by: str | None = None,
+) -> dict[str, Any]:
+    end_s = parse_time(end, "end") if end is not None else time.time()
+    start_s = parse_time(start, "start") if start is not None else end_s - DEFAULT_PERIOD_S
+    if end_s < start_s:
+        raise InvalidRequest("'end' is before 'start'.", param="end", code="invalid_value")
+    check_range(start_s, end_s)
+    allowed = get_args(GroupBy)
+    if group_by is not None and group_by not in allowed:
+        raise InvalidRequest(
+            f"Invalid value for 'group_by': '{group_by}'; use one of {', '.join(allowed)}.",
+            param="group_by",
+            code="invalid_value",
+        )
+    try:
+        report = await state.usage.report(
+            start_ms=int(start_s * 1000),
+            end_ms=int(end_s * 1000),
+            model=model,
+            llm=llm,
+            group_by=cast(GroupBy | None, group_by),  # checked against GroupBy's values above
+        )
+    except UsageUnavailable as exc:
+        logger.error("usage query failed: %s", exc)
+        raise ServiceUnavailable(
+            "The usage database is not answering; try again later.", code="usage_database_unavailable"
+        ) from None
+    return {"period": {"start": iso(start_s), "end": iso(end_s)}, **report}

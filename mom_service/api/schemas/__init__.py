@@ -1,0 +1,1 @@
+"""The wire models of each protocol, one module per protocol: requests validated, responses built."""

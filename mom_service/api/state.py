@@ -1,0 +1,53 @@
+"""The application's state: one typed object on `app.state`, reached through an Annotated dependency."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from mom_service.api.admission import Admission
+from mom_service.config import MoMConfig
+from mom_service.engine.engine import Engine
+from mom_service.errors import ServiceUnavailable
+from mom_service.observability.live_checks import LiveChecks
+from mom_service.observability.metrics import Metrics
+from mom_service.observability.redaction import Redactor
+from mom_service.observability.tracing import Tracer
+from mom_service.settings import Settings
+from mom_service.usage.database import UsageDatabase
+from mom_service.usage.writer import UsageWriter
+
+
+@dataclass(slots=True)
+class AppState:
+    settings: Settings
+    config_path: str | None
+    engine: Engine  # the config, the LLMs, the cache: everything an answer needs
+    redactor: Redactor
+    started_at: int
+    usage: UsageDatabase
+    usage_writer: UsageWriter
+    tracer: Tracer
+    metrics: Metrics  # Prometheus metrics of this app (its own registry)
+    admission: Admission  # in-flight limit, per-token rate limit, draining at shutdown
+    llm_checks: LiveChecks = field(default_factory=LiveChecks)  # the live calls of /health/detailed?check_llm
+
+    @property
+    def config(self) -> MoMConfig:
+        return self.engine.config
+
+    @property
+    def tracing_enabled(self) -> bool:
+        return self.tracer.enabled
+
+
+async def get_state(request: Request) -> AppState:
+    state = getattr(request.app.state, "mom", None)
+    if not isinstance(state, AppState):
+        raise ServiceUnavailable("The service is starting or stopping.", code="service_unavailable")
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]

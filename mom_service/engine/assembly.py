@@ -1,0 +1,49 @@
+"""An engine built from the config and the settings that shape it: its callers, prices, circuit breakers and what
+each LLM can see. The app builds one at start-up (and, with a config reload, one per config)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from mom_service.config import MoMConfig
+from mom_service.engine.cached import ResponseCache
+from mom_service.engine.calls import Calls
+from mom_service.engine.engine import Engine, Recorder
+from mom_service.engine.plan import DEFAULT_IMAGES, ImagePolicy
+from mom_service.engine.tracing import TraceStarter
+from mom_service.observability.redaction import Redactor
+from mom_service.providers import litellm_api
+from mom_service.providers.caller import LLMCaller
+from mom_service.providers.circuit_breaker import CircuitBreakers
+from mom_service.providers.images import sees_images
+from mom_service.providers.pricing import build_price_book
+
+
+def build_engine(
+    config: MoMConfig,
+    *,
+    env: Mapping[str, str],
+    redactor: Redactor,
+    lean_calls: bool = True,
+    circuit_failures: int = 5,
+    circuit_cooldown_s: float = 30.0,
+    images: ImagePolicy = DEFAULT_IMAGES,
+    cache: ResponseCache | None = None,
+    tracer: TraceStarter | None = None,
+    recorders: Sequence[Recorder] = (),
+    litellm_verbose: bool = False,
+) -> Engine:
+    """The engine for `config`; keys come from `env`, their values are redacted by `redactor` wherever they could
+    show."""
+    litellm_api.configure(litellm_verbose)
+    breakers = CircuitBreakers(
+        (d.name for d in config.llm_definitions), failures=circuit_failures, cooldown_s=circuit_cooldown_s
+    )
+    calls = Calls(
+        caller=LLMCaller(config, env, redactor, lean=lean_calls),
+        prices=build_price_book(config, litellm_api.cost_map_entry),
+        breakers=breakers,
+        cache=cache,
+    )
+    vision = {d.name: sees_images(d, litellm_api.supports_vision) for d in config.llm_definitions}
+    return Engine(config, calls, vision=vision, images=images, recorders=recorders, tracer=tracer)

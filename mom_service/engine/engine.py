@@ -1,0 +1,286 @@
+"""The engine: where a request's events come from (the panel, a stored answer, or an identical request in flight),
+the stages of a real answer (fan out, wait for the panel, conclude, settle), and the one place a request's outcome
+is recorded. No HTTP here, and no protocol's shapes: events in, events out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from mom_service.config import MoMConfig
+from mom_service.engine.cached import CachedAnswer, ResponseCache, as_hit, cacheable, cached_copy
+from mom_service.engine.calls import NOT_ANSWERED, Calls, ms_since
+from mom_service.engine.concluding import Concluded, conclude, too_few_answered
+from mom_service.engine.events import (
+    Breakdown,
+    CallReport,
+    Completed,
+    ContentDelta,
+    Event,
+    Failed,
+    MemberFinished,
+    PanelDone,
+    RequestOutcome,
+    RequestStatus,
+    Usage,
+)
+from mom_service.engine.inflight import InFlight
+from mom_service.engine.panel import cancel_members, fan_out, new_breakdown, wait_for_panel
+from mom_service.engine.plan import DEFAULT_IMAGES, ImagePolicy, Plan, Request, prepare
+from mom_service.engine.single_flight import Flight, Flights
+from mom_service.engine.tracing import NO_TRACE, Trace, TraceStarter
+from mom_service.errors import WITH_TRACEBACK, InternalError
+from mom_service.providers.caller import LLMCaller
+from mom_service.providers.circuit_breaker import CircuitBreakers
+from mom_service.providers.pricing import ZERO
+
+logger = logging.getLogger("mom_service")
+
+Recorder = Callable[[RequestOutcome], None]
+
+
+@dataclass(slots=True)
+class Tally:
+    """One request's outcome while it is decided: how it ends, its first token, its answer. Recorded once."""
+
+    plan: Plan
+    breakdown: Breakdown
+    trace: Trace | None = None  # the run's own trace; None for an answer from the cache (one is made at the end)
+    started_at: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.perf_counter)
+    status: RequestStatus = "cancelled"  # until it ends otherwise (else the client left, or the service stopped)
+    error_code: str | None = None
+    ttft_ms: float | None = None
+    answer: list[str] = field(default_factory=list)
+
+    def see(self, event: Event) -> None:
+        if isinstance(event, ContentDelta):
+            if self.ttft_ms is None:
+                self.ttft_ms = ms_since(self.started)
+            self.answer.append(event.text)
+        elif isinstance(event, Completed):
+            self.status, self.breakdown = "ok", event.breakdown
+        elif isinstance(event, Failed):
+            self.status, self.error_code, self.breakdown = "error", event.error.code, event.breakdown
+
+    def outcome(self) -> RequestOutcome:
+        return RequestOutcome(
+            request_id=self.plan.request_id,
+            mom_model=self.plan.mom.name,
+            stream=self.plan.stream,
+            status=self.status,
+            error_code=self.error_code,
+            started_at=self.started_at,
+            latency_ms=ms_since(self.started),
+            ttft_ms=self.ttft_ms,
+            breakdown=self.breakdown,
+        )
+
+
+class Engine:
+    """One per app (so one per config): `prepare` a request into a Plan, then `run` it."""
+
+    def __init__(
+        self,
+        config: MoMConfig,
+        calls: Calls,
+        *,
+        vision: Mapping[str, bool],
+        images: ImagePolicy = DEFAULT_IMAGES,
+        recorders: Sequence[Recorder] = (),
+        tracer: TraceStarter | None = None,
+    ) -> None:
+        self.config = config
+        self.calls = calls
+        self.vision = vision  # per LLM: can it see images
+        self.images = images
+        self.tracer = tracer
+        self.active = InFlight()  # requests being answered (their outcome not yet recorded)
+        self._recorders = recorders
+        self._flights = Flights()  # identical requests in flight follow one run
+
+    def add_recorders(self, *recorders: Recorder) -> None:
+        """Who is told each request's outcome (usage records, metrics, the request log), once it has ended."""
+        self._recorders = (*self._recorders, *recorders)
+
+    @property
+    def caller(self) -> LLMCaller:
+        return self.calls.caller
+
+    @property
+    def breakers(self) -> CircuitBreakers:
+        return self.calls.breakers
+
+    @property
+    def cache(self) -> ResponseCache | None:
+        return self.calls.cache
+
+    async def prepare(self, request: Request) -> Plan:
+        """The plan of a request (404 for an unknown MoM model, 400 for images that cannot be used), before any
+        upstream call."""
+        return await prepare(request, self.config, self.vision, self.images)
+
+    def accepts_images(self, mom: str) -> bool:
+        """Whether a MoM model takes images: at least one of its panel members can see them."""
+        model = self.config.mom_model(mom)
+        return model is not None and any(self.vision[name] for name in model.llms_to_query)
+
+    async def run(self, plan: Plan) -> AsyncGenerator[Event]:
+        """Yields MemberFinished as each member settles, PanelDone, ContentDelta..., then Completed or Failed.
+
+        Closing or cancelling the iterator cancels every upstream call still running (that no identical request
+        still follows). However the request ends, its outcome goes to the recorders, once; an unexpected exception
+        ends it with Failed (`internal_error`).
+
+        With the cache: an identical request in flight is followed; else this request's run becomes the flight
+        others follow (joined before any await, the cache lookup included), which replays a stored answer (no
+        upstream call) or runs the panel and stores its answer.
+        """
+        async with aclosing(self._source(plan)) as events:
+            async for event in events:
+                yield event
+
+    async def aclose(self, timeout_s: float) -> None:
+        """At shutdown: wait (at most `timeout_s`) for the cache stores still running in the background."""
+        background = self.calls.background
+        if background:
+            logger.info("Waiting up to %g s for %d answer(s) being stored in the cache", timeout_s, len(background))
+            await asyncio.wait(set(background), timeout=timeout_s)
+
+    # ------------------------------------------------------------------------------------------------ sources
+
+    def _source(self, plan: Plan) -> AsyncGenerator[Event]:
+        """Where this request's events come from: the panel itself, a stored answer, or an identical request's."""
+        cache = self.calls.cache
+        if cache is None or not plan.cache.used:
+            return self._answer(plan, None)
+        key = cache.answer_key(plan.mom.name, plan.conversation, plan.params, owner=plan.cache_owner)
+        if not plan.cache.lookup:  # a fresh answer (stored for the next ones); nobody joins it
+            return self._flights.start(self._answer(plan, key)).follow()
+        running = self._flights.get(key)
+        if running is not None:
+            return self._follow(plan, running)
+        # registered before any await: an identical request from now on follows this one
+        return self._flights.start(self._lookup_or_answer(cache, plan, key), key).follow()
+
+    async def _lookup_or_answer(self, cache: ResponseCache, plan: Plan, key: str) -> AsyncGenerator[Event]:
+        """A stored answer when there is one, else the panel's (in the flight: identical requests share both)."""
+        stored = await cache.get_answer(key)
+        source = self._replay(plan, stored) if stored is not None else self._answer(plan, key)
+        async with aclosing(source) as events:
+            async for event in events:
+                yield event
+
+    def _answer(self, plan: Plan, key: str | None) -> AsyncGenerator[Event]:
+        """The panel and the synthesis, for real; a whole answer is stored under `key`."""
+        tally = Tally(plan, new_breakdown(plan, NOT_ANSWERED), trace=self._trace(plan))
+        return self._settled(tally, self._panel(plan, key, tally))
+
+    def _replay(self, plan: Plan, stored: CachedAnswer) -> AsyncGenerator[Event]:
+        """A stored answer, as the same events: no upstream call, nothing paid, its cost saved."""
+        breakdown = Breakdown(members=stored.members, concluding=stored.concluding, cache="hit")
+        return self._settled(Tally(plan, breakdown), _replayed(stored, breakdown))
+
+    def _follow(self, plan: Plan, flight: Flight) -> AsyncGenerator[Event]:
+        """The events of an identical request's run, as a cache hit: this request pays nothing."""
+        first = plan.concluders[0].llm  # until the run says more: no call of this request's own was made
+        placeholder = CallReport(
+            name=first.name, model=first.model, role="concluding", status="skipped", cost=ZERO, cached=True
+        )
+        tally = Tally(plan, Breakdown(members=[], concluding=placeholder, cache="hit"))
+        return self._settled(tally, _followed(flight))
+
+    async def _settled(self, tally: Tally, events: AsyncGenerator[Event]) -> AsyncGenerator[Event]:
+        """Every source's events pass here: the request counts as active while they run, an unexpected exception
+        becomes Failed (`internal_error`, logged once with its traceback, never shown to the client), and however
+        the request ends, its outcome is recorded once (usage records, metrics, request log, trace)."""
+        self.active.enter()
+        try:
+            async with aclosing(events):
+                async for event in events:
+                    tally.see(event)
+                    yield event
+        except Exception as exc:
+            logger.error(
+                "request %s failed on an unexpected error", tally.plan.request_id, exc_info=exc, extra=WITH_TRACEBACK
+            )
+            failed = Failed(InternalError("The service failed while answering this request."), tally.breakdown)
+            tally.see(failed)
+            yield failed
+        finally:
+            self.active.leave()
+            outcome = tally.outcome()
+            (tally.trace or self._trace(tally.plan)).finish(outcome, "".join(tally.answer))
+            self._emit(outcome)
+
+    def _trace(self, plan: Plan) -> Trace:
+        if self.tracer is None:
+            return NO_TRACE
+        return self.tracer.start(
+            mom_model=plan.mom.name, request_id=plan.request_id, user=plan.user, messages=list(plan.conversation)
+        )
+
+    def _emit(self, outcome: RequestOutcome) -> None:
+        for record in self._recorders:
+            try:
+                record(outcome)
+            except Exception as exc:  # recording must never break an answer
+                logger.error("could not record request %s: %s", outcome.request_id, type(exc).__name__)
+
+    # ------------------------------------------------------------------------------------------- the stages
+
+    async def _panel(self, plan: Plan, key: str | None, tally: Tally) -> AsyncGenerator[Event]:
+        """Fan out, wait for the panel, conclude, settle (cancel what still runs); then store the answer."""
+        calls, breakdown = self.calls, tally.breakdown
+        trace = tally.trace or NO_TRACE
+        tasks = fan_out(calls, plan, breakdown.members, trace)
+        try:
+            async with aclosing(wait_for_panel(calls, plan, breakdown.members, tasks, tally.started)) as settling:
+                async for event in settling:
+                    yield event
+            yield PanelDone(breakdown.members)
+            if breakdown.answered < plan.mom.min_successful:
+                yield too_few_answered(plan, breakdown)
+                return
+            concluded = Concluded()
+            async with aclosing(conclude(calls, plan, breakdown, trace, concluded)) as concluding:
+                async for event in concluding:
+                    yield event
+            if concluded.finish_reason is None:  # no concluding LLM answered: Failed was the last event
+                return
+            yield Completed(finish_reason=concluded.finish_reason, breakdown=breakdown, usage=breakdown.usage())
+            if key is not None and plan.cache.store and calls.cache is not None and cacheable(breakdown):
+                # reached only when the consumer reads on after Completed: the flight's pump does
+                ttl = plan.mom.cache.ttl_seconds
+                await calls.cache.put_answer(key, ttl, breakdown, concluded.pieces, concluded.finish_reason)
+        finally:  # members still running when the request ended (the client left): cancelled, settled
+            cancel_members(calls, plan, breakdown.members, tasks, NOT_ANSWERED, tally.started)
+
+
+async def _replayed(stored: CachedAnswer, breakdown: Breakdown) -> AsyncGenerator[Event]:
+    for report in stored.members:
+        yield MemberFinished(report)
+    yield PanelDone(stored.members)
+    for piece in stored.pieces:
+        yield ContentDelta(piece)
+    yield Completed(finish_reason=stored.finish_reason, breakdown=breakdown, usage=Usage())
+
+
+async def _followed(flight: Flight) -> AsyncGenerator[Event]:
+    """A flight's events as a follower shows them: its calls as cache hits (made for another request)."""
+    async with aclosing(flight.follow()) as events:
+        async for event in events:
+            if isinstance(event, MemberFinished):
+                yield MemberFinished(cached_copy(event.report))
+            elif isinstance(event, PanelDone):
+                yield PanelDone([cached_copy(r) for r in event.reports])
+            elif isinstance(event, ContentDelta):
+                yield event
+            elif isinstance(event, Completed):
+                yield Completed(finish_reason=event.finish_reason, breakdown=as_hit(event.breakdown), usage=Usage())
+            else:
+                yield Failed(event.error, as_hit(event.breakdown, answered=False))

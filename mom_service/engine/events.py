@@ -1,0 +1,166 @@
+"""What the engine yields: typed events, and the usage arithmetic they carry. No HTTP here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Literal
+
+from mom_service.errors import MoMError
+from mom_service.providers.tokens import Usage as Usage  # re-exported: the events carry it
+
+MemberStatus = Literal["ok", "error", "skipped", "cancelled"]
+
+
+@dataclass(slots=True)
+class CallReport:
+    """One upstream call as the breakdown shows it: a panel member or the concluding call."""
+
+    name: str
+    model: str
+    status: MemberStatus = "ok"
+    error: str | None = None
+    error_type: str | None = None  # timeout, rate_limited, http_error, connection, missing_key, cancelled, ...
+    latency_ms: float | None = None
+    ttft_ms: float | None = None
+    usage: Usage | None = None
+    cost: Decimal | None = None  # USD; None when the LLM's price is unknown
+    cached: bool = False
+    text: str = ""
+    role: Literal["member", "concluding"] = "member"
+    images: Literal["sent", "placeholders"] | None = None  # how the request's images reached this call
+    estimated: bool = False  # usage counted by us (a cancelled call, or none reported), not by the provider
+    saved: Decimal | None = None  # a cached answer: what the call that produced it cost (not paid again)
+    sent: bool = False  # the request left for the provider (a call cancelled before that made no call)
+
+    # The states a call goes through: each a method, so its fields change together.
+    def answered(self, text: str) -> None:
+        self.status, self.error, self.error_type, self.text = "ok", None, None, text
+
+    def failed(self, kind: str, message: str) -> None:
+        self.status, self.error_type, self.error = "error", kind, message
+
+    def skipped(self, kind: str, message: str) -> None:
+        """Not asked this time (its circuit is open, it cannot see the images, ...): no call, nothing to pay."""
+        self.status, self.error_type, self.error, self.cost = "skipped", kind, message, Decimal(0)
+
+    def cancelled(self, message: str) -> None:
+        """Cut off before it answered (by a quorum or a deadline, the client leaving, a shutdown)."""
+        self.status, self.error_type, self.error = "cancelled", "cancelled", message
+
+    def from_cache(self, text: str, saved: Decimal | None) -> None:
+        """Its answer to this input was cached: not asked again, nothing paid, the original call's cost saved."""
+        self.answered(text)
+        self.cached, self.cost, self.saved = True, Decimal(0), saved
+
+    @property
+    def asked(self) -> bool:
+        """Meant to be asked: all but members skipped because they cannot see the request's images (a member
+        skipped because its circuit is open counts, and makes the answer degraded)."""
+        return self.status != "skipped" or self.error_type == "circuit_open"
+
+
+@dataclass(slots=True)
+class Breakdown:
+    members: list[CallReport]
+    concluding: CallReport  # the call that concluded (or the last one tried)
+    cache: Literal["hit", "miss"] = "miss"
+    concluding_failed: list[CallReport] = field(default_factory=list)  # concluding LLMs that failed before a token
+
+    @property
+    def answered(self) -> int:
+        return sum(1 for m in self.members if m.status == "ok")
+
+    @property
+    def asked(self) -> int:
+        """Members asked: all but those skipped because they cannot see the request's images."""
+        return sum(1 for m in self.members if m.asked)
+
+    @property
+    def degraded(self) -> bool:
+        return self.answered < self.asked
+
+    @property
+    def calls(self) -> tuple[CallReport, ...]:
+        return (*self.members, *self.concluding_failed, self.concluding)
+
+    def usage(self) -> Usage:
+        total = Usage()
+        for report in self.calls:
+            if report.usage is not None:
+                total.add(report.usage)
+        return total
+
+    @property
+    def cost(self) -> Decimal | None:
+        """USD of every call whose price is known (exact, in Decimal); None when none is known."""
+        known = [r.cost for r in self.calls if r.cost is not None]
+        return sum(known, Decimal(0)) if known else None
+
+    @property
+    def saved(self) -> Decimal | None:
+        """USD not spent thanks to the cache (answers or members' answers served from it); None when none was."""
+        known = [r.saved for r in self.calls if r.saved is not None]
+        return sum(known, Decimal(0)) if known else None
+
+    @property
+    def usage_estimated(self) -> bool:
+        """Whether any call's usage is our estimate (not reported by its provider)."""
+        return any(r.estimated for r in self.calls)
+
+    @property
+    def unpriced(self) -> list[str]:
+        """The LLMs whose calls used tokens but have no known price: left out of `cost`."""
+        return [r.name for r in self.calls if r.cost is None]
+
+
+@dataclass(slots=True)
+class MemberFinished:
+    """A member answered, failed or was cut off; sent the moment it happens."""
+
+    report: CallReport
+
+
+@dataclass(slots=True)
+class PanelDone:
+    """Every member is settled; the concluding call starts."""
+
+    reports: list[CallReport]
+
+
+@dataclass(slots=True)
+class ContentDelta:
+    text: str
+
+
+@dataclass(slots=True)
+class Completed:
+    finish_reason: str
+    breakdown: Breakdown
+    usage: Usage = field(default_factory=Usage)
+
+
+@dataclass(slots=True)
+class Failed:
+    error: MoMError
+    breakdown: Breakdown
+
+
+Event = MemberFinished | PanelDone | ContentDelta | Completed | Failed
+
+RequestStatus = Literal["ok", "error", "cancelled"]
+
+
+@dataclass(slots=True)
+class RequestOutcome:
+    """What a finished request leaves for the usage records: how it ended and every upstream call."""
+
+    request_id: str
+    mom_model: str
+    stream: bool
+    status: RequestStatus
+    error_code: str | None
+    started_at: float  # unix seconds
+    latency_ms: float
+    ttft_ms: float | None
+    breakdown: Breakdown

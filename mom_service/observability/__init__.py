@@ -1,0 +1,1 @@
+"""What operators see: Langfuse traces, Prometheus metrics, request log lines, redaction, and health checks."""

@@ -1,0 +1,348 @@
+"""The only door to the LLMs: one call, one stream, exceptions mapped to ours, usage normalized.
+
+Two ways through it, with the same retries, deadlines, error kinds and usage: OpenAI-compatible servers that
+LiteLLM would only pass the request to take the lean path (`openai_http`: aiohttp and orjson, a fraction of the
+CPU), unless MOM_LEAN_CALLS is false; every other provider goes through LiteLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, TypeVar
+
+import aiohttp
+
+from mom_service.config import LLMDefinition, MoMConfig
+from mom_service.observability.redaction import Redactor
+from mom_service.providers import openai_http
+from mom_service.providers.errors import TRUNCATED, LLMCallError, map_error, retry_after, retry_delay
+from mom_service.providers.litellm_api import litellm, openai_catalog
+from mom_service.providers.tokens import Usage, count_prompt, count_text
+
+NO_KEY = "no-key"
+# The output limit of a call: the client's and the operator's, under either name; each call carries one, as
+# `max_tokens` (LiteLLM renames it for the providers that want another name, e.g. OpenAI's reasoning models).
+LIMIT_NAMES = ("max_tokens", "max_completion_tokens")
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class StreamEnd:
+    """The last item of a stream: why it ended, and the usage when the provider reported it."""
+
+    finish_reason: str
+    usage: Usage | None
+
+
+@dataclass(slots=True)
+class CallResult:
+    text: str
+    usage: Usage | None
+
+
+def _litellm_finished(stream: Any, finish_reason: str | None) -> bool:
+    """Whether a LiteLLM stream reached its end. LiteLLM gives every stream a last chunk with a finish_reason, making
+    one up ("stop") when the provider sent none (its OpenAI path raises instead): its own record of what the
+    provider sent decides, where this LiteLLM keeps one."""
+    if getattr(stream, "is_mock", False) or not hasattr(stream, "received_finish_reason"):
+        return finish_reason is not None  # (a mock_response stream, as the demo config's, records none)
+    return bool(
+        stream.received_finish_reason
+        or getattr(stream, "intermittent_finish_reason", None)
+        or getattr(stream, "received_any_finish_reason", False)
+    )
+
+
+def _field(obj: Any, name: str) -> Any:
+    """A field of LiteLLM's response objects, or of the lean path's JSON (dicts)."""
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+
+def _chunk_parts(chunk: Any) -> tuple[str | None, str | None, Any]:
+    """(content, finish_reason, raw usage) of one streamed chunk, LiteLLM's object or the lean path's JSON."""
+    choices = _field(chunk, "choices")
+    if not choices:
+        return None, None, _field(chunk, "usage")
+    choice = choices[0]
+    return _field(_field(choice, "delta"), "content"), _field(choice, "finish_reason"), _field(chunk, "usage")
+
+
+def _usage_from(raw: Any) -> Usage | None:
+    """Usage as the provider reported it (None when it did not: the engine then counts it itself)."""
+    if raw is None:
+        return None
+    details = _field(raw, "completion_tokens_details")
+    prompt_details = _field(raw, "prompt_tokens_details")
+    return Usage(
+        prompt_tokens=int(_field(raw, "prompt_tokens") or 0),
+        completion_tokens=int(_field(raw, "completion_tokens") or 0),
+        reasoning_tokens=int(_field(details, "reasoning_tokens") or 0) if details is not None else 0,
+        cached_tokens=int(_field(prompt_details, "cached_tokens") or 0) if prompt_details is not None else 0,
+    )
+
+
+def _own_copy(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages LiteLLM may change in place (its adapters do) without touching the conversation that other calls
+    of the request share: each message, content list and part copied (the strings are not: they cannot change)."""
+    return [
+        {**m, "content": [dict(p) for p in m["content"]]} if isinstance(m.get("content"), list) else dict(m)
+        for m in messages
+    ]
+
+
+class LLMCaller:
+    """Calls the configured LLMs. Keys are read once from the environment; per-call work stays small."""
+
+    def __init__(self, config: MoMConfig, env: Mapping[str, str], redactor: Redactor, *, lean: bool = True) -> None:
+        self._redact = redactor
+        self._static: dict[str, dict[str, Any]] = {}
+        self._ceiling: dict[str, int] = {}  # the operator's output limit per LLM (its params' max_tokens)
+        self._missing_key: dict[str, str] = {}
+        self._lean: dict[str, openai_http.LeanRoute] = {}
+        catalog = openai_catalog()
+        for llm in config.llm_definitions:
+            body_params = {k: v for k, v in llm.params.items() if k not in LIMIT_NAMES}
+            limits = [int(llm.params[name]) for name in LIMIT_NAMES if llm.params.get(name) is not None]
+            if limits:
+                self._ceiling[llm.name] = min(limits)
+            static = dict(body_params)
+            static["model"] = llm.model
+            static["num_retries"] = 0  # LiteLLM's own retries: off, ours are the only ones
+            static["max_retries"] = 0  # the OpenAI client's hidden retries: off
+            static["timeout"] = llm.timeout
+            if llm.api_base:
+                static["api_base"] = llm.api_base
+            if llm.api_key_env:
+                key = env.get(llm.api_key_env)
+                if key:
+                    static["api_key"] = key
+                else:
+                    self._missing_key[llm.name] = llm.api_key_env
+            elif llm.api_base:
+                # Without this LiteLLM would send the provider's default key (OPENAI_API_KEY, ...) from the
+                # environment to whatever server api_base names. A keyless local server ignores this value.
+                static["api_key"] = NO_KEY
+            self._static[llm.name] = static
+            if lean and llm.name not in self._missing_key:
+                route = openai_http.lean_route(llm, static.get("api_key", NO_KEY), catalog, body_params)
+                if route is not None:
+                    self._lean[llm.name] = route
+        self._session: aiohttp.ClientSession | None = None  # made on the first lean call, in the running loop
+
+    def is_lean(self, llm: LLMDefinition) -> bool:
+        """Whether this LLM's calls take the lean path (else LiteLLM)."""
+        return llm.name in self._lean
+
+    def _lean_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = openai_http.new_session()
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def _map_error(self, llm: LLMDefinition, exc: BaseException, *, mid_stream: bool = False) -> LLMCallError:
+        return map_error(exc, timeout_s=llm.timeout, redact=self._redact, mid_stream=mid_stream)
+
+    def estimate_usage(self, llm: LLMDefinition, messages: list[dict[str, Any]], text: str) -> Usage:
+        """Our own count of a call's tokens, for a call whose provider reported none (cut off, failed on the way,
+        or a server that does not report usage). Bounded in CPU whatever the size of the conversation."""
+        return Usage(prompt_tokens=count_prompt(llm.model, messages), completion_tokens=count_text(llm.model, text))
+
+    def call_params(self, llm: LLMDefinition, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The request's parameters as this LLM's call carries them: one output limit, `max_tokens`, the smallest
+        of the client's (under either name) and the operator's (a client may lower it, never raise it)."""
+        limits = [params[name] for name in LIMIT_NAMES if params.get(name) is not None]
+        ceiling = self._ceiling.get(llm.name)
+        if ceiling is not None:
+            limits.append(ceiling)
+        out = {k: v for k, v in params.items() if k not in LIMIT_NAMES}
+        if limits:
+            out["max_tokens"] = min(limits)
+        return out
+
+    def missing_key(self, llm: LLMDefinition) -> str | None:
+        """The environment variable an LLM's key should be in, when it is not set."""
+        return self._missing_key.get(llm.name)
+
+    def _kwargs(self, llm: LLMDefinition, messages: list[dict[str, Any]], params: Mapping[str, Any]) -> dict[str, Any]:
+        env_var = self._missing_key.get(llm.name)
+        if env_var is not None:
+            raise LLMCallError(
+                "missing_key",
+                "no API key is configured for this LLM",
+                detail=f"no API key: environment variable {env_var} is not set",
+            )
+        kwargs = {**self._static[llm.name], **params}
+        kwargs["messages"] = _own_copy(messages)
+        return kwargs
+
+    @staticmethod
+    async def _litellm_call(kwargs: dict[str, Any], deadline: float) -> Any:
+        kwargs["timeout"] = max(deadline - asyncio.get_running_loop().time(), 0.001)
+        response = await litellm().acompletion(**kwargs)
+        if response is None:
+            # LiteLLM (with drop_params) answers a 422 by dropping the parameters it names and trying once
+            # more; when that fails too it returns None instead of raising.
+            raise LLMCallError("http_error", "the provider refused the request (HTTP 422)", 422)
+        return response
+
+    async def _attempts(
+        self, llm: LLMDefinition, attempt_once: Callable[[], Awaitable[T]], deadline: float, retries: int
+    ) -> T:
+        """`attempt_once` with our retries: transient errors only, exponential backoff with jitter, honouring
+        Retry-After when it fits, and never past the deadline (the LLM's timeout covers every attempt)."""
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await attempt_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                error = self._map_error(llm, exc)
+                delay = retry_delay(error, retry_after(exc), attempt, retries, deadline - loop.time())
+                if delay is None:
+                    raise error from None
+                attempt += 1
+                await asyncio.sleep(delay)
+
+    async def complete(
+        self,
+        llm: LLMDefinition,
+        messages: list[dict[str, Any]],
+        params: Mapping[str, Any],
+        *,
+        retries: int | None = None,
+        encoded: bytes | None = None,
+    ) -> CallResult:
+        """One whole (non-streamed) call, bounded by the LLM's timeout in total, retries included (`retries`
+        overrides the LLM's own setting, e.g. 0 for a health probe). `encoded`: the messages already serialized
+        (once for every member that gets the same conversation), sent as they are on the lean path."""
+        deadline = asyncio.get_running_loop().time() + llm.timeout
+        retries = llm.retries if retries is None else retries
+        params = self.call_params(llm, params)
+        route = self._lean.get(llm.name)
+        response: Any
+        if route is not None:
+            session = self._lean_session()
+            post = partial(openai_http.post_whole, session, route, messages, params, encoded)
+            response = await self._attempts(llm, post, deadline, retries)
+        else:
+            kwargs = self._kwargs(llm, messages, params)
+            response = await self._attempts(llm, partial(self._litellm_call, kwargs, deadline), deadline, retries)
+        choices = _field(response, "choices")
+        message = _field(choices[0], "message") if isinstance(choices, list) and choices else None
+        text = _field(message, "content") if message is not None else None
+        return CallResult(
+            text=text if isinstance(text, str) else "",
+            usage=_usage_from(_field(response, "usage")),
+        )
+
+    def stream(
+        self, llm: LLMDefinition, messages: list[dict[str, Any]], params: Mapping[str, Any]
+    ) -> AsyncGenerator[str | StreamEnd]:
+        """A streamed call: yields content deltas as they arrive, then one StreamEnd.
+
+        The LLM's timeout bounds the whole stream, not only the gaps between chunks. The deadline only ever cuts a
+        wait for the next chunk, never a `yield`, so it cannot fire into the consumer's code. The call is retried
+        (transient errors) only before the server accepted it, never once tokens may have been sent.
+        """
+        params = self.call_params(llm, params)
+        route = self._lean.get(llm.name)
+        if route is not None:
+            return self._lean_stream(llm, route, messages, params)
+        return self._litellm_stream(llm, messages, params)
+
+    async def _lean_stream(
+        self,
+        llm: LLMDefinition,
+        route: openai_http.LeanRoute,
+        messages: list[dict[str, Any]],
+        params: Mapping[str, Any],
+    ) -> AsyncGenerator[str | StreamEnd]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + llm.timeout
+        session = self._lean_session()
+        response: aiohttp.ClientResponse | None = None
+        chunks: AsyncGenerator[dict[str, Any]] | None = None
+        timer: asyncio.TimerHandle | None = None
+        expired = False
+        usage: Usage | None = None
+        finish_reason = "stop"
+        try:
+            open_stream = partial(openai_http.open_stream, session, route, messages, params)
+            response = await self._attempts(llm, open_stream, deadline, llm.retries)
+            opened = response
+
+            def expire() -> None:  # one timer for the whole stream, not one per chunk (5 us each)
+                nonlocal expired
+                expired = True
+                opened.close()  # the pending read fails at once
+
+            timer = loop.call_at(deadline, expire)
+            chunks = openai_http.events(response)
+            async for chunk in chunks:
+                content, finished, raw_usage = _chunk_parts(chunk)
+                if content:
+                    yield content
+                if finished:
+                    finish_reason = finished
+                if raw_usage:
+                    usage = _usage_from(raw_usage)
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            if expired:
+                raise LLMCallError("timeout", f"timed out after {llm.timeout:g} s", reached=True) from None
+            raise self._map_error(llm, exc, mid_stream=response is not None) from None
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if chunks is not None:
+                await chunks.aclose()
+            if response is not None:
+                response.release()  # back to the pool when the body was read to its end, else closed
+        yield StreamEnd(finish_reason or "stop", usage)
+
+    async def _litellm_stream(
+        self, llm: LLMDefinition, messages: list[dict[str, Any]], params: Mapping[str, Any]
+    ) -> AsyncGenerator[str | StreamEnd]:
+        deadline = asyncio.get_running_loop().time() + llm.timeout
+        response: Any = None
+        try:
+            kwargs = self._kwargs(llm, messages, params)
+            kwargs["stream"] = True
+            kwargs["stream_options"] = {"include_usage": True}
+            response = await self._attempts(llm, partial(self._litellm_call, kwargs, deadline), deadline, llm.retries)
+            chunks = response.__aiter__()
+            usage: Usage | None = None
+            finish_reason: str | None = None
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                content, finished, raw_usage = _chunk_parts(chunk)
+                if content:
+                    yield content
+                if finished:
+                    finish_reason = finished
+                if raw_usage:
+                    usage = _usage_from(raw_usage)
+            if not _litellm_finished(response, finish_reason):
+                raise openai_http.UpstreamTruncated(TRUNCATED)
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            raise self._map_error(llm, exc, mid_stream=response is not None) from None
+        finally:
+            if response is not None:
+                await response.aclose()
+        yield StreamEnd(finish_reason or "stop", usage)

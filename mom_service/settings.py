@@ -1,0 +1,69 @@
+"""The service's settings, from the environment (a `.env` file in the working directory is read too; real
+environment variables win). Every variable is documented in docs/configuration.md."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from dotenv import dotenv_values
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """The service's environment; a `.env` file in the working directory is read too, real variables win."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    api_token: str | None = None
+    mom_config: str | None = None
+    allowed_cors_origins: str = ""
+    database_url: str = "sqlite+aiosqlite:///./data/mom.db"
+    redis_url: str | None = None
+    langfuse_public_key: str | None = None
+    langfuse_secret_key: str | None = None
+    langfuse_host: str | None = None
+    langfuse_base_url: str | None = None
+    litellm_verbose: bool = False
+    mom_max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
+    mom_max_in_flight: int = Field(default=512, gt=0)  # chat requests answered at once; beyond: 429
+    mom_rate_limit_rpm: int = Field(default=0, ge=0)  # chat requests per minute per bearer token; 0: no limit
+    mom_circuit_failures: int = Field(default=5, ge=0)  # consecutive failures that open an LLM's circuit; 0: off
+    mom_circuit_cooldown_seconds: float = Field(default=30.0, gt=0)
+    mom_shutdown_grace_seconds: float = Field(default=20.0, ge=0)  # SIGTERM: time in-flight answers get to finish
+    mom_cache_enabled: bool = True  # the response cache, for the MoM models whose `cache.enabled` is true
+    mom_cache_max_bytes: int = Field(default=256 * 1024 * 1024, gt=0)  # in-process cache size bound
+    mom_cache_timeout_ms: int = Field(default=250, gt=0)  # each Redis operation; slower is a miss
+    mom_lean_calls: bool = True  # OpenAI-compatible servers called over aiohttp, not LiteLLM (see providers/caller.py)
+    mom_usage_queue_size: int = Field(default=10_000, gt=0)
+    mom_allow_private_image_urls: bool = False
+    mom_max_images: int = Field(default=20, ge=0)
+    mom_max_messages: int = Field(default=2000, gt=0)  # messages in one chat request; beyond: 400
+    mom_max_text_chars: int = Field(default=4 * 1024 * 1024, gt=0)  # characters of text in one request; beyond: 400
+    mom_max_image_bytes: int = Field(default=20 * 1024 * 1024, gt=0)  # each image URL the service downloads
+    mom_image_fetch_timeout_seconds: float = Field(default=10.0, gt=0)  # each download, from connect to last byte
+    metrics_public: bool = False
+    log_format: Literal["text", "json"] = "text"
+    log_content: bool = False  # log the last user message (truncated); off: no message content in any log
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+
+    @property
+    def api_tokens(self) -> tuple[bytes, ...]:
+        """The accepted bearer tokens (a comma-separated list allows rotation), as bytes for a constant-time compare."""
+        if not self.api_token:
+            return ()
+        return tuple(t.strip().encode() for t in self.api_token.split(",") if t.strip())
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return [o.strip() for o in self.allowed_cors_origins.split(",") if o.strip()]
+
+
+def environment(env_file: str | Path = ".env") -> dict[str, str]:
+    """Variables for provider keys: the `.env` file overlaid by the real environment."""
+    values = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+    values.update(os.environ)
+    return values

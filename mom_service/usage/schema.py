@@ -1,0 +1,163 @@
+"""The usage database: its tables, numbered migrations (each applied once, in order, under an advisory lock on
+PostgreSQL so replicas starting together migrate one at a time), and the engine for a URL (SQLite in WAL mode by
+default, PostgreSQL for several replicas)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    event,
+    false,
+    func,
+    inspect,
+    select,
+    text,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+logger = logging.getLogger("mom_service")
+
+metadata = MetaData()
+
+requests_table = Table(
+    "mom_requests",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("created_ms", BigInteger, nullable=False, index=True),
+    Column("mom_model", String(128), nullable=False, index=True),
+    Column("stream", Boolean, nullable=False),
+    Column("status", String(16), nullable=False),  # ok | error | cancelled
+    Column("error_type", String(64)),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("reasoning_tokens", Integer, nullable=False),
+    Column("cached_tokens", Integer, nullable=False),
+    Column("cost_pico", BigInteger),  # USD * 1e12; null when no call's price is known
+    Column("latency_ms", Float, nullable=False),
+    Column("ttft_ms", Float),
+    Column("cache_hit", Boolean, nullable=False),
+    Column("members_asked", Integer, nullable=False),
+    Column("members_ok", Integer, nullable=False),
+    Column("cost_saved_pico", BigInteger),  # what the cache saved (answers or members' answers); migration 2
+    # any call's usage counted by us (none reported, or the call was cut off); migration 3
+    Column("usage_estimated", Boolean, nullable=False, server_default=false()),
+)
+
+calls_table = Table(
+    "mom_calls",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("request_id", String(36), nullable=False, index=True),
+    Column("created_ms", BigInteger, nullable=False, index=True),
+    Column("mom_model", String(128), nullable=False),
+    Column("llm", String(128), nullable=False, index=True),
+    Column("model", String(256), nullable=False),
+    Column("role", String(16), nullable=False),  # member | concluding
+    Column("status", String(16), nullable=False),  # ok | error | cancelled
+    Column("error_type", String(32)),  # timeout, rate_limited, http_error, connection, cancelled, ...
+    Column("error", String(300)),  # the (redacted) message
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("reasoning_tokens", Integer, nullable=False),
+    Column("cached_tokens", Integer, nullable=False),
+    Column("usage_estimated", Boolean, nullable=False),
+    Column("cost_pico", BigInteger),
+    Column("latency_ms", Float),
+    Column("ttft_ms", Float),
+    Column("cached", Boolean, nullable=False),
+)
+
+versions_table = Table(
+    "mom_schema_version",
+    metadata,
+    Column("version", Integer, primary_key=True),
+    Column("applied_ms", BigInteger, nullable=False),
+)
+
+
+# ---------------------------------------------------------------------------------------------- migrations
+
+
+async def _migration_1(conn: AsyncConnection) -> None:
+    """The first schema: requests and calls (created as declared now; the later migrations add what is missing)."""
+    await conn.run_sync(lambda sync: metadata.create_all(sync, tables=[requests_table, calls_table]))
+
+
+async def _migration_2(conn: AsyncConnection) -> None:
+    """mom_requests.cost_saved_pico: the cost the response cache saved."""
+
+    def add(sync: Connection) -> None:
+        if "cost_saved_pico" not in {c["name"] for c in inspect(sync).get_columns("mom_requests")}:
+            sync.execute(text("ALTER TABLE mom_requests ADD COLUMN cost_saved_pico BIGINT"))
+
+    await conn.run_sync(add)
+
+
+async def _migration_3(conn: AsyncConnection) -> None:
+    """mom_requests.usage_estimated: true when any call of the request has usage counted by us (false before)."""
+
+    def add(sync: Connection) -> None:
+        if "usage_estimated" not in {c["name"] for c in inspect(sync).get_columns("mom_requests")}:
+            sync.execute(text("ALTER TABLE mom_requests ADD COLUMN usage_estimated BOOLEAN NOT NULL DEFAULT false"))
+
+    await conn.run_sync(add)
+
+
+# Numbered, applied in order, each once; never edit one that has shipped: add the next.
+MIGRATIONS: Sequence[Callable[[AsyncConnection], Any]] = (_migration_1, _migration_2, _migration_3)
+SCHEMA_VERSION = len(MIGRATIONS)
+_PG_MIGRATION_LOCK = 0x4D6F4D5F  # "MoM_": replicas starting together migrate one at a time
+
+
+async def migrate(engine: AsyncEngine) -> int:
+    """Create or upgrade the schema to SCHEMA_VERSION; returns the version found before."""
+    async with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
+        await conn.run_sync(lambda sync: versions_table.create(sync, checkfirst=True))
+        current = (await conn.execute(select(func.max(versions_table.c.version)))).scalar() or 0
+        for number in range(current + 1, SCHEMA_VERSION + 1):
+            await MIGRATIONS[number - 1](conn)
+            await conn.execute(versions_table.insert().values(version=number, applied_ms=_now_ms()))
+            logger.info("usage database: applied migration %d", number)
+        return int(current)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def create_engine(url: str) -> AsyncEngine:
+    """An async engine for the URL; SQLite gets its folder created, WAL mode and a busy timeout."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        return engine
+    return create_async_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)

@@ -43,6 +43,14 @@ class Pricing(_Strict):
     cached_input_per_million: Decimal | None = Field(default=None, ge=0)
 
 
+class Capabilities(_Strict):
+    """What an LLM can do, when LiteLLM's model info does not say (or says wrong): null asks it; an LLM it does
+    not know (an OpenAI-compatible server behind api_base) is assumed able."""
+
+    tools: bool | None = None  # calls tools (function calling)
+    structured_output: bool | None = None  # honours response_format json_schema
+
+
 class LLMDefinition(_Strict):
     name: Name
     model: str = Field(min_length=1)
@@ -52,6 +60,7 @@ class LLMDefinition(_Strict):
     timeout: float = Field(default=DEFAULT_LLM_TIMEOUT_S, gt=0)
     retries: int = Field(default=1, ge=0, le=10)
     multimodal: bool | None = None
+    capabilities: Capabilities = Field(default_factory=Capabilities)
     pricing: Pricing | None = None
 
     @field_validator("api_base")
@@ -86,6 +95,17 @@ class CacheConfig(_Strict):
     scope: Literal["caller", "global"] = "caller"
 
 
+class ToolsConfig(_Strict):
+    """How a MoM model answers a request with tools (docs/tools.md)."""
+
+    # synthesize: members propose (text and/or calls), the concluding LLM decides with the real tools.
+    # vote: members get the real tools; when vote_threshold of them propose the same calls, those are the answer.
+    strategy: Literal["synthesize", "vote"] = "synthesize"
+    vote_threshold: int = Field(default=2, ge=1)
+    # A conversation ending with tool results: relay it to the concluding LLM alone, or ask the whole panel again.
+    continuation: Literal["relay", "panel"] = "relay"
+
+
 class MoMModelConfig(_Strict):
     name: Name
     description: str | None = None
@@ -99,6 +119,7 @@ class MoMModelConfig(_Strict):
     member_deadline_ms: int | None = Field(default=None, gt=0)
     concluding_fallbacks: list[Name] = Field(default_factory=list)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    tools: ToolsConfig = Field(default_factory=ToolsConfig)
 
 
 class MoMConfig(_Strict):
@@ -180,6 +201,11 @@ def _check_references(source: str, config: MoMConfig) -> list[str]:
                 problems.append(
                     f"{entry}: field '{field}': {value} is more than the {len(model.llms_to_query)} LLMs to query"
                 )
+        if model.tools.strategy == "vote" and model.tools.vote_threshold > len(model.llms_to_query):
+            problems.append(
+                f"{entry}: field 'tools.vote_threshold': {model.tools.vote_threshold} is more than the "
+                f"{len(model.llms_to_query)} LLMs to query"
+            )
         if model.quorum is not None and model.quorum < model.min_successful:
             problems.append(f"{entry}: field 'quorum': {model.quorum} is less than min_successful")
         if len(set(model.llms_to_query)) != len(model.llms_to_query):

@@ -10,7 +10,20 @@ Readiness: ``GET /_control/health`` -> 200 ``{"status": "ok"}``.
 Upstream endpoints:
 
 * OpenAI: ``POST /v1/chat/completions`` and ``POST /chat/completions`` (same handler), ``GET /v1/models``
-  and ``GET /models``. LiteLLM: ``model: openai/<name>``, ``api_base: <root>/v1`` (:attr:`FakeUpstream.base_url`).
+  and ``GET /models``. LiteLLM: ``model: openai/<name>``, ``api_base: <root>/v1`` (:attr:`FakeUpstream.base_url`);
+  the ``openai`` SDK, LangChain's ``ChatOpenAI`` and the Agents SDK's ``OpenAIChatCompletionsModel`` take the
+  same ``base_url``. An answer has ``system_fingerprint: "fp_fake"``, ``finish_reason: "stop"`` (``"tool_calls"``
+  when it carries tool calls) and ``logprobs: null``. Its stream is a role chunk (``{"role": "assistant",
+  "content": ""}``), one chunk per token (``delta.reasoning_content`` for reasoning, then ``delta.content``),
+  then, for each tool call in order, a head chunk ``delta.tool_calls: [{"index": i, "id", "type": "function",
+  "function": {"name", "arguments": ""}}]`` and its arguments string in :data:`TOOL_ARGUMENT_FRAGMENTS` fragments
+  (``{"index": i, "function": {"arguments": "<fragment>"}}``); an answer of tool calls alone has no role chunk,
+  its first head carries ``"role": "assistant", "content": null`` (as OpenAI streams it). Then a finish chunk
+  (empty delta), the usage chunk if ``stream_options.include_usage``, and ``data: [DONE]``. With
+  ``"logprobs": true`` in the request, the non-streamed choice and every content chunk (the role chunk included,
+  with no tokens) carry ``logprobs: {"content": [{"token", "logprob", "bytes", "top_logprobs"}], "refusal": null}``,
+  deterministic: the n-th content token (from 0) has logprob ``-0.01 * (1 + n % 10)``, and ``top_logprobs``
+  (``top_logprobs`` of the request, at most 20) lists the token then ``<alt1>``, ``<alt2>``... each 1 lower.
 * Anthropic: ``POST /v1/messages``. LiteLLM: ``model: anthropic/<name>``, ``api_base: <root>``
   (:attr:`FakeUpstream.root_url`, no ``/v1``): LiteLLM 1.110.2 appends ``/v1/messages`` to the api_base unless
   it already ends with it, so ``<root>/v1/messages`` works too; ``<root>/v1`` would make it call
@@ -28,7 +41,10 @@ Upstream endpoints:
   413 request_too_large, 429 rate_limit_error, 529 overloaded_error, other 5xx api_error, else
   invalid_request_error (``error_type`` overrides it; ``error_code`` has no place there). On an
   ``end_after_tokens`` stream LiteLLM 1.110.2 yields the text so far without a finish_reason, then raises
-  ``MidStreamFallbackError`` ("... Stream ended before a finish_reason was received").
+  ``MidStreamFallbackError`` ("... Stream ended before a finish_reason was received"). ``tool_calls`` and
+  logprobs are not spoken there (a scripted call is left out of the answer; ``text``/``texts`` or the default
+  text answers); ``texts`` and ``after_tool_text`` are (tool results being the ``tool_result`` blocks of the last
+  user message).
 
 Both protocols share the behaviours, the per-model counters and the log; a per-protocol encoder spells the
 answers, stream events and errors. The system prompt (Anthropic's top-level ``system``) counts towards the
@@ -39,11 +55,28 @@ Behaviour is chosen per request by the body's ``model`` field (exact name; LiteL
 any, else to the default behaviour (answer ``"Answer from <model>."``, no delay). Behaviour fields (all
 optional, see :data:`BEHAVIOUR_FIELDS`):
 
-``text``               answer text; ``{last_user}`` is replaced by the text of the last user message.
+``text``               answer text; ``{last_user}`` is replaced by the text of the last user message,
+                       ``{tool_results}`` by the contents of the tool messages the conversation ends with, joined
+                       by a space (empty if it does not end with any). ``text`` is ``texts: [text]``.
+``texts``              answer texts (same placeholders, non-empty list): the model's n-th request since it was
+                       configured answers ``texts[n-1]``, every later one the last; every request counts, the
+                       failing ones too (e.g. an invalid answer, then a valid one, for a corrective retry).
+                       Not with ``text``.
+``tool_calls``         list of ``{"name": str, "arguments": <JSON object or string>, "id": str}`` (``arguments``
+                       default ``{}``; an object is sent as compact JSON text, a string as it is, so invalid JSON
+                       can be scripted; ``id`` default ``call_<model>_<n>``, n numbering the model's answered
+                       calls since it was configured, from 1): the answer carries these calls, ``content: null``
+                       unless ``text``/``texts`` is set too (that text comes first), ``finish_reason:
+                       "tool_calls"``. A call's completion tokens are the words (runs of letters, digits and
+                       ``_``) of its name and arguments string, at least 1. OpenAI route only.
+``after_tool_text``    when the conversation ends with tool results (OpenAI: ``role: "tool"`` messages), answer
+                       this text (same placeholders) instead of ``tool_calls`` and ``texts``; without it such a
+                       conversation gets the normal answer (the tool calls again).
 ``ttft_ms``            delay before the first token (streaming: response headers are sent at once, the
                        role chunk (Anthropic: message_start, content_block_start, ping) and first token after
                        the delay; non-streaming: before the response).
-``token_delay_ms``     delay between tokens (non-streaming: tokens * delay added to the response delay).
+``token_delay_ms``     delay between tokens (non-streaming: tokens * delay added to the response delay); a tool
+                       call's head and each fragment of its arguments count as tokens here.
 ``status``             HTTP status of an error response (if set and not 200).
 ``error_message``      overrides the error message; ``error_type`` / ``error_code`` override those fields.
 ``error_delay_ms``     delay before an error response (default 0: errors are immediate).
@@ -55,7 +88,8 @@ optional, see :data:`BEHAVIOUR_FIELDS`):
 ``retry_after``        adds a ``Retry-After`` header to error responses.
 ``hang``               accept the request and never answer (until the client disconnects).
 ``hang_after_tokens``  streaming: send that many tokens (at most all of them), then hang.
-``stop_after_tokens``  streaming: send that many tokens (at most all), then close the connection (no
+``stop_after_tokens``  streaming: send that many tokens (at most all), then, when the next one is due
+                       (``token_delay_ms`` later), close the connection (no
                        finish chunk, no [DONE]; Anthropic: no content_block_stop, message_delta or
                        message_stop); non-streaming: close the connection, no response, after the delay.
 ``end_after_tokens``   streaming: send that many tokens (at most all), then end the response cleanly (the HTTP
@@ -71,15 +105,18 @@ optional, see :data:`BEHAVIOUR_FIELDS`):
 "Misbehaviour" means ``status``, ``reset_connection``, ``hang``, ``hang_after_tokens``, ``stop_after_tokens``
 and ``end_after_tokens``. Without ``fail_times``/``fail_rate`` they apply to every request; with them they
 apply only to the failing requests (status 500 if no other misbehaviour is configured) and the other
-requests get the normal answer. Token counts for ``*_after_tokens`` include reasoning tokens.
+requests get the normal answer. Token counts for ``*_after_tokens`` (and ``tokens_sent``) count the streamed
+pieces: reasoning and text tokens, tool call heads and argument fragments.
 
 Control API (JSON): ``POST /_control/models`` ``{"<model>": {behaviour}, ...}`` (replaces the whole
-behaviour of each named model and resets its counters; unknown fields -> 400), ``POST /_control/reset``,
-``GET /_control/log``, ``DELETE /_control/log``, ``GET /_control/health``.
+behaviour of each named model and resets its counters; unknown or wrong-typed fields, in a tool call too,
+-> 400), ``POST /_control/reset``, ``GET /_control/log``, ``DELETE /_control/log``, ``GET /_control/health``.
 
 Log entries (one per upstream request, appended on arrival and updated in place)::
 
-    {"id", "protocol": "openai" | "anthropic", "model", "path", "stream", "body",
+    {"id", "protocol": "openai" | "anthropic", "model", "path", "stream",
+     "tools": [names of the request's tools] | null, "tool_choice": <as sent> | null,
+     "body" (as sent: tools, tool_choice, parallel_tool_calls, response_format, max_tokens... are there),
      "headers" (lower-cased; authorization and x-api-key kept as sent),
      "received_at", "first_token_at", "finished_at", "disconnected_at", "tokens_sent",
      "outcome": null (in flight) | "ok" | "error" | "hung" | "stopped" | "ended" | "reset" | "disconnected",
@@ -125,9 +162,13 @@ POLL_INTERVAL_S = 0.02
 
 LogEntry = dict[str, Any]
 
-# field name -> expected kind ("int" = non-negative int, "num" = int or float)
+# field name -> expected kind ("int" = non-negative int, "num" = int or float, "texts" = non-empty list of str,
+# "tool_calls" = list of {"name", "arguments", "id"} objects)
 BEHAVIOUR_FIELDS: dict[str, str] = {
     "text": "str",
+    "texts": "texts",
+    "after_tool_text": "str",
+    "tool_calls": "tool_calls",
     "ttft_ms": "int",
     "token_delay_ms": "int",
     "status": "int",
@@ -151,12 +192,49 @@ BEHAVIOUR_FIELDS: dict[str, str] = {
     "reasoning_text": "str",
 }
 
+TOOL_CALL_KEYS = frozenset({"name", "arguments", "id"})
+TOOL_ARGUMENT_FRAGMENTS = 3  # a streamed tool call's arguments string comes in (at most) this many fragments
+MAX_TOP_LOGPROBS = 20
+
 _TOKEN_RE = re.compile(r"\S+\s*|\s+")
+_WORD_RE = re.compile(r"[A-Za-z0-9_]+")
+_PLACEHOLDER_RE = re.compile(r"\{(last_user|tool_results)\}")
+
+
+@dataclass(frozen=True)
+class ToolCallSpec:
+    """A scripted tool call: ``arguments`` is the JSON text sent (an object given in the script is serialized)."""
+
+    name: str
+    arguments: str
+    id: str | None = None
+
+    @classmethod
+    def parse(cls, raw: object, index: int) -> ToolCallSpec:
+        where = f"tool_calls[{index}]"
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where} must be an object with 'name', 'arguments' and optionally 'id'")
+        unknown = sorted(set(raw) - TOOL_CALL_KEYS)
+        if unknown:
+            raise ValueError(f"unknown fields {unknown} in {where}; known: {sorted(TOOL_CALL_KEYS)}")
+        name, arguments, call_id = raw.get("name"), raw.get("arguments", {}), raw.get("id")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{where}.name must be a non-empty string, got {name!r}")
+        if isinstance(arguments, dict):
+            arguments = json.dumps(arguments, separators=(",", ":"))
+        elif not isinstance(arguments, str):
+            raise ValueError(f"{where}.arguments must be a JSON object or a string, got {arguments!r}")
+        if call_id is not None and (not isinstance(call_id, str) or not call_id):
+            raise ValueError(f"{where}.id must be a non-empty string, got {call_id!r}")
+        return cls(name=name, arguments=arguments, id=call_id)
 
 
 @dataclass(frozen=True)
 class Behaviour:
     text: str | None = None
+    texts: tuple[str, ...] | None = None
+    after_tool_text: str | None = None
+    tool_calls: tuple[ToolCallSpec, ...] = ()
     ttft_ms: int = 0
     token_delay_ms: int = 0
     status: int | None = None
@@ -191,6 +269,16 @@ class Behaviour:
             if value is None:
                 continue
             kind = BEHAVIOUR_FIELDS[name]
+            if kind == "texts":
+                if not isinstance(value, list) or not value or not all(isinstance(t, str) for t in value):
+                    raise ValueError(f"behaviour field {name!r} must be a non-empty list of strings, got {value!r}")
+                values[name] = tuple(value)
+                continue
+            if kind == "tool_calls":
+                if not isinstance(value, list):
+                    raise ValueError(f"behaviour field {name!r} must be a list of tool calls, got {value!r}")
+                values[name] = tuple(ToolCallSpec.parse(call, index) for index, call in enumerate(value))
+                continue
             if kind == "str":
                 ok = isinstance(value, str)
             elif kind == "bool":
@@ -209,7 +297,14 @@ class Behaviour:
             raise ValueError("fail_rate + hang_rate must be at most 1")
         if "status" in values and not 100 <= values["status"] <= 599:
             raise ValueError("status must be a valid HTTP status")
+        if "text" in values and "texts" in values:
+            raise ValueError("set either 'text' or 'texts' (text is texts: [text]), not both")
         return cls(**values)
+
+    def scripted_text(self, request_number: int) -> str | None:
+        """The answer text template of the model's ``request_number``-th request (1-based), None if unscripted."""
+        texts = self.texts if self.texts is not None else (self.text,) if self.text is not None else ()
+        return texts[min(request_number, len(texts)) - 1] if texts else None
 
     @property
     def misbehaves(self) -> bool:
@@ -239,6 +334,7 @@ class _Plan:
 class _ModelCounter:
     requests: int
     rng: random.Random
+    tool_calls: int = 0  # tool calls answered since the model was configured (numbers the default call ids)
 
 
 def _error_type_code(status: int) -> tuple[str, str | None]:
@@ -302,9 +398,68 @@ def _prompt_word_count(body: dict[str, Any]) -> int:
     return max(1, words)
 
 
+def _tool_results(body: dict[str, Any]) -> list[str] | None:
+    """The contents of the tool results the conversation ends with, None if it does not end with any.
+
+    OpenAI: the trailing ``role: "tool"`` messages. Anthropic: the ``tool_result`` blocks of a last user message.
+    """
+    messages = _messages(body)
+    results: list[str] = []
+    for message in reversed(messages):
+        if message.get("role") != "tool":
+            break
+        results.insert(0, _content_text(message.get("content")))
+    if results:
+        return results
+    if messages and messages[-1].get("role") == "user" and isinstance(messages[-1].get("content"), list):
+        blocks = [b for b in messages[-1]["content"] if isinstance(b, dict) and b.get("type") == "tool_result"]
+        if blocks:
+            return [_content_text(block.get("content")) for block in blocks]
+    return None
+
+
+def _fill(template: str, body: dict[str, Any]) -> str:
+    """Replace ``{last_user}`` and ``{tool_results}`` (the trailing tool results joined by a space) in one pass."""
+
+    def value(match: re.Match[str]) -> str:
+        if match.group(1) == "last_user":
+            return _last_user_text(body)
+        return " ".join(_tool_results(body) or [])
+
+    return _PLACEHOLDER_RE.sub(value, template)
+
+
+def _tool_names(body: dict[str, Any]) -> list[str] | None:
+    """The names of the tools a request offers (OpenAI ``function.name``, Anthropic ``name``), None without tools."""
+    tools = body.get("tools")
+    if not isinstance(tools, list):
+        return None
+    names: list[str] = []
+    for tool in tools:
+        if not isinstance(tool, dict):
+            continue
+        spec = tool.get(tool.get("type") or "function")
+        name = spec.get("name") if isinstance(spec, dict) else tool.get("name")
+        if isinstance(name, str):
+            names.append(name)
+    return names
+
+
 def split_tokens(text: str) -> list[str]:
     """Split ``text`` into tokens whose concatenation is exactly ``text``."""
     return _TOKEN_RE.findall(text)
+
+
+def split_fragments(text: str, count: int = TOOL_ARGUMENT_FRAGMENTS) -> list[str]:
+    """Split ``text`` into at most ``count`` non-empty fragments of near-equal length (none for ``""``)."""
+    count = min(count, len(text))
+    fragments: list[str] = []
+    start = 0
+    for index in range(count):
+        end = start + len(text) // count + (1 if index < len(text) % count else 0)
+        fragments.append(text[start:end])
+        start = end
+    return fragments
 
 
 def _dumps(obj: object) -> bytes:
@@ -318,6 +473,57 @@ def _sse(data: object, event: str | None = None) -> bytes:
 
 Kind = Literal["reasoning", "text"]
 """What a streamed token belongs to: the reasoning (thinking) or the answer text."""
+
+PieceKind = Literal["reasoning", "text", "tool_call", "tool_arguments"]
+"""What a streamed piece is: a reasoning or text token, a tool call's head (id, name) or an arguments fragment."""
+
+
+@dataclass(frozen=True)
+class _ToolCall:
+    id: str
+    name: str
+    arguments: str  # the JSON text, as sent
+
+    @property
+    def tokens(self) -> int:
+        """Rough completion tokens: the words (runs of letters, digits, _) of the name and the arguments."""
+        return max(1, len(_WORD_RE.findall(self.name)) + len(_WORD_RE.findall(self.arguments)))
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One streamed piece of an answer (non-streamed answers take as long as streaming them would)."""
+
+    kind: PieceKind
+    text: str  # the token; the fragment of the arguments; "" for a tool call's head
+    call_index: int = 0
+    call: _ToolCall | None = None
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """What one request answers: text (None: no content, tool calls alone), reasoning and tool calls."""
+
+    text: str | None
+    reasoning: str | None
+    tool_calls: tuple[_ToolCall, ...] = ()
+
+    @property
+    def finish_reason(self) -> str:
+        return "tool_calls" if self.tool_calls else "stop"
+
+    @property
+    def completion_tokens(self) -> int:
+        """Answer tokens (text tokens + the calls' rough tokens), reasoning excluded."""
+        return len(split_tokens(self.text or "")) + sum(call.tokens for call in self.tool_calls)
+
+    def pieces(self) -> list[_Piece]:
+        pieces = [_Piece("reasoning", token) for token in split_tokens(self.reasoning or "")]
+        pieces += [_Piece("text", token) for token in split_tokens(self.text or "")]
+        for index, call in enumerate(self.tool_calls):
+            pieces.append(_Piece("tool_call", "", index, call))
+            pieces += [_Piece("tool_arguments", f, index, call) for f in split_fragments(call.arguments)]
+        return pieces
 
 
 @dataclass(frozen=True)
@@ -334,6 +540,7 @@ class _Encoder(ABC):
     """How one protocol spells an answer, its stream events and its errors (one instance per request)."""
 
     protocol: ClassVar[str]
+    speaks_tool_calls: ClassVar[bool] = False  # False: scripted tool calls are left out of the answer
 
     def __init__(self, request_id: int, model: str, body: dict[str, Any]) -> None:
         self.request_id = request_id
@@ -346,30 +553,37 @@ class _Encoder(ABC):
         """The JSON body of an error response."""
 
     @abstractmethod
-    def message(self, answer: str, reasoning: str | None, usage: _Usage) -> dict[str, Any]:
+    def message(self, answer: _Answer, usage: _Usage) -> dict[str, Any]:
         """The JSON body of a non-streamed answer."""
 
     @abstractmethod
-    def stream_start(self, usage: _Usage, first: Kind) -> bytes:
-        """The SSE events sent before the first token (``first`` is the kind of that token)."""
+    def stream_start(self, usage: _Usage, first: PieceKind) -> bytes:
+        """The SSE events sent before the first piece (``first`` is the kind of that piece)."""
 
     @abstractmethod
-    def stream_token(self, kind: Kind, token: str) -> bytes:
-        """The SSE event(s) carrying one token."""
+    def stream_piece(self, piece: _Piece) -> bytes:
+        """The SSE event(s) carrying one piece (a token, a tool call's head, a fragment of its arguments)."""
 
     @abstractmethod
-    def stream_end(self, usage: _Usage) -> list[bytes]:
+    def stream_end(self, usage: _Usage, finish_reason: str) -> list[bytes]:
         """The SSE events that end a complete stream, in order (the last one ends the HTTP body)."""
 
 
 class _OpenAIEncoder(_Encoder):
     protocol = "openai"
+    speaks_tool_calls = True
 
     def __init__(self, request_id: int, model: str, body: dict[str, Any]) -> None:
         super().__init__(request_id, model, body)
         stream_options = body.get("stream_options")
         self.include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
         self.id = f"chatcmpl-fake-{request_id}"
+        self.logprobs = body.get("logprobs") is True
+        top = body.get("top_logprobs")
+        top = top if isinstance(top, int) and not isinstance(top, bool) else 0
+        self.top_logprobs = max(0, min(top, MAX_TOP_LOGPROBS))
+        self._position = 0  # content tokens streamed so far (their logprobs depend on the position)
+        self._role_sent = False
 
     def error(self, status: int, message: str, error_type: str | None, code: str | None) -> dict[str, Any]:
         default_type, default_code = _error_type_code(status)
@@ -397,48 +611,99 @@ class _OpenAIEncoder(_Encoder):
             "prompt_tokens_details": {"cached_tokens": usage.cached, "audio_tokens": 0},
         }
 
-    def message(self, answer: str, reasoning: str | None, usage: _Usage) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": answer, "refusal": None, "annotations": []}
-        if reasoning is not None:
-            message["reasoning_content"] = reasoning
+    def _token_logprobs(self, tokens: list[str]) -> dict[str, Any] | None:
+        """OpenAI's choice ``logprobs`` for the next content tokens (None unless the request asked for them).
+
+        Deterministic: the n-th content token (from 0) has logprob -0.01 * (1 + n % 10); its ``top_logprobs``
+        are the token itself, then ``<alt1>``, ``<alt2>``, ... one nat less likely each.
+        """
+        if not self.logprobs:
+            return None
+        content = []
+        for token in tokens:
+            logprob = round(-0.01 * (1 + self._position % 10), 4)
+            self._position += 1
+            alternatives = [(token, logprob)] + [
+                (f"<alt{n}>", round(logprob - n, 4)) for n in range(1, MAX_TOP_LOGPROBS)
+            ]
+            top = [
+                {"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in alternatives[: self.top_logprobs]
+            ]
+            content.append({"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": top})
+        return {"content": content, "refusal": None}
+
+    @staticmethod
+    def _tool_call(call: _ToolCall) -> dict[str, Any]:
+        return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+    def message(self, answer: _Answer, usage: _Usage) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": answer.text, "refusal": None, "annotations": []}
+        if answer.reasoning is not None:
+            message["reasoning_content"] = answer.reasoning
+        if answer.tool_calls:
+            message["tool_calls"] = [self._tool_call(call) for call in answer.tool_calls]
+        choice = {
+            "index": 0,
+            "message": message,
+            "logprobs": self._token_logprobs(split_tokens(answer.text or "")),
+            "finish_reason": answer.finish_reason,
+        }
         return {
             "id": self.id,
             "object": "chat.completion",
             "created": int(time.time()),
             "model": self.model,
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
+            "system_fingerprint": "fp_fake",
+            "choices": [choice],
             "usage": self._usage(usage),
         }
 
-    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+    def _chunk(
+        self, delta: dict[str, Any], finish_reason: str | None = None, logprobs: dict[str, Any] | None = None
+    ) -> bytes:
         data: dict[str, Any] = {
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+            "system_fingerprint": "fp_fake",
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
         }
         if self.include_usage:
             data["usage"] = None
         return _sse(data)
 
-    def stream_start(self, usage: _Usage, first: Kind) -> bytes:
-        return self._chunk({"role": "assistant", "content": ""})
+    def stream_start(self, usage: _Usage, first: PieceKind) -> bytes:
+        if first == "tool_call":
+            return b""  # as OpenAI does: the role comes with the first tool call
+        self._role_sent = True
+        return self._chunk({"role": "assistant", "content": ""}, logprobs=self._token_logprobs([]))
 
-    def stream_token(self, kind: Kind, token: str) -> bytes:
-        return self._chunk({"reasoning_content" if kind == "reasoning" else "content": token})
+    def stream_piece(self, piece: _Piece) -> bytes:
+        if piece.kind == "reasoning":
+            return self._chunk({"reasoning_content": piece.text})
+        if piece.kind == "text":
+            return self._chunk({"content": piece.text}, logprobs=self._token_logprobs([piece.text]))
+        if piece.kind == "tool_arguments":
+            return self._chunk({"tool_calls": [{"index": piece.call_index, "function": {"arguments": piece.text}}]})
+        assert piece.call is not None
+        head = self._tool_call(piece.call)
+        head["function"]["arguments"] = ""
+        delta: dict[str, Any] = {"tool_calls": [{"index": piece.call_index, **head}]}
+        if not self._role_sent:
+            self._role_sent = True
+            delta = {"role": "assistant", "content": None, **delta}
+        return self._chunk(delta)
 
-    def stream_end(self, usage: _Usage) -> list[bytes]:
-        events = [self._chunk({}, "stop")]
+    def stream_end(self, usage: _Usage, finish_reason: str) -> list[bytes]:
+        events = [self._chunk({}, finish_reason)]
         if self.include_usage:
             usage_chunk = {
                 "id": self.id,
                 "object": "chat.completion.chunk",
                 "created": self.created,
                 "model": self.model,
-                "system_fingerprint": None,
+                "system_fingerprint": "fp_fake",
                 "choices": [],
                 "usage": self._usage(usage),
             }
@@ -478,11 +743,11 @@ class _AnthropicEncoder(_Encoder):
             "cache_creation_input_tokens": 0,
         }
 
-    def message(self, answer: str, reasoning: str | None, usage: _Usage) -> dict[str, Any]:
+    def message(self, answer: _Answer, usage: _Usage) -> dict[str, Any]:
         content: list[dict[str, Any]] = []
-        if reasoning is not None:
-            content.append({"type": "thinking", "thinking": reasoning, "signature": self.signature})
-        content.append({"type": "text", "text": answer})
+        if answer.reasoning is not None:
+            content.append({"type": "thinking", "thinking": answer.reasoning, "signature": self.signature})
+        content.append({"type": "text", "text": answer.text or ""})
         return {
             "id": self.id,
             "type": "message",
@@ -511,7 +776,7 @@ class _AnthropicEncoder(_Encoder):
         self._block_kind = None
         return signature + _sse({"type": "content_block_stop", "index": self._block_index}, "content_block_stop")
 
-    def stream_start(self, usage: _Usage, first: Kind) -> bytes:
+    def stream_start(self, usage: _Usage, first: PieceKind) -> bytes:
         message: dict[str, Any] = {
             "id": self.id,
             "type": "message",
@@ -523,18 +788,22 @@ class _AnthropicEncoder(_Encoder):
             "usage": {**self._input_usage(usage), "output_tokens": 1},  # as Anthropic does: 1 so far
         }
         started = _sse({"type": "message_start", "message": message}, "message_start")
-        return started + self._open_block(first) + _sse({"type": "ping"}, "ping")
+        block = self._open_block("reasoning" if first == "reasoning" else "text")
+        return started + block + _sse({"type": "ping"}, "ping")
 
-    def stream_token(self, kind: Kind, token: str) -> bytes:
+    def stream_piece(self, piece: _Piece) -> bytes:
+        if piece.kind != "reasoning" and piece.kind != "text":
+            raise ValueError(f"the Anthropic encoder streams no {piece.kind} pieces")
+        kind: Kind = piece.kind
         switch = b"" if kind == self._block_kind else self._close_block() + self._open_block(kind)
         delta = (
-            {"type": "thinking_delta", "thinking": token}
+            {"type": "thinking_delta", "thinking": piece.text}
             if kind == "reasoning"
-            else {"type": "text_delta", "text": token}
+            else {"type": "text_delta", "text": piece.text}
         )
         return switch + self._delta(delta)
 
-    def stream_end(self, usage: _Usage) -> list[bytes]:
+    def stream_end(self, usage: _Usage, finish_reason: str) -> list[bytes]:
         # The answer always has a text block, an empty one after reasoning alone (as in a non-streamed message).
         blocks = b"" if self._block_kind == "text" else self._close_block() + self._open_block("text")
         blocks += self._close_block()
@@ -736,6 +1005,8 @@ class FakeState:
             "model": model,
             "path": scope["path"],
             "stream": body_dict.get("stream") is True,
+            "tools": _tool_names(body_dict),
+            "tool_choice": body_dict.get("tool_choice"),
             "body": body,
             "headers": headers,
             "received_at": received_at,
@@ -768,10 +1039,11 @@ class FakeState:
             if plan.hang:
                 await exchange.hang()
                 return
+            answer = self._answer(encoder, behaviour, self.counters[model])
             if entry["stream"]:
-                await self._stream(exchange, encoder, behaviour, plan)
+                await self._stream(exchange, encoder, behaviour, plan, answer)
             else:
-                await self._complete(exchange, encoder, behaviour, plan)
+                await self._complete(exchange, encoder, behaviour, plan, answer)
         finally:
             exchange.close()
             if entry["finished_at"] is None:
@@ -804,27 +1076,38 @@ class FakeState:
         await self._send_error(exchange, encoder, status, message, behaviour.error_type, behaviour.error_code, extra)
 
     @staticmethod
-    def _answer(body: dict[str, Any], behaviour: Behaviour, model: str) -> str:
-        if behaviour.text is None:
-            return f"Answer from {model}."
-        return behaviour.text.replace("{last_user}", _last_user_text(body))
+    def _answer(encoder: _Encoder, behaviour: Behaviour, counter: _ModelCounter) -> _Answer:
+        body = encoder.body
+        if behaviour.after_tool_text is not None and _tool_results(body) is not None:
+            return _Answer(_fill(behaviour.after_tool_text, body), behaviour.reasoning_text)
+        template = behaviour.scripted_text(counter.requests)
+        calls: list[_ToolCall] = []
+        for spec in behaviour.tool_calls if encoder.speaks_tool_calls else ():
+            counter.tool_calls += 1
+            call_id = spec.id or f"call_{encoder.model}_{counter.tool_calls}"
+            calls.append(_ToolCall(id=call_id, name=spec.name, arguments=spec.arguments))
+        if template is not None:
+            text: str | None = _fill(template, body)
+        else:
+            text = None if calls else f"Answer from {encoder.model}."
+        return _Answer(text, behaviour.reasoning_text, tuple(calls))
 
     @staticmethod
-    def _usage(body: dict[str, Any], behaviour: Behaviour, answer_tokens: int) -> _Usage:
+    def _usage(body: dict[str, Any], behaviour: Behaviour, answer: _Answer) -> _Usage:
         prompt = behaviour.prompt_tokens if behaviour.prompt_tokens is not None else _prompt_word_count(body)
         return _Usage(
             prompt=prompt,
             cached=behaviour.cached_tokens,
-            completion=answer_tokens + behaviour.reasoning_tokens,
+            completion=answer.completion_tokens + behaviour.reasoning_tokens,
             reasoning=behaviour.reasoning_tokens,
         )
 
-    async def _complete(self, exchange: _Exchange, encoder: _Encoder, behaviour: Behaviour, plan: _Plan) -> None:
+    async def _complete(
+        self, exchange: _Exchange, encoder: _Encoder, behaviour: Behaviour, plan: _Plan, answer: _Answer
+    ) -> None:
         entry = exchange.entry
-        answer = self._answer(encoder.body, behaviour, encoder.model)
-        tokens = split_tokens(answer)
-        reasoning = split_tokens(behaviour.reasoning_text or "")
-        delay_ms = behaviour.ttft_ms + (len(tokens) + len(reasoning)) * behaviour.token_delay_ms
+        pieces = answer.pieces()
+        delay_ms = behaviour.ttft_ms + len(pieces) * behaviour.token_delay_ms
         if not await exchange.sleep(delay_ms / 1000):
             return
         if plan.stop_after is not None:
@@ -832,23 +1115,22 @@ class FakeState:
             entry["finished_at"] = time.time()
             await exchange.close_connection(reset=False)
             return
-        payload = encoder.message(answer, behaviour.reasoning_text, self._usage(encoder.body, behaviour, len(tokens)))
+        payload = encoder.message(answer, self._usage(encoder.body, behaviour, answer))
         headers = {"content-type": "application/json", "x-request-id": f"req-fake-{entry['id']}"}
         if not await exchange.start_response(200, headers):
             return
         entry["first_token_at"] = time.time()
         await exchange.finish(_dumps(payload))
-        entry["tokens_sent"] = len(tokens) + len(reasoning)
+        entry["tokens_sent"] = len(pieces)
         entry["outcome"] = "ok"
         entry["finished_at"] = time.time()
 
-    async def _stream(self, exchange: _Exchange, encoder: _Encoder, behaviour: Behaviour, plan: _Plan) -> None:
+    async def _stream(
+        self, exchange: _Exchange, encoder: _Encoder, behaviour: Behaviour, plan: _Plan, answer: _Answer
+    ) -> None:
         entry = exchange.entry
-        answer = self._answer(encoder.body, behaviour, encoder.model)
-        tokens = split_tokens(answer)
-        items: list[tuple[Kind, str]] = [("reasoning", t) for t in split_tokens(behaviour.reasoning_text or "")]
-        items += [("text", t) for t in tokens]
-        usage = self._usage(encoder.body, behaviour, len(tokens))
+        items = answer.pieces()
+        usage = self._usage(encoder.body, behaviour, answer)
 
         async def emit(data: bytes) -> bool:
             return await exchange.send({"type": "http.response.body", "body": data, "more_body": True})
@@ -862,13 +1144,17 @@ class FakeState:
             return
         if not await exchange.sleep(behaviour.ttft_ms / 1000):
             return
-        if not await emit(encoder.stream_start(usage, items[0][0] if items else "text")):
+        start = encoder.stream_start(usage, items[0].kind if items else "text")
+        if start and not await emit(start):
             return
         for index in range(len(items) + 1):
             if plan.hang_after is not None and index == min(plan.hang_after, len(items)):
                 await exchange.hang()
                 return
             if plan.stop_after is not None and index == min(plan.stop_after, len(items)):
+                # the connection dies when the next token is due (so a client has read what came before it)
+                if index > 0 and not await exchange.sleep(behaviour.token_delay_ms / 1000):
+                    return
                 entry["outcome"] = "stopped"
                 entry["finished_at"] = time.time()
                 await exchange.close_connection(reset=False)
@@ -882,13 +1168,12 @@ class FakeState:
                 break
             if index > 0 and not await exchange.sleep(behaviour.token_delay_ms / 1000):
                 return
-            kind, token = items[index]
-            if not await emit(encoder.stream_token(kind, token)):
+            if not await emit(encoder.stream_piece(items[index])):
                 return
             if entry["first_token_at"] is None:
                 entry["first_token_at"] = time.time()
             entry["tokens_sent"] = index + 1
-        *events, last = encoder.stream_end(usage)
+        *events, last = encoder.stream_end(usage, answer.finish_reason)
         for event in events:
             if not await emit(event):
                 return

@@ -20,7 +20,7 @@ import orjson
 
 from mom_service.config import LLMDefinition, MoMConfig, MoMModelConfig
 
-KEY_VERSION = 1
+KEY_VERSION = 2  # 2: tool calls in the stored answers
 NOT_IN_KEY = frozenset({"user"})  # sampling parameters that do not change an answer
 
 
@@ -31,7 +31,13 @@ def _digest(kind: str, payload: dict[str, Any]) -> str:
 
 def _llm_identity(llm: LLMDefinition) -> dict[str, Any]:
     """What about an LLM decides its answers (not its key's variable, timeout, retries or price)."""
-    return {"model": llm.model, "api_base": llm.api_base, "params": llm.params, "multimodal": llm.multimodal}
+    return {
+        "model": llm.model,
+        "api_base": llm.api_base,
+        "params": llm.params,
+        "multimodal": llm.multimodal,
+        "capabilities": llm.capabilities.model_dump(),  # who calls tools: who concludes, what members read
+    }
 
 
 def _params(params: dict[str, Any]) -> dict[str, Any]:

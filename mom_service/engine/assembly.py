@@ -14,8 +14,8 @@ from mom_service.engine.tracing import TraceStarter
 from mom_service.observability.redaction import Redactor
 from mom_service.providers import litellm_api
 from mom_service.providers.caller import LLMCaller
+from mom_service.providers.capabilities import capabilities_of
 from mom_service.providers.circuit_breaker import CircuitBreakers
-from mom_service.providers.images import sees_images
 from mom_service.providers.pricing import build_price_book
 
 
@@ -45,5 +45,17 @@ def build_engine(
         breakers=breakers,
         cache=cache,
     )
-    vision = {d.name: sees_images(d, litellm_api.supports_vision) for d in config.llm_definitions}
-    return Engine(config, calls, vision=vision, images=images, recorders=recorders, tracer=tracer)
+    able = {
+        d.name: capabilities_of(d, litellm_api.cost_map_entry, litellm_api.supports_vision)
+        for d in config.llm_definitions
+    }
+    return Engine(
+        config,
+        calls,
+        vision={name: c.vision for name, c in able.items()},
+        tools_ok={name: c.tools for name, c in able.items()},
+        structured_ok={name: c.structured_output for name, c in able.items()},
+        images=images,
+        recorders=recorders,
+        tracer=tracer,
+    )

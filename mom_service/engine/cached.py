@@ -6,14 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
 from mom_service.cache.keys import answer_key, panel_identity
 from mom_service.cache.stores import CacheStore
 from mom_service.config import MoMConfig
-from mom_service.engine.events import Breakdown, CallReport
+from mom_service.engine.events import Breakdown, CallReport, Turn
 from mom_service.providers.pricing import ZERO
 
 
@@ -38,23 +38,39 @@ def cached_copy(report: CallReport) -> CallReport:
         saved=None if report.status == "skipped" else _paid(report),
         cached=True,
         text=report.text,
+        tool_calls=report.tool_calls,
         role=report.role,
         images=report.images,
     )
+
+
+# A piece of an answer as it was streamed: its text, or a piece of one of its tool calls (ToolCallDelta's fields).
+Piece = str | dict[str, Any]
 
 
 @dataclass(slots=True)
 class CachedAnswer:
     members: list[CallReport]
     concluding: CallReport
-    pieces: list[str]  # the synthesis as it was streamed, replayed as the same chunks
+    pieces: list[Piece]  # the answer as it was streamed, replayed as the same chunks
     finish_reason: str
+    turn: Turn = "ensemble"
+    structured_output: Literal["valid", "invalid"] | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class CachedMember:
+    text: str
+    saved: Decimal | None  # what the call that produced it cost
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 def cacheable(breakdown: Breakdown) -> bool:
     """A whole answer: no member failed or was skipped by its circuit (cut off by design by a quorum or deadline
     is fine), the concluding call answered."""
-    return breakdown.concluding.status == "ok" and not any(
+    if breakdown.structured_output == "invalid":
+        return False
+    return breakdown.concluding.status in ("ok", "skipped") and not any(
         m.status == "error" or m.error_type == "circuit_open" for m in breakdown.members
     )
 
@@ -78,34 +94,41 @@ class ResponseCache:
         try:
             data = orjson.loads(raw)
             members = [self._report(m) for m in data["members"]]
-            return CachedAnswer(members, self._report(data["concluding"]), data["pieces"], data["finish_reason"])
+            concluding = self._report(data["concluding"])
+            return CachedAnswer(
+                members, concluding, data["pieces"], data["finish_reason"], data["turn"], data["structured_output"]
+            )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return None  # an entry of another version: a miss
 
     async def put_answer(
-        self, key: str, ttl_s: float, breakdown: Breakdown, pieces: list[str], finish_reason: str
+        self, key: str, ttl_s: float, breakdown: Breakdown, pieces: list[Piece], finish_reason: str
     ) -> None:
         data = {
             "members": [self._entry(m) for m in breakdown.members],
             "concluding": self._entry(breakdown.concluding),
             "pieces": pieces,
             "finish_reason": finish_reason,
+            "turn": breakdown.turn,
+            "structured_output": breakdown.structured_output,
         }
         await self.store.set("a:" + key, orjson.dumps(data), ttl_s)
 
-    async def get_member(self, key: str) -> tuple[str, Decimal | None] | None:
-        """(text, the cost of the call that produced it) of a member's cached answer."""
+    async def get_member(self, key: str) -> CachedMember | None:
+        """A member's cached answer (its text and tool calls), with the cost of the call that produced it."""
         raw = await self.store.get("m:" + key)
         if raw is None:
             return None
         try:
             data = orjson.loads(raw)
-            return str(data["text"]), None if data["cost"] is None else Decimal(data["cost"])
+            cost = None if data["cost"] is None else Decimal(data["cost"])
+            return CachedMember(str(data["text"]), cost, data["tool_calls"])
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, ArithmeticError):
             return None
 
     async def put_member(self, key: str, ttl_s: float, report: CallReport) -> None:
-        await self.store.set("m:" + key, orjson.dumps({"text": report.text, "cost": _cost(report.cost)}), ttl_s)
+        value = {"text": report.text, "tool_calls": report.tool_calls, "cost": _cost(report.cost)}
+        await self.store.set("m:" + key, orjson.dumps(value), ttl_s)
 
     @staticmethod
     def _entry(report: CallReport) -> dict[str, Any]:
@@ -116,6 +139,7 @@ class ResponseCache:
             "error": report.error,
             "error_type": report.error_type,
             "text": report.text,
+            "tool_calls": report.tool_calls,
             "role": report.role,
             "images": report.images,
             "cost": _cost(_paid(report)),
@@ -130,6 +154,7 @@ class ResponseCache:
             error=data["error"],
             error_type=data["error_type"],
             text=data["text"],
+            tool_calls=data["tool_calls"],
             role=data["role"],
             images=data["images"],
             cost=None if data["cost"] is None else Decimal(data["cost"]),
@@ -144,6 +169,8 @@ def as_hit(breakdown: Breakdown, *, answered: bool = True) -> Breakdown:
         members=[cached_copy(r) for r in breakdown.members],
         concluding=cached_copy(breakdown.concluding),
         cache="hit" if answered else "miss",
+        turn=breakdown.turn,
+        structured_output=breakdown.structured_output,
     )
     if not answered:
         for report in hit.calls:

@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import Any
 
 from mom_service.config import MoMConfig
 from mom_service.engine.cached import CachedAnswer, ResponseCache, as_hit, cacheable, cached_copy
@@ -26,12 +27,14 @@ from mom_service.engine.events import (
     PanelDone,
     RequestOutcome,
     RequestStatus,
+    ToolCallDelta,
     Usage,
 )
 from mom_service.engine.inflight import InFlight
 from mom_service.engine.panel import cancel_members, fan_out, new_breakdown, wait_for_panel
 from mom_service.engine.plan import DEFAULT_IMAGES, ImagePolicy, Plan, Request, prepare
 from mom_service.engine.single_flight import Flight, Flights
+from mom_service.engine.tools import CallAssembler, as_deltas, vote
 from mom_service.engine.tracing import NO_TRACE, Trace, TraceStarter
 from mom_service.errors import WITH_TRACEBACK, InternalError
 from mom_service.providers.caller import LLMCaller
@@ -56,12 +59,19 @@ class Tally:
     error_code: str | None = None
     ttft_ms: float | None = None
     answer: list[str] = field(default_factory=list)
+    calls: CallAssembler | None = None  # the answer's tool calls, when it makes any
 
     def see(self, event: Event) -> None:
-        if isinstance(event, ContentDelta):
+        if isinstance(event, ContentDelta):  # first: nearly every event is one
             if self.ttft_ms is None:
                 self.ttft_ms = ms_since(self.started)
             self.answer.append(event.text)
+        elif isinstance(event, ToolCallDelta):
+            if self.ttft_ms is None:
+                self.ttft_ms = ms_since(self.started)
+            if self.calls is None:
+                self.calls = CallAssembler()
+            self.calls.add(event)
         elif isinstance(event, Completed):
             self.status, self.breakdown = "ok", event.breakdown
         elif isinstance(event, Failed):
@@ -81,6 +91,15 @@ class Tally:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Takes:
+    """What a MoM model takes."""
+
+    vision: bool
+    tools: bool
+    structured_output: bool
+
+
 class Engine:
     """One per app (so one per config): `prepare` a request into a Plan, then `run` it."""
 
@@ -90,6 +109,8 @@ class Engine:
         calls: Calls,
         *,
         vision: Mapping[str, bool],
+        tools_ok: Mapping[str, bool] | None = None,
+        structured_ok: Mapping[str, bool] | None = None,
         images: ImagePolicy = DEFAULT_IMAGES,
         recorders: Sequence[Recorder] = (),
         tracer: TraceStarter | None = None,
@@ -97,6 +118,8 @@ class Engine:
         self.config = config
         self.calls = calls
         self.vision = vision  # per LLM: can it see images
+        self.tools_ok = tools_ok or {}  # per LLM: can it call tools (an LLM not named can)
+        self.structured_ok = structured_ok or {}  # per LLM: does it honour response_format (not named: it does)
         self.images = images
         self.tracer = tracer
         self.active = InFlight()  # requests being answered (their outcome not yet recorded)
@@ -122,12 +145,25 @@ class Engine:
     async def prepare(self, request: Request) -> Plan:
         """The plan of a request (404 for an unknown MoM model, 400 for images that cannot be used), before any
         upstream call."""
-        return await prepare(request, self.config, self.vision, self.images)
+        return await prepare(request, self.config, self.vision, self.images, self.tools_ok)
 
     def accepts_images(self, mom: str) -> bool:
         """Whether a MoM model takes images: at least one of its panel members can see them."""
         model = self.config.mom_model(mom)
         return model is not None and any(self.vision[name] for name in model.llms_to_query)
+
+    def takes(self, mom: str) -> Takes:
+        """What a MoM model takes: images (a member sees them), tools (a concluding LLM, or fallback, calls them),
+        structured output (a concluding LLM, or fallback, honours a response format)."""
+        model = self.config.mom_model(mom)
+        if model is None:
+            return Takes(vision=False, tools=False, structured_output=False)
+        concluders = (model.concluding_llm, *model.concluding_fallbacks)
+        return Takes(
+            vision=self.accepts_images(mom),
+            tools=any(self.tools_ok.get(name, True) for name in concluders),
+            structured_output=any(self.structured_ok.get(name, True) for name in concluders),
+        )
 
     async def run(self, plan: Plan) -> AsyncGenerator[Event]:
         """Yields MemberFinished as each member settles, PanelDone, ContentDelta..., then Completed or Failed.
@@ -158,7 +194,7 @@ class Engine:
         cache = self.calls.cache
         if cache is None or not plan.cache.used:
             return self._answer(plan, None)
-        key = cache.answer_key(plan.mom.name, plan.conversation, plan.params, owner=plan.cache_owner)
+        key = cache.answer_key(plan.mom.name, plan.conversation, plan.key_params, owner=plan.cache_owner)
         if not plan.cache.lookup:  # a fresh answer (stored for the next ones); nobody joins it
             return self._flights.start(self._answer(plan, key)).follow()
         running = self._flights.get(key)
@@ -182,7 +218,13 @@ class Engine:
 
     def _replay(self, plan: Plan, stored: CachedAnswer) -> AsyncGenerator[Event]:
         """A stored answer, as the same events: no upstream call, nothing paid, its cost saved."""
-        breakdown = Breakdown(members=stored.members, concluding=stored.concluding, cache="hit")
+        breakdown = Breakdown(
+            members=stored.members,
+            concluding=stored.concluding,
+            cache="hit",
+            turn=stored.turn,
+            structured_output=stored.structured_output,
+        )
         return self._settled(Tally(plan, breakdown), _replayed(stored, breakdown))
 
     def _follow(self, plan: Plan, flight: Flight) -> AsyncGenerator[Event]:
@@ -214,7 +256,9 @@ class Engine:
         finally:
             self.active.leave()
             outcome = tally.outcome()
-            (tally.trace or self._trace(tally.plan)).finish(outcome, "".join(tally.answer))
+            (tally.trace or self._trace(tally.plan)).finish(
+                outcome, "".join(tally.answer), tally.calls.calls() if tally.calls else None
+            )
             self._emit(outcome)
 
     def _trace(self, plan: Plan) -> Trace:
@@ -234,20 +278,34 @@ class Engine:
     # ------------------------------------------------------------------------------------------- the stages
 
     async def _panel(self, plan: Plan, key: str | None, tally: Tally) -> AsyncGenerator[Event]:
-        """Fan out, wait for the panel, conclude, settle (cancel what still runs); then store the answer."""
+        """Fan out, wait for the panel, conclude (or let the members' vote decide), settle (cancel what still
+        runs); then store the answer. A relay turn skips the panel: the concluding LLM continues the tool loop."""
         calls, breakdown = self.calls, tally.breakdown
+        breakdown.turn = plan.turn
         trace = tally.trace or NO_TRACE
         tasks = fan_out(calls, plan, breakdown.members, trace)
+        concluded = Concluded()
         try:
             async with aclosing(wait_for_panel(calls, plan, breakdown.members, tasks, tally.started)) as settling:
                 async for event in settling:
                     yield event
             yield PanelDone(breakdown.members)
-            if breakdown.answered < plan.mom.min_successful:
+            if plan.turn != "relay" and breakdown.answered < plan.mom.min_successful:
                 yield too_few_answered(plan, breakdown)
                 return
-            concluded = Concluded()
-            async with aclosing(conclude(calls, plan, breakdown, trace, concluded)) as concluding:
+            agreed = (
+                vote(
+                    breakdown.members, plan.vote_threshold, parallel=plan.final_params.get("parallel_tool_calls", True)
+                )
+                if plan.vote_threshold
+                else None
+            )
+            stages = (
+                self._voted(breakdown, agreed, concluded)
+                if agreed
+                else conclude(calls, plan, breakdown, trace, concluded)
+            )
+            async with aclosing(stages) as concluding:
                 async for event in concluding:
                     yield event
             if concluded.finish_reason is None:  # no concluding LLM answered: Failed was the last event
@@ -260,13 +318,25 @@ class Engine:
         finally:  # members still running when the request ended (the client left): cancelled, settled
             cancel_members(calls, plan, breakdown.members, tasks, NOT_ANSWERED, tally.started)
 
+    @staticmethod
+    async def _voted(breakdown: Breakdown, agreed: list[dict[str, Any]], concluded: Concluded) -> AsyncGenerator[Event]:
+        """Enough members proposed the same tool calls: they are the answer, with no concluding call."""
+        breakdown.turn = "vote"
+        breakdown.concluding.skipped("vote", "not asked: enough panel members proposed the same tool calls")
+        for delta in as_deltas(agreed):
+            concluded.pieces.append(
+                {"index": delta.index, "id": delta.id, "name": delta.name, "arguments": delta.arguments}
+            )
+            yield delta
+        concluded.finish_reason = "tool_calls"
+
 
 async def _replayed(stored: CachedAnswer, breakdown: Breakdown) -> AsyncGenerator[Event]:
     for report in stored.members:
         yield MemberFinished(report)
     yield PanelDone(stored.members)
     for piece in stored.pieces:
-        yield ContentDelta(piece)
+        yield ContentDelta(piece) if isinstance(piece, str) else ToolCallDelta(**piece)
     yield Completed(finish_reason=stored.finish_reason, breakdown=breakdown, usage=Usage())
 
 
@@ -278,7 +348,7 @@ async def _followed(flight: Flight) -> AsyncGenerator[Event]:
                 yield MemberFinished(cached_copy(event.report))
             elif isinstance(event, PanelDone):
                 yield PanelDone([cached_copy(r) for r in event.reports])
-            elif isinstance(event, ContentDelta):
+            elif isinstance(event, ContentDelta | ToolCallDelta):
                 yield event
             elif isinstance(event, Completed):
                 yield Completed(finish_reason=event.finish_reason, breakdown=as_hit(event.breakdown), usage=Usage())

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Literal
+from typing import Any, Literal
 
 from mom_service.errors import MoMError
 from mom_service.providers.tokens import Usage as Usage  # re-exported: the events carry it
 
 MemberStatus = Literal["ok", "error", "skipped", "cancelled"]
+Turn = Literal["ensemble", "relay", "vote"]
 
 
 @dataclass(slots=True)
@@ -27,6 +28,7 @@ class CallReport:
     cost: Decimal | None = None  # USD; None when the LLM's price is unknown
     cached: bool = False
     text: str = ""
+    tool_calls: list[dict[str, Any]] | None = None  # what it proposed to call, in OpenAI's shape (members)
     role: Literal["member", "concluding"] = "member"
     images: Literal["sent", "placeholders"] | None = None  # how the request's images reached this call
     estimated: bool = False  # usage counted by us (a cancelled call, or none reported), not by the provider
@@ -34,8 +36,8 @@ class CallReport:
     sent: bool = False  # the request left for the provider (a call cancelled before that made no call)
 
     # The states a call goes through: each a method, so its fields change together.
-    def answered(self, text: str) -> None:
-        self.status, self.error, self.error_type, self.text = "ok", None, None, text
+    def answered(self, text: str, tool_calls: list[dict[str, Any]] | None = None) -> None:
+        self.status, self.error, self.error_type, self.text, self.tool_calls = "ok", None, None, text, tool_calls
 
     def failed(self, kind: str, message: str) -> None:
         self.status, self.error_type, self.error = "error", kind, message
@@ -48,9 +50,9 @@ class CallReport:
         """Cut off before it answered (by a quorum or a deadline, the client leaving, a shutdown)."""
         self.status, self.error_type, self.error = "cancelled", "cancelled", message
 
-    def from_cache(self, text: str, saved: Decimal | None) -> None:
+    def from_cache(self, text: str, saved: Decimal | None, tool_calls: list[dict[str, Any]] | None = None) -> None:
         """Its answer to this input was cached: not asked again, nothing paid, the original call's cost saved."""
-        self.answered(text)
+        self.answered(text, tool_calls)
         self.cached, self.cost, self.saved = True, Decimal(0), saved
 
     @property
@@ -66,6 +68,10 @@ class Breakdown:
     concluding: CallReport  # the call that concluded (or the last one tried)
     cache: Literal["hit", "miss"] = "miss"
     concluding_failed: list[CallReport] = field(default_factory=list)  # concluding LLMs that failed before a token
+    # ensemble: the panel answered and a concluding LLM concluded; relay: a tool loop's turn sent to the concluding
+    # LLM alone; vote: enough members proposed the same tool calls, which are the answer
+    turn: Turn = "ensemble"
+    structured_output: Literal["valid", "invalid"] | None = None  # a requested JSON answer, checked
 
     @property
     def answered(self) -> int:
@@ -131,6 +137,18 @@ class PanelDone:
 @dataclass(slots=True)
 class ContentDelta:
     text: str
+    logprobs: list[dict[str, Any]] | None = None  # the tokens' log probabilities, as OpenAI reports them, when asked
+
+
+@dataclass(slots=True)
+class ToolCallDelta:
+    """A piece of a tool call of the answer, as OpenAI streams one: its first piece has its id and name, the others
+    add to its arguments (a JSON string). `index` says which call of the answer it belongs to."""
+
+    index: int
+    arguments: str = ""
+    id: str | None = None
+    name: str | None = None
 
 
 @dataclass(slots=True)
@@ -146,7 +164,7 @@ class Failed:
     breakdown: Breakdown
 
 
-Event = MemberFinished | PanelDone | ContentDelta | Completed | Failed
+Event = MemberFinished | PanelDone | ContentDelta | ToolCallDelta | Completed | Failed
 
 RequestStatus = Literal["ok", "error", "cancelled"]
 

@@ -29,7 +29,7 @@ def new_breakdown(plan: Plan, not_answered: str) -> Breakdown:
     for member in plan.members:
         report = CallReport(name=member.llm.name, model=member.llm.model, cost=ZERO)
         if member.skipped is not None:
-            report.skipped("cannot_see_images", member.skipped)
+            report.skipped(member.skipped_kind, member.skipped)
         else:
             report.cancelled(not_answered)
             report.images = "sent" if plan.has_images else None
@@ -53,7 +53,8 @@ def fan_out(calls: Calls, plan: Plan, members: list[CallReport], trace: Trace) -
         if member.skipped is None:  # its circuit is open: not asked this time
             report.skipped("circuit_open", calls.breakers.reason(member.llm.name))
             report.images = None
-        trace.generation(report, [], plan.params).finish(report, "")
+        if report.error_type != "relay":  # a relay turn's members are not part of it: no generation each time
+            trace.generation(report, [], plan.params).finish(report, "")
     return tasks
 
 
@@ -112,15 +113,15 @@ async def ask_member(
     key = ""
     try:
         if cache is not None:
-            key = member_key(llm, member.messages, plan.params, owner=plan.cache_owner, encoded=member.encoded)
+            key = member_key(llm, member.messages, member.params, owner=plan.cache_owner, encoded=member.encoded)
             stored = await cache.get_member(key) if plan.cache.lookup else None
             if stored is not None:  # this member gave this answer to this input: not asked again
-                report.from_cache(*stored)
+                report.from_cache(stored.text, stored.saved, stored.tool_calls)
                 report.latency_ms = ms_since(started)
                 return report
-        generation = trace.generation(report, member.messages, plan.params)
+        generation = trace.generation(report, member.messages, member.params)
         report.sent = True
-        result = await calls.caller.complete(llm, member.messages, plan.params, encoded=member.encoded)
+        result = await calls.caller.complete(llm, member.messages, member.params, encoded=member.encoded)
     except LLMCallError as exc:
         verdict = "failure" if is_transient(exc) else "abandoned"
         calls.failed(llm, report, exc, member.messages, "")
@@ -132,9 +133,9 @@ async def ask_member(
         report.failed("error", f"failed: {type(exc).__name__}")
     else:
         verdict = "success"  # the provider answered: it is up (even when the answer is empty)
-        if result.text.strip():
-            report.answered(result.text)
-        else:  # no content (and no tool call): not an answer, but paid for
+        if result.text.strip() or result.tool_calls:
+            report.answered(result.text, result.tool_calls)
+        else:  # no content and no tool call: not an answer, but paid for
             report.failed("empty_answer", "the LLM answered with no content")
         report.usage = result.usage
         calls.charge(llm, report, member.messages, result.text)

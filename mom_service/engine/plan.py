@@ -5,12 +5,13 @@ images checked (and downloaded for the providers that need the bytes), what the 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
 
 from mom_service.config import LLMDefinition, MoMConfig, MoMModelConfig
+from mom_service.engine.tools import describe_tools, ends_with_tool_results, has_tool_history, history_as_text
 from mom_service.errors import InvalidRequest, NotFound
 from mom_service.providers.image_fetch import download_all
 from mom_service.providers.images import check_images
@@ -24,12 +25,14 @@ class Request:
 
     model: str
     messages: list[dict[str, Any]]
-    params: dict[str, Any]
+    params: dict[str, Any]  # sampling: every call gets them
     request_id: str
     caller: str = ""  # the caller's identity (a hash of its token): whose cached answers it may see
     stream: bool = False
     user: str | None = None
     cache: CachePolicy | None = None  # what the request lets the cache do (None: the cache is off)
+    final_params: dict[str, Any] = field(default_factory=dict)  # the final answer's shape: the concluding call's
+    tools: list[dict[str, Any]] | None = None  # function tools, in OpenAI's shape
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,12 +50,15 @@ DEFAULT_IMAGES = ImagePolicy()
 
 @dataclass(slots=True, frozen=True)
 class Member:
-    """A panel member as this request asks it: the conversation in its provider's shapes, or why it is skipped."""
+    """A panel member as this request asks it: the conversation in its provider's shapes and its call's parameters
+    (the real tools when it can call them), or why it is skipped."""
 
     llm: LLMDefinition
     messages: list[dict[str, Any]]
     skipped: str | None = None
+    skipped_kind: str = "cannot_see_images"
     encoded: bytes | None = None  # `messages` serialized once, shared by the members that get the same ones
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True, frozen=True)
@@ -86,15 +92,94 @@ class Plan:
     request_id: str
     mom: MoMModelConfig
     members: tuple[Member, ...]
-    concluders: tuple[Concluder, ...]  # the concluding LLM, then its fallbacks, in the order they are tried
+    concluders: tuple[Concluder, ...]  # the concluding LLM, then its fallbacks (those able to), in order
     has_images: bool
     prompt: str
-    params: dict[str, Any]
+    params: dict[str, Any]  # sampling, for every call
     stream: bool
     user: str | None = None
     conversation: tuple[dict[str, Any], ...] = ()  # as the client sent it (for the trace)
     cache: CachePolicy = NO_CACHE  # what the cache may do for this request (NO_CACHE when the model's is off)
     cache_owner: str = ""  # whose cached answers it may see: the caller's identity, or "" when shared by everyone
+    final_params: dict[str, Any] = field(default_factory=dict)  # the final answer's shape: the concluding call's
+    tools: list[dict[str, Any]] | None = None
+    turn: Literal["ensemble", "relay"] = "ensemble"  # relay: a tool loop's next step, the concluding LLM alone
+    vote_threshold: int | None = None  # with tools and the vote strategy: how many members must agree
+
+    @property
+    def concluding_params(self) -> dict[str, Any]:
+        """The concluding call's parameters: the sampling, the final answer's shape, the real tools."""
+        params = {**self.params, **self.final_params}
+        if self.tools:
+            params["tools"] = self.tools
+        return params
+
+    @property
+    def response_format(self) -> dict[str, Any] | None:
+        form = self.final_params.get("response_format")
+        return form if isinstance(form, dict) and form.get("type") in ("json_object", "json_schema") else None
+
+    @property
+    def key_params(self) -> dict[str, Any]:
+        """Everything in the request that decides the answer besides its messages (for the cache key)."""
+        return {**self.concluding_params, "turn": self.turn}
+
+
+ToolsMode = Literal["native", "text", "none"]
+
+
+def _tools_mode(tools: list[dict[str, Any]] | None, history: bool, can_call: bool) -> ToolsMode:
+    """How an LLM gets the request's tools: the real ones, written out as text (it cannot call them, or the
+    conversation has tool history but the request no tools), or not at all."""
+    if tools and can_call:
+        return "native"
+    return "text" if tools or history else "none"
+
+
+def _format_note(form: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a member is told of a requested JSON answer: the concluding LLM formats it, the member reasons freely."""
+    if form is None:
+        return None
+    schema = (form.get("json_schema") or {}).get("schema")
+    shape = f"JSON matching this schema: {orjson.dumps(schema).decode()}" if schema else "a JSON object"
+    text = (
+        f"Note: the final answer to the user will be {shape}, written by another model from your answer. Reason "
+        "and answer freely; do not worry about the format."
+    )
+    return {"role": "system", "content": text}
+
+
+class _Shapes:
+    """The conversation in the shapes each LLM gets, made once per (family, images, tools), serialized once."""
+
+    def __init__(
+        self,
+        messages: list[dict[str, Any]],
+        downloaded: Mapping[str, str],
+        tools: list[dict[str, Any]] | None,
+        note: dict[str, Any] | None,
+    ) -> None:
+        self._messages, self._downloaded, self._tools, self._note = messages, downloaded, tools, note
+        self._shaped: dict[tuple[Family, bool, ToolsMode, bool], list[dict[str, Any]]] = {}
+        self._encoded: dict[int, bytes] = {}
+
+    def of(self, llm: LLMDefinition, sees: bool, mode: ToolsMode, member: bool) -> list[dict[str, Any]]:
+        key = (family(llm), sees, mode, member)
+        if key not in self._shaped:
+            messages = self._messages if mode != "text" else history_as_text(self._messages)
+            shaped = sanitize(messages, RULES[key[0]], vision=sees, downloaded=self._downloaded)
+            extra = (
+                [{"role": "system", "content": describe_tools(self._tools)}] if mode == "text" and self._tools else []
+            )
+            if member and self._note is not None:
+                extra.append(self._note)
+            self._shaped[key] = [*shaped, *extra]
+        return self._shaped[key]
+
+    def encoded(self, shapes: list[dict[str, Any]]) -> bytes:
+        if id(shapes) not in self._encoded:
+            self._encoded[id(shapes)] = orjson.dumps(shapes, option=orjson.OPT_SORT_KEYS)
+        return self._encoded[id(shapes)]
 
 
 def make_plan(
@@ -111,60 +196,125 @@ def make_plan(
     cache: CachePolicy | None = None,
     downloaded: Mapping[str, str] = NOTHING_DOWNLOADED,
     caller: str = "",
+    final_params: dict[str, Any] | None = None,
+    tools: list[dict[str, Any]] | None = None,
+    tools_ok: Mapping[str, bool] | None = None,
 ) -> Plan:
-    """Who is asked: with images, only the members that can see them (400 when none can). The conversation is put
-    in each provider family's shapes once, and serialized once, for all the LLMs that get the same shapes."""
-    shaped: dict[tuple[Family, bool], list[dict[str, Any]]] = {}
-
-    def conversation(llm: LLMDefinition, sees: bool) -> list[dict[str, Any]]:
-        key = (family(llm), sees)
-        if key not in shaped:
-            shaped[key] = sanitize(messages, RULES[key[0]], vision=sees, downloaded=downloaded)
-        return shaped[key]
-
-    encoded: dict[int, bytes] = {}
-    members = []
-    for name in mom.llms_to_query:
-        llm = config.llm(name)
-        if has_images and not vision[name]:
-            members.append(Member(llm, [], skipped="cannot see images (multimodal: false, or not in LiteLLM's info)"))
-            continue
-        shapes = conversation(llm, True)
-        if id(shapes) not in encoded:
-            encoded[id(shapes)] = orjson.dumps(shapes, option=orjson.OPT_SORT_KEYS)
-        members.append(Member(llm, shapes, encoded=encoded[id(shapes)]))
-    if not any(m.skipped is None for m in members):
-        raise InvalidRequest(
-            f"The MoM model '{mom.name}' cannot answer a request with images: none of its panel members "
-            f"({', '.join(mom.llms_to_query)}) can see images.",
-            param="messages",
-            code="images_not_supported",
-        )
-
-    def concluder(name: str) -> Concluder:
-        llm = config.llm(name)
-        sees = vision[llm.name]
-        images: Literal["sent", "placeholders"] | None = ("sent" if sees else "placeholders") if has_images else None
-        return Concluder(llm, tuple(conversation(llm, sees)), images)
-
+    """Who is asked: with images, only the members that can see them (400 when none can); with tools, concluding
+    LLMs that can call them (400 when none can); a tool loop's next step (the conversation ends with tool results)
+    goes to the concluding LLM alone unless the MoM model says `continuation: panel`."""
+    final_params = final_params or {}
+    can_call = tools_ok or {}
+    turn: Literal["ensemble", "relay"] = (
+        "relay" if ends_with_tool_results(messages) and mom.tools.continuation == "relay" else "ensemble"
+    )
+    history = has_tool_history(messages)
+    form = final_params.get("response_format")
+    note = _format_note(form if isinstance(form, dict) and form.get("type") != "text" else None)
+    shapes = _Shapes(messages, downloaded, tools, note)
+    members = _members(config, mom, shapes, params, final_params, tools, history, vision, can_call, has_images, turn)
+    concluders = _concluders(config, mom, shapes, tools, history, vision, can_call, has_images)
+    voting = tools is not None and mom.tools.strategy == "vote" and turn == "ensemble"
     return Plan(
         request_id=request_id,
         mom=mom,
         members=tuple(members),
-        concluders=tuple(concluder(name) for name in (mom.concluding_llm, *mom.concluding_fallbacks)),
+        concluders=concluders,
         has_images=has_images,
         prompt=config.concluding_prompt(mom),
         params=params,
         stream=stream,
         user=user,
         conversation=tuple(messages),
-        cache=cache if cache is not None and mom.cache.enabled else NO_CACHE,
+        cache=cache if cache is not None and mom.cache.enabled and not final_params.get("logprobs") else NO_CACHE,
         cache_owner="" if mom.cache.scope == "global" else caller,
+        final_params=final_params,
+        tools=tools,
+        turn=turn,
+        vote_threshold=mom.tools.vote_threshold if voting else None,
     )
 
 
+def _members(
+    config: MoMConfig,
+    mom: MoMModelConfig,
+    shapes: _Shapes,
+    params: dict[str, Any],
+    final_params: dict[str, Any],
+    tools: list[dict[str, Any]] | None,
+    history: bool,
+    vision: Mapping[str, bool],
+    can_call: Mapping[str, bool],
+    has_images: bool,
+    turn: str,
+) -> list[Member]:
+    members = []
+    choice = final_params.get("tool_choice")
+    voting = mom.tools.strategy == "vote"
+    for name in mom.llms_to_query:
+        llm = config.llm(name)
+        if turn == "relay":
+            members.append(Member(llm, [], skipped="not asked: a tool loop's turn, relayed", skipped_kind="relay"))
+            continue
+        if has_images and not vision[name]:
+            members.append(Member(llm, [], skipped="cannot see images (multimodal: false, or not in LiteLLM's info)"))
+            continue
+        mode = _tools_mode(tools, history, can_call.get(name, True))
+        conversation = shapes.of(llm, True, mode, member=True)
+        member_params = dict(params)
+        if mode == "native" and tools:
+            member_params["tools"] = tools
+            member_params["tool_choice"] = (
+                choice if voting and choice is not None else ("none" if choice == "none" else "auto")
+            )
+            if voting and "parallel_tool_calls" in final_params:  # a vote's calls are the answer: as the client allows
+                member_params["parallel_tool_calls"] = final_params["parallel_tool_calls"]
+        members.append(Member(llm, conversation, encoded=shapes.encoded(conversation), params=member_params))
+    if turn != "relay" and not any(m.skipped is None for m in members):
+        raise InvalidRequest(
+            f"The MoM model '{mom.name}' cannot answer a request with images: none of its panel members "
+            f"({', '.join(mom.llms_to_query)}) can see images.",
+            param="messages",
+            code="images_not_supported",
+        )
+    return members
+
+
+def _concluders(
+    config: MoMConfig,
+    mom: MoMModelConfig,
+    shapes: _Shapes,
+    tools: list[dict[str, Any]] | None,
+    history: bool,
+    vision: Mapping[str, bool],
+    can_call: Mapping[str, bool],
+    has_images: bool,
+) -> tuple[Concluder, ...]:
+    names = [mom.concluding_llm, *mom.concluding_fallbacks]
+    able = [n for n in names if can_call.get(n, True)] if tools else names
+    if not able:
+        raise InvalidRequest(
+            f"The MoM model '{mom.name}' cannot answer a request with tools: none of its concluding LLMs "
+            f"({', '.join(names)}) can call tools.",
+            param="tools",
+            code="tools_not_supported",
+        )
+    out = []
+    for name in able:
+        llm = config.llm(name)
+        sees = vision[llm.name]
+        images: Literal["sent", "placeholders"] | None = ("sent" if sees else "placeholders") if has_images else None
+        mode = _tools_mode(tools, history, can_call.get(name, True))
+        out.append(Concluder(llm, tuple(shapes.of(llm, sees, mode, member=False)), images))
+    return tuple(out)
+
+
 async def prepare(
-    request: Request, config: MoMConfig, vision: Mapping[str, bool], images: ImagePolicy = DEFAULT_IMAGES
+    request: Request,
+    config: MoMConfig,
+    vision: Mapping[str, bool],
+    images: ImagePolicy = DEFAULT_IMAGES,
+    tools_ok: Mapping[str, bool] | None = None,
 ) -> Plan:
     """The plan of a request: its MoM model (404 when there is none), its images checked, downloaded where a
     provider needs the bytes (400 on any problem), all before any upstream call."""
@@ -189,4 +339,7 @@ async def prepare(
         user=request.user,
         cache=request.cache,
         caller=request.caller,
+        final_params=request.final_params,
+        tools=request.tools,
+        tools_ok=tools_ok,
     )

@@ -9,7 +9,8 @@ from mom_service.engine.events import CallReport, RequestOutcome
 
 
 class Generation(Protocol):
-    def finish(self, report: CallReport, output: str) -> None: ...
+    def finish(self, report: CallReport, output: str) -> None:
+        """The call's text (its tool calls are in the report)."""
 
 
 class Trace(Protocol):
@@ -17,7 +18,8 @@ class Trace(Protocol):
 
     def first_token(self, generation: Generation) -> None: ...
 
-    def finish(self, outcome: RequestOutcome, output: str) -> None: ...
+    def finish(self, outcome: RequestOutcome, output: str, tool_calls: list[dict[str, Any]] | None = None) -> None:
+        """The request's answer: its text and the tool calls it made."""
 
 
 class _NoGeneration:
@@ -35,7 +37,7 @@ class _NoTrace:
     def first_token(self, generation: Generation) -> None:
         return None
 
-    def finish(self, outcome: RequestOutcome, output: str) -> None:
+    def finish(self, outcome: RequestOutcome, output: str, tool_calls: list[dict[str, Any]] | None = None) -> None:
         return None
 
 

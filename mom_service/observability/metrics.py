@@ -187,6 +187,8 @@ class Metrics:
                 self._record_call(report)
 
     def _record_call(self, report: CallReport) -> None:
+        if report.error_type == "relay":
+            return  # a member a tool loop's relayed turn does not ask by design: not a call, nor a skipped one
         llm = self._llm(report.name)
         self.upstream_calls.labels(llm, report.role, report.status).inc()
         if report.status == "skipped":

@@ -168,6 +168,7 @@ def line_fields(
             "cost": _cost(breakdown.cost, structured),
             "unpriced": breakdown.unpriced,
             "cache": breakdown.cache,
+            "turn": breakdown.turn,
         }
     if content is not None:
         fields["content"] = content

@@ -48,6 +48,20 @@ def _usage_details(report: CallReport) -> dict[str, int] | None:
     }
 
 
+def _output(text: str, tool_calls: list[dict[str, Any]] | None) -> Any:
+    """An answer as Langfuse shows it: the text, or an assistant message when it calls tools."""
+    if not tool_calls:
+        return text
+    return {"role": "assistant", "content": text or None, "tool_calls": tool_calls}
+
+
+def _tool_names(params: dict[str, Any]) -> list[str] | None:
+    tools = params.get("tools")
+    if not isinstance(tools, list):
+        return None
+    return [str(t.get("function", {}).get("name")) for t in tools if isinstance(t, dict)]
+
+
 class _LangfuseGeneration:
     def __init__(self, observation: Any) -> None:
         self.observation = observation
@@ -62,7 +76,7 @@ class _LangfuseGeneration:
         _guard(
             "updating a generation",
             self.observation.update,
-            output=output if report.status == "ok" or output else None,
+            output=_output(output, report.tool_calls) if report.status == "ok" or output else None,
             level=level,
             status_message=f"{report.status}: {report.error}" if report.error else None,
             usage_details=_usage_details(report),
@@ -93,7 +107,7 @@ class _LangfuseTrace:
                     model=report.model,
                     input=messages,
                     model_parameters={k: v for k, v in params.items() if isinstance(v, str | int | float | bool)},
-                    metadata={"role": report.role},
+                    metadata={"role": report.role, "tools": _tool_names(params)},
                 )
 
         observation = _guard("starting a generation", start)
@@ -104,16 +118,17 @@ class _LangfuseTrace:
             now = datetime.now(UTC)
             _guard("marking the first token", generation.observation.update, completion_start_time=now)
 
-    def finish(self, outcome: RequestOutcome, output: str) -> None:
+    def finish(self, outcome: RequestOutcome, output: str, tool_calls: list[dict[str, Any]] | None = None) -> None:
         breakdown = outcome.breakdown
         _guard(
             "ending a trace",
             self._finish,
             outcome,
-            output,
+            _output(output, tool_calls),
             {
                 "status": outcome.status,
                 "error": outcome.error_code,
+                "turn": breakdown.turn,
                 "answered": breakdown.answered,
                 "asked": breakdown.asked,
                 "cost": usd(breakdown.cost),
@@ -122,7 +137,7 @@ class _LangfuseTrace:
             },
         )
 
-    def _finish(self, outcome: RequestOutcome, output: str, summary: dict[str, Any]) -> None:
+    def _finish(self, outcome: RequestOutcome, output: Any, summary: dict[str, Any]) -> None:
         self.root.update(
             output=output,
             level="ERROR" if outcome.status == "error" else "DEFAULT",

@@ -38,9 +38,20 @@ class StreamEnd:
 
 
 @dataclass(slots=True)
+class Delta:
+    """A streamed piece that is more than text (most are plain `str`): tool-call fragments as OpenAI streams them
+    (`index`, then `id`, `function.name`, `function.arguments` fragments), and the tokens' log probabilities."""
+
+    text: str = ""
+    tool_calls: list[dict[str, Any]] | None = None
+    logprobs: list[dict[str, Any]] | None = None
+
+
+@dataclass(slots=True)
 class CallResult:
     text: str
     usage: Usage | None
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI's shape: {"id", "type": "function", "function": {...}}
 
 
 def _litellm_finished(stream: Any, finish_reason: str | None) -> bool:
@@ -61,13 +72,52 @@ def _field(obj: Any, name: str) -> Any:
     return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
 
 
-def _chunk_parts(chunk: Any) -> tuple[str | None, str | None, Any]:
-    """(content, finish_reason, raw usage) of one streamed chunk, LiteLLM's object or the lean path's JSON."""
+def _as_dict(obj: Any) -> dict[str, Any]:
+    """LiteLLM's pydantic objects as the JSON the lean path reads (dicts pass as they are)."""
+    if isinstance(obj, dict):
+        return obj
+    dumped: dict[str, Any] = obj.model_dump(exclude_none=True)
+    return dumped
+
+
+def _chunk_parts(chunk: Any) -> tuple[str | None, str | None, Any, Delta | None]:
+    """(content, finish_reason, raw usage, a Delta when the chunk carries more than text) of one streamed chunk,
+    LiteLLM's object or the lean path's JSON."""
     choices = _field(chunk, "choices")
     if not choices:
-        return None, None, _field(chunk, "usage")
+        return None, None, _field(chunk, "usage"), None
     choice = choices[0]
-    return _field(_field(choice, "delta"), "content"), _field(choice, "finish_reason"), _field(chunk, "usage")
+    delta = _field(choice, "delta")
+    content = _field(delta, "content")
+    calls = _field(delta, "tool_calls")
+    logprobs = _field(choice, "logprobs")
+    extra = None
+    if calls or logprobs:
+        tokens = _field(logprobs, "content") if logprobs else None
+        extra = Delta(
+            text=content or "",
+            tool_calls=[_as_dict(c) for c in calls] if calls else None,
+            logprobs=[_as_dict(t) for t in tokens] if tokens else None,
+        )
+    return content, _field(choice, "finish_reason"), _field(chunk, "usage"), extra
+
+
+def _tool_calls(message: Any) -> list[dict[str, Any]] | None:
+    """A whole answer's tool calls, in OpenAI's shape."""
+    calls = _field(message, "tool_calls")
+    if not calls:
+        return None
+    out = []
+    for call in calls:
+        function = _as_dict(_field(call, "function") or {})
+        out.append(
+            {
+                "id": _field(call, "id"),
+                "type": "function",
+                "function": {"name": function.get("name"), "arguments": function.get("arguments") or "{}"},
+            }
+        )
+    return out
 
 
 def _usage_from(raw: Any) -> Usage | None:
@@ -242,11 +292,12 @@ class LLMCaller:
         return CallResult(
             text=text if isinstance(text, str) else "",
             usage=_usage_from(_field(response, "usage")),
+            tool_calls=_tool_calls(message),
         )
 
     def stream(
         self, llm: LLMDefinition, messages: list[dict[str, Any]], params: Mapping[str, Any]
-    ) -> AsyncGenerator[str | StreamEnd]:
+    ) -> AsyncGenerator[str | Delta | StreamEnd]:
         """A streamed call: yields content deltas as they arrive, then one StreamEnd.
 
         The LLM's timeout bounds the whole stream, not only the gaps between chunks. The deadline only ever cuts a
@@ -265,7 +316,7 @@ class LLMCaller:
         route: openai_http.LeanRoute,
         messages: list[dict[str, Any]],
         params: Mapping[str, Any],
-    ) -> AsyncGenerator[str | StreamEnd]:
+    ) -> AsyncGenerator[str | Delta | StreamEnd]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + llm.timeout
         session = self._lean_session()
@@ -288,8 +339,10 @@ class LLMCaller:
             timer = loop.call_at(deadline, expire)
             chunks = openai_http.events(response)
             async for chunk in chunks:
-                content, finished, raw_usage = _chunk_parts(chunk)
-                if content:
+                content, finished, raw_usage, extra = _chunk_parts(chunk)
+                if extra is not None:
+                    yield extra
+                elif content:
                     yield content
                 if finished:
                     finish_reason = finished
@@ -312,7 +365,7 @@ class LLMCaller:
 
     async def _litellm_stream(
         self, llm: LLMDefinition, messages: list[dict[str, Any]], params: Mapping[str, Any]
-    ) -> AsyncGenerator[str | StreamEnd]:
+    ) -> AsyncGenerator[str | Delta | StreamEnd]:
         deadline = asyncio.get_running_loop().time() + llm.timeout
         response: Any = None
         try:
@@ -329,8 +382,10 @@ class LLMCaller:
                         chunk = await chunks.__anext__()
                 except StopAsyncIteration:
                     break
-                content, finished, raw_usage = _chunk_parts(chunk)
-                if content:
+                content, finished, raw_usage, extra = _chunk_parts(chunk)
+                if extra is not None:
+                    yield extra
+                elif content:
                     yield content
                 if finished:
                     finish_reason = finished

@@ -78,7 +78,7 @@ def _image_url(url: str, rules: Rules, downloaded: Mapping[str, str]) -> str:
 
 
 def _content(content: Any, rules: Rules, vision: bool, counter: list[int], downloaded: Mapping[str, str]) -> Any:
-    if isinstance(content, str):
+    if content is None or isinstance(content, str):
         return content
     parts: list[dict[str, Any]] = []
     for part in content:
@@ -100,7 +100,7 @@ def _content(content: Any, rules: Rules, vision: bool, counter: list[int], downl
 
 
 def _is_empty(content: Any) -> bool:
-    return not content if isinstance(content, str) else len(content) == 0
+    return content is None or (not content if isinstance(content, str) else len(content) == 0)
 
 
 def _merge(first: Any, second: Any) -> Any:
@@ -127,13 +127,19 @@ def sanitize(
         role = message["role"]
         if role == "developer" and not rules.developer_role:
             role = "system"
-        content = _content(message["content"], rules, vision, counter, downloaded)
-        if rules.drop_empty and _is_empty(content):
+        content = _content(message.get("content"), rules, vision, counter, downloaded)
+        calls = message.get("tool_calls")
+        if rules.drop_empty and _is_empty(content) and not calls and role != "tool":
             continue
         cleaned: dict[str, Any] = {"role": role, "content": content}
         if rules.keep_name and message.get("name"):
             cleaned["name"] = message["name"]
-        if rules.merge_same_role and out and out[-1]["role"] == role and "name" not in out[-1]:
+        if calls:  # a tool loop's own messages keep OpenAI's shape: LiteLLM turns them into each provider's
+            cleaned["tool_calls"] = calls
+        if role == "tool":
+            cleaned["tool_call_id"] = message["tool_call_id"]
+        mergeable = role not in ("tool",) and not calls and "tool_calls" not in (out[-1] if out else {})
+        if rules.merge_same_role and mergeable and out and out[-1]["role"] == role and "name" not in out[-1]:
             out[-1]["content"] = _merge(out[-1]["content"], content)
             continue
         out.append(cleaned)

@@ -69,6 +69,7 @@ def rows_for(outcome: RequestOutcome) -> tuple[dict[str, Any], list[dict[str, An
         "members_ok": breakdown.answered,
         "cost_saved_pico": to_pico(breakdown.saved),
         "usage_estimated": any(report.estimated for report in breakdown.calls),
+        "turn": breakdown.turn,
     }
     return request, calls
 

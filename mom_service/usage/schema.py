@@ -56,6 +56,7 @@ requests_table = Table(
     Column("cost_saved_pico", BigInteger),  # what the cache saved (answers or members' answers); migration 2
     # any call's usage counted by us (none reported, or the call was cut off); migration 3
     Column("usage_estimated", Boolean, nullable=False, server_default=false()),
+    Column("turn", String(16), nullable=False, server_default="ensemble"),  # ensemble | relay | vote; migration 4
 )
 
 calls_table = Table(
@@ -119,7 +120,17 @@ async def _migration_3(conn: AsyncConnection) -> None:
 
 
 # Numbered, applied in order, each once; never edit one that has shipped: add the next.
-MIGRATIONS: Sequence[Callable[[AsyncConnection], Any]] = (_migration_1, _migration_2, _migration_3)
+async def _migration_4(conn: AsyncConnection) -> None:
+    """mom_requests.turn: what kind of turn the request was (ensemble before tools existed)."""
+
+    def add(sync: Connection) -> None:
+        if "turn" not in {c["name"] for c in inspect(sync).get_columns("mom_requests")}:
+            sync.execute(text("ALTER TABLE mom_requests ADD COLUMN turn VARCHAR(16) NOT NULL DEFAULT 'ensemble'"))
+
+    await conn.run_sync(add)
+
+
+MIGRATIONS: Sequence[Callable[[AsyncConnection], Any]] = (_migration_1, _migration_2, _migration_3, _migration_4)
 SCHEMA_VERSION = len(MIGRATIONS)
 _PG_MIGRATION_LOCK = 0x4D6F4D5F  # "MoM_": replicas starting together migrate one at a time
 

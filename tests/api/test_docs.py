@@ -220,14 +220,19 @@ def test_runnable_example(block: Block, demo: Service, tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------- configuration reference
 
 CONFIGURATION = ROOT / "docs" / "configuration.md"
-CONFIG_MODELS: tuple[type[BaseModel], ...] = (
-    config_models.MoMConfig,
-    config_models.LLMDefinition,
-    config_models.Pricing,
-    config_models.PromptDefinition,
-    config_models.MoMModelConfig,
-    config_models.CacheConfig,
+# every section of config.yaml: each model the config module defines (a new one is checked without a change here)
+CONFIG_MODELS: tuple[type[BaseModel], ...] = tuple(
+    model
+    for model in vars(config_models).values()
+    if isinstance(model, type)
+    and issubclass(model, BaseModel)
+    and model.__module__ == config_models.__name__
+    and not model.__name__.startswith("_")
 )
+
+
+def test_the_config_sections_are_found() -> None:
+    assert {config_models.MoMModelConfig, config_models.ToolsConfig, config_models.Capabilities} <= set(CONFIG_MODELS)
 
 
 def test_every_setting_and_config_field_is_documented() -> None:

@@ -135,7 +135,7 @@ def test_models_say_which_accept_images(service: Service) -> None:
     assert vision["mom-catalog"] is True  # gpt-4o-mini: LiteLLM's model info says it sees images
     one = httpx.get(f"{service.base_url}/models/mom-blind", headers=service.headers()).json()
     validate(one, "Model")
-    assert one["capabilities"] == {"vision": False}
+    assert one["capabilities"] == {"vision": False, "tools": True, "structured_output": True}
 
 
 def test_sdk_image_request(service: Service, fake: FakeUpstream) -> None:

@@ -23,8 +23,12 @@ def capped(fake_server: FakeUpstream, start_service: StartService, call_path: Ca
             llm("cap-fifty", fake_server, params={"max_tokens": 50, "temperature": 0.3}),
             llm("cap-forty", fake_server, params={"max_completion_tokens": 40}),
             llm("cap-free", fake_server),
+            llm("cap-thirty", fake_server, params={"max_tokens": 30}),
         ],
-        "models": [{"name": "cap-mom", "llms_to_query": ["cap-fifty", "cap-forty"], "concluding_llm": "cap-free"}],
+        "models": [
+            {"name": "cap-mom", "llms_to_query": ["cap-fifty", "cap-forty"], "concluding_llm": "cap-free"},
+            {"name": "cap-capped-judge", "llms_to_query": ["cap-free"], "concluding_llm": "cap-thirty"},
+        ],
     }
     environment = {"MOM_MAX_MESSAGES": "4", "MOM_MAX_TEXT_CHARS": "1000"}
     return start_service(config, call_path.env | environment)
@@ -41,15 +45,16 @@ def limits_sent(fake: FakeUpstream) -> dict[str, dict[str, Any]]:
         ({}, {"cap-fifty": 50, "cap-forty": 40, "cap-free": None}),
         ({"max_tokens": 1000}, {"cap-fifty": 50, "cap-forty": 40, "cap-free": 1000}),
         ({"max_completion_tokens": 1000}, {"cap-fifty": 50, "cap-forty": 40, "cap-free": 1000}),
-        ({"max_tokens": 10}, {"cap-fifty": 10, "cap-forty": 10, "cap-free": 10}),
-        ({"max_completion_tokens": 45}, {"cap-fifty": 45, "cap-forty": 40, "cap-free": 45}),
-        ({"max_tokens": 30, "max_completion_tokens": 20}, {"cap-fifty": 20, "cap-forty": 20, "cap-free": 20}),
+        ({"max_tokens": 10}, {"cap-fifty": 50, "cap-forty": 40, "cap-free": 10}),
+        ({"max_tokens": 30, "max_completion_tokens": 20}, {"cap-fifty": 50, "cap-forty": 40, "cap-free": 20}),
     ],
-    ids=["none", "higher", "higher-new-name", "lower", "between", "both-names"],
+    ids=["none", "higher", "higher-new-name", "lower", "both-names"],
 )
-def test_each_call_carries_one_limit_the_smaller_of_the_clients_and_the_operators(
+def test_each_call_carries_one_limit_and_the_clients_reaches_the_concluding_call_only(
     capped: Service, fake: FakeUpstream, client: dict[str, int], expected: dict[str, int | None]
 ) -> None:
+    """Members keep their configured limits (a short answer asked for does not truncate the panel's reasoning);
+    the concluding call gets the smaller of the client's and its own; each call carries one limit, max_tokens."""
     response = capped.chat("cap-mom", messages=QUESTION, **client)
     assert response.status_code == 200, response.text
     sent = limits_sent(fake)
@@ -57,6 +62,14 @@ def test_each_call_carries_one_limit_the_smaller_of_the_clients_and_the_operator
         assert sent[model] == ({} if limit is None else {"max_tokens": limit}), (model, sent[model])
     fifty = next(e for e in fake.log() if e["model"] == "cap-fifty")
     assert fifty["body"]["temperature"] == 0.3  # the rest of the operator's params still go
+
+
+@pytest.mark.parametrize(("client", "expected"), [({"max_tokens": 1000}, 30), ({"max_tokens": 10}, 10)])
+def test_a_concluding_llm_with_its_own_limit_is_never_raised(
+    capped: Service, fake: FakeUpstream, client: dict[str, int], expected: int
+) -> None:
+    assert capped.chat("cap-capped-judge", messages=QUESTION, **client).status_code == 200
+    assert limits_sent(fake)["cap-thirty"] == {"max_tokens": expected}
 
 
 def refused(response: httpx.Response, param: str, code: str) -> dict[str, Any]:

@@ -131,6 +131,61 @@ def test_skipped_member_is_noted(
     assert observation(beta, "status_message").startswith("skipped: cannot see images")
 
 
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def test_generations_show_tool_calls_and_the_trace_its_turn(
+    fake_server: FakeUpstream, start_service: StartService, capture: CaptureServer
+) -> None:
+    service = traced_service(start_service, fake_server, capture)
+    fake_server.reset()
+    paris = {"name": "get_weather", "arguments": {"city": "Paris"}}
+    fake_server.configure(
+        {
+            "alpha": {"text": "I would look it up.", "tool_calls": [paris]},
+            "judge": {"tool_calls": [paris], "after_tool_text": "Sunny in Paris."},
+        }
+    )
+    asked = [{"role": "user", "content": "Weather in Paris?"}]
+    first = service.chat("mom", messages=asked, tools=[WEATHER_TOOL])
+    assert first.status_code == 200
+    call = first.json()["choices"][0]["message"]["tool_calls"][0]
+    spans = capture.wait_for(lambda s: {"mom", "alpha", "beta", "gamma", "judge"} <= {x["name"] for x in s})
+    by_name = {s["name"]: s for s in spans}
+
+    alpha = observation(by_name["alpha"], "output")  # the member's proposal: its text and its call, as a message
+    assert alpha["content"] == "I would look it up."
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in alpha["tool_calls"]] == [
+        ("get_weather", {"city": "Paris"})
+    ]
+    assert observation(by_name["alpha"], "metadata.tools") == ["get_weather"]  # what the member was offered
+    judge = observation(by_name["judge"], "output")
+    assert judge["content"] is None and judge["tool_calls"][0]["function"]["name"] == "get_weather"
+    root = by_name["mom"]
+    assert observation(root, "output")["tool_calls"] == [call]  # the trace's answer is the client's answer
+    assert observation(root, "metadata.turn") == "ensemble"
+
+    # the agent comes back with the tool's result: a relay turn, one generation (the concluding call) in its trace
+    result = [
+        *asked,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": "sunny, 24 C"},
+    ]
+    second = service.chat("mom", messages=result, tools=[WEATHER_TOOL])
+    assert second.status_code == 200 and second.json()["choices"][0]["message"]["content"] == "Sunny in Paris."
+    spans = capture.wait_for(lambda s: len([x for x in s if x["name"] == "mom"]) == 2 and len(s) >= 7)
+    relay = next(x for x in spans if x["name"] == "mom" and x["trace_id"] != root["trace_id"])
+    assert observation(relay, "metadata.turn") == "relay"
+    assert observation(relay, "output") == "Sunny in Paris."
+    assert sorted(x["name"] for x in spans if x["trace_id"] == relay["trace_id"]) == ["judge", "mom"]
+
+
 @pytest.mark.parametrize("mode", ["fail", "hang"])
 def test_a_broken_langfuse_never_slows_or_fails_an_answer(
     fake_server: FakeUpstream, start_service: StartService, capture: CaptureServer, mode: str

@@ -262,23 +262,29 @@ async def test_usage_estimated_counts_requests_or_calls(engine: AsyncEngine) -> 
     assert (await report(engine, llm="alpha"))["totals"]["usage_estimated"] == 0
 
 
-async def test_migration_3_adds_usage_estimated_to_a_version_2_database(engine: AsyncEngine) -> None:
+async def test_migrations_3_and_4_add_usage_estimated_and_turn_to_a_version_2_database(engine: AsyncEngine) -> None:
     # a database as version 2 left it: mom_requests without usage_estimated, one request in it
     old, _ = rows_for(
         request("old", "mom", DAY0 + 5, 100.0, [call("alpha", 10.0), call("judge", 20.0, role="concluding")])
     )
     old.pop("usage_estimated", None)  # not a column yet
+    old.pop("turn", None)  # nor this one (migration 4)
     async with engine.begin() as conn:
         await conn.execute(text("ALTER TABLE mom_requests DROP COLUMN usage_estimated"))
+        await conn.execute(text("ALTER TABLE mom_requests DROP COLUMN turn"))
         await conn.execute(versions_table.delete().where(versions_table.c.version > 2))
         await conn.execute(requests_table.insert().values(**old))
     assert await migrate(engine) == 2
-    assert await migrate(engine) == SCHEMA_VERSION == 3
+    assert await migrate(engine) == SCHEMA_VERSION == 4
     async with engine.connect() as conn:
         columns = await conn.run_sync(lambda sync: {c["name"]: c for c in inspect(sync).get_columns("mom_requests")})
-        kept = (await conn.execute(select(requests_table.c.id, requests_table.c.usage_estimated))).all()
+        kept = (
+            await conn.execute(select(requests_table.c.id, requests_table.c.usage_estimated, requests_table.c.turn))
+        ).all()
     assert columns["usage_estimated"]["nullable"] is False
-    assert [tuple(row) for row in kept] == [("old", False)]  # the old row is kept, with nothing estimated
+    assert columns["turn"]["nullable"] is False
+    # the old row is kept, with nothing estimated, and counted as the only kind of turn there was
+    assert [tuple(row) for row in kept] == [("old", False, "ensemble")]
 
     await write(engine, estimated_sample())
     result = await report(engine, group_by="model")

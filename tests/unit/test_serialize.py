@@ -278,11 +278,13 @@ def test_completion_body() -> None:
         "ttft_ms": None,
         "usage": None,
         "usage_estimated": False,
+        "tool_calls": None,
         "cost": None,
         "cached": False,
         "images": None,
     }
     assert breakdown_["usage_estimated"] is False
+    assert (breakdown_["turn"], breakdown_["structured_output"]) == ("ensemble", None)
     assert breakdown_["concluding"]["name"] == "judge"
     assert breakdown_["concluding"]["usage"]["completion_tokens"] == 7
     # only alpha has a known cost: the totals add it, and the others are listed as unpriced

@@ -43,19 +43,26 @@ def test_n_equal_one_is_accepted() -> None:
     assert parse_chat_request(request(n=1)).n == 1
 
 
-def test_sampling_params_keeps_only_allowlisted_params_that_were_set() -> None:
-    allowed = {
+def test_sampling_and_final_params_keep_only_allowlisted_params_that_were_set() -> None:
+    sampling = {
         "temperature": 0.5,
         "top_p": 0.9,
-        "max_tokens": 100,
-        "max_completion_tokens": 200,
-        "stop": ["\n\n", "END"],
         "seed": 7,
         "user": "user-1",
         "presence_penalty": 0.1,
         "frequency_penalty": -0.2,
     }
-    assert set(allowed) == set(SAMPLING_PARAMS)
+    final = {
+        "max_tokens": 100,
+        "max_completion_tokens": 200,
+        "stop": ["\n\n", "END"],
+        "logit_bias": {"1": 100},
+        "logprobs": True,
+        "top_logprobs": 2,
+        "parallel_tool_calls": False,
+        "response_format": {"type": "json_object"},
+    }
+    assert set(sampling) == set(SAMPLING_PARAMS)
     dangerous = {
         "api_base": "http://attacker.example/v1",
         "api_key": "sk-attacker-key-123456",
@@ -64,16 +71,21 @@ def test_sampling_params_keeps_only_allowlisted_params_that_were_set() -> None:
         "custom_llm_provider": "openai",
         "fallbacks": ["gpt-4o"],
         "metadata": {"x": "y"},
-        "logit_bias": {"1": 100},
-        "tools": [],
     }
-    parsed = parse_chat_request(request(**allowed, **dangerous))
-    assert parsed.sampling_params() == allowed
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    parsed = parse_chat_request(request(**sampling, **final, **dangerous, tools=tools, tool_choice="required"))
+    assert parsed.sampling_params() == sampling
+    assert parsed.final_params() == final | {"tool_choice": "required"}
+    assert parsed.upstream_tools() == tools
+    # without tools, the tool options mean nothing: accepted, passed to no one
+    untooled = parse_chat_request(request(**sampling, **final, **dangerous, tool_choice="none"))
+    assert untooled.final_params() == {k: v for k, v in final.items() if k != "parallel_tool_calls"}
+    assert untooled.upstream_tools() is None
 
 
 def test_sampling_params_only_those_set() -> None:
     parsed = parse_chat_request(request(temperature=0, stop="END"))
-    assert parsed.sampling_params() == {"temperature": 0, "stop": "END"}
+    assert (parsed.sampling_params(), parsed.final_params()) == ({"temperature": 0}, {"stop": "END"})
 
 
 def test_upstream_messages_drop_unknown_fields() -> None:
@@ -148,7 +160,6 @@ def test_missing_messages() -> None:
     ("message", "param"),
     [
         ({"role": "wizard", "content": "x"}, "messages[0].role"),
-        ({"role": "tool", "content": "x", "tool_call_id": "call_1"}, "messages[0].role"),
         ({"role": "function", "content": "x", "name": "f"}, "messages[0].role"),
         ({"content": "x"}, "messages[0].role"),
         ({"role": "user"}, "messages[0].content"),
@@ -159,7 +170,6 @@ def test_missing_messages() -> None:
     ],
     ids=[
         "unknown-role",
-        "tool-role",
         "function-role",
         "missing-role",
         "missing-content",
@@ -176,7 +186,7 @@ def test_bad_message(message: dict[str, Any], param: str) -> None:
 
 
 def test_bad_second_message_is_named() -> None:
-    error = rejected(request(messages=[*USER, {"role": "tool", "content": "x"}]))
+    error = rejected(request(messages=[*USER, {"role": "function", "content": "x"}]))
     assert error.param == "messages[1].role"
 
 
@@ -236,7 +246,7 @@ def test_numbers_take_integers_where_a_number_belongs() -> None:
 
 
 def test_at_most_four_stop_sequences() -> None:
-    assert parse_chat_request(request(stop=["a", "b", "c", "d"])).sampling_params()["stop"] == ["a", "b", "c", "d"]
+    assert parse_chat_request(request(stop=["a", "b", "c", "d"])).final_params()["stop"] == ["a", "b", "c", "d"]
     error = rejected(request(stop=["a", "b", "c", "d", "e"]))
     assert (error.param, error.code) == ("stop", "array_above_max_length")
     assert error.message == (
@@ -268,8 +278,8 @@ def test_the_text_of_a_request_is_bounded() -> None:
     assert "11 characters of text; at most 10" in info.value.message
 
 
-@pytest.mark.parametrize("n", [2, 0])
-def test_only_n_one(n: int) -> None:
+@pytest.mark.parametrize(("n", "code"), [(2, "unsupported_parameter"), (0, "invalid_value")])
+def test_only_n_one(n: int, code: str) -> None:
     error = rejected(request(n=n))
     assert error.param == "n"
-    assert error.code == "invalid_value"
+    assert error.code == code

@@ -9,13 +9,25 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 import orjson
 
-from mom_service.api.schemas.openai import breakdown_dict, completion_body, usage_dict
+from mom_service.api.encoders.breakdown import breakdown_dict, usage_dict
 from mom_service.config import MoMModelConfig
-from mom_service.engine.events import Completed, ContentDelta, Event, Failed, MemberFinished, PanelDone
+from mom_service.engine.events import (
+    Breakdown,
+    Completed,
+    ContentDelta,
+    Event,
+    Failed,
+    MemberFinished,
+    PanelDone,
+    ToolCallDelta,
+    Usage,
+)
 from mom_service.engine.synthesis import THINK_CLOSE, THINK_OPEN, thinking_block
+from mom_service.engine.tools import CallAssembler
 from mom_service.errors import MoMError
 
 CONTENT = "content"
@@ -27,9 +39,10 @@ class ThinkingRouter:
 
     __slots__ = ("_opened", "_tags", "enabled")
 
-    def __init__(self, mom: MoMModelConfig) -> None:
+    def __init__(self, mom: MoMModelConfig, *, json_answer: bool = False) -> None:
         self.enabled = mom.include_thinking_context
-        self._tags = mom.thinking_format == "think_tags"
+        # a JSON answer's content is the JSON alone (a client parses it): its thinking goes to reasoning_content
+        self._tags = mom.thinking_format == "think_tags" and not json_answer
         self._opened = False
 
     @property
@@ -62,8 +75,8 @@ def new_completion_id() -> str:
 class StreamSerializer:
     """Events to SSE bytes. The chunk's constant head is encoded once; each chunk adds only its delta."""
 
-    def __init__(self, mom: MoMModelConfig, *, include_usage: bool) -> None:
-        self._router = ThinkingRouter(mom)
+    def __init__(self, mom: MoMModelConfig, *, include_usage: bool, json_answer: bool = False) -> None:
+        self._router = ThinkingRouter(mom, json_answer=json_answer)
         self._include_usage = include_usage
         self.completion_id = new_completion_id()
         self.created = int(time.time())
@@ -82,14 +95,18 @@ class StreamSerializer:
         """Whether any chunk has been produced (after that, errors travel as an SSE event)."""
         return self._started
 
-    def _chunk(self, delta: dict[str, str], finish_reason: str | None = None) -> bytes:
+    def _chunk(
+        self, delta: dict[str, Any], finish_reason: str | None = None, logprobs: list[dict[str, Any]] | None = None
+    ) -> bytes:
         return (
             self._head
             + b',"choices":[{"index":0,"delta":'
             + orjson.dumps(delta)
             + b',"finish_reason":'
             + (orjson.dumps(finish_reason) if finish_reason else b"null")
-            + b',"logprobs":null}]}\n\n'
+            + b',"logprobs":'
+            + (orjson.dumps({"content": logprobs, "refusal": None}) if logprobs is not None else b"null")
+            + b"}]}\n\n"
         )
 
     def _role_chunk(self) -> bytes:
@@ -98,6 +115,9 @@ class StreamSerializer:
 
     def feed(self, event: Event) -> bytes:
         """The bytes this event adds to the stream (possibly none)."""
+        if isinstance(event, ContentDelta):  # first: nearly every event is one
+            out = b"" if self._started else self._role_chunk()
+            return out + self._chunk({CONTENT: event.text}, logprobs=event.logprobs)
         if isinstance(event, Completed):
             out = b"" if self._started else self._role_chunk()
             out += self._chunk({}, event.finish_reason)
@@ -113,6 +133,11 @@ class StreamSerializer:
             return out + b"data: [DONE]\n\n"
         if isinstance(event, Failed):
             return self.error(event.error)
+        if isinstance(event, ToolCallDelta):
+            if self._started:
+                return self._chunk({"tool_calls": [tool_call_delta(event)]})
+            self._started = True  # the answer opens with a call: the role rides on it, with no text, as OpenAI's
+            return self._chunk({"role": "assistant", "content": None, "tool_calls": [tool_call_delta(event)]})
         pieces = self._router.pieces(event)
         if not pieces:
             return b""
@@ -130,11 +155,13 @@ class StreamSerializer:
 class CompletionCollector:
     """Events to one `chat.completion` body."""
 
-    def __init__(self, mom: MoMModelConfig) -> None:
+    def __init__(self, mom: MoMModelConfig, *, json_answer: bool = False) -> None:
         self._mom = mom
-        self._router = ThinkingRouter(mom)
+        self._router = ThinkingRouter(mom, json_answer=json_answer)
         self._content: list[str] = []
         self._reasoning: list[str] = []
+        self._calls = CallAssembler()
+        self._logprobs: list[dict[str, Any]] | None = None
 
     def feed(self, event: Event) -> dict[str, object] | None:
         """Returns the body at Completed; raises the error at Failed; otherwise collects."""
@@ -151,7 +178,58 @@ class CompletionCollector:
                 finish_reason=event.finish_reason,
                 usage=event.usage,
                 breakdown=event.breakdown,
+                tool_calls=self._calls.calls(),
+                logprobs=self._logprobs,
             )
+        if isinstance(event, ToolCallDelta):
+            self._calls.add(event)
+            return None
+        if isinstance(event, ContentDelta) and event.logprobs is not None:
+            self._logprobs = [*(self._logprobs or []), *event.logprobs]
         for field, text in self._router.pieces(event):
             (self._content if field == CONTENT else self._reasoning).append(text)
         return None
+
+
+def tool_call_delta(delta: ToolCallDelta) -> dict[str, Any]:
+    """A piece of a streamed tool call, as OpenAI streams it: the first with its id, type and name."""
+    function: dict[str, Any] = {"arguments": delta.arguments}
+    out: dict[str, Any] = {"index": delta.index}
+    if delta.id is not None:
+        out |= {"id": delta.id, "type": "function"}
+    if delta.name is not None:
+        function["name"] = delta.name
+    out["function"] = function
+    return out
+
+
+def completion_body(
+    *,
+    completion_id: str,
+    created: int,
+    model: str,
+    content: str,
+    reasoning_content: str | None,
+    finish_reason: str,
+    usage: Usage,
+    breakdown: Breakdown,
+    tool_calls: list[dict[str, Any]] | None = None,
+    logprobs: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A `chat.completion` (CreateChatCompletionResponse) with the `mom` breakdown beside it. With tool calls and
+    no text, `content` is null, as OpenAI answers."""
+    message: dict[str, Any] = {"role": "assistant", "content": content or (None if tool_calls else ""), "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    if reasoning_content is not None:
+        message["reasoning_content"] = reasoning_content
+    choice_logprobs = {"content": logprobs, "refusal": None} if logprobs is not None else None
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": choice_logprobs}],
+        "usage": usage_dict(usage, breakdown.cost),
+        "mom": breakdown_dict(breakdown),
+    }

@@ -61,6 +61,8 @@ async def chat_completions(request: Request, state: StateDep, caller: Authorized
             model=chat.model,
             messages=chat.upstream_messages(),
             params=chat.sampling_params(),
+            final_params=chat.final_params(),
+            tools=chat.upstream_tools(),
             request_id=request_id,
             caller=caller,
             stream=bool(chat.stream),
@@ -69,11 +71,12 @@ async def chat_completions(request: Request, state: StateDep, caller: Authorized
         )
     )
     mom = plan.mom
+    json_answer = plan.response_format is not None
     events = state.engine.run(plan)
     stop = state.admission.cut_off
 
     if not chat.stream:
-        collector = CompletionCollector(mom)
+        collector = CompletionCollector(mom, json_answer=json_answer)
 
         async def collect() -> dict[str, object]:
             async with aclosing(events):
@@ -90,7 +93,7 @@ async def chat_completions(request: Request, state: StateDep, caller: Authorized
         except ServerStopping:
             raise Admission.cut_off_error() from None
 
-    serializer = StreamSerializer(mom, include_usage=chat.include_usage)
+    serializer = StreamSerializer(mom, include_usage=chat.include_usage, json_answer=json_answer)
     body = _sse(events, serializer)
     try:  # the first bytes worth sending; a failure before them is answered with its HTTP status
         first = await unless_disconnected(request, anext(body, b""), stop)

@@ -8,39 +8,62 @@ built for every chunk, so they stay cheap; the tests validate them against OpenA
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic_core import ErrorDetails
 from typing_extensions import TypedDict
 
-from mom_service.engine.events import Breakdown, CallReport, Usage
+from mom_service.api.schemas.validation import array_too_long, first_error
+from mom_service.engine.structured import schema_problem
 from mom_service.errors import InvalidRequest
-from mom_service.usage.money import usd
 
 # ---------------------------------------------------------------------------------------------------- requests
 
 MAX_STOP = 4  # stop sequences, as OpenAI allows
+MAX_TOP_LOGPROBS = 20
 
-SAMPLING_PARAMS = (
-    "temperature",
-    "top_p",
+# Sampling goes to every call (members and concluding); the shape of the final answer is the concluding call's
+# business only, so a client asking for a short answer does not truncate the panel's reasoning.
+SAMPLING_PARAMS = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "user")
+FINAL_PARAMS = (
     "max_tokens",
     "max_completion_tokens",
     "stop",
-    "seed",
-    "user",
-    "presence_penalty",
-    "frequency_penalty",
+    "response_format",
+    "tool_choice",
+    "parallel_tool_calls",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
 )
+TOOL_OPTIONS = ("tool_choice", "parallel_tool_calls")  # meaningless without tools: not sent then
+# Recognised OpenAI parameters a MoM model cannot honour: refused, never silently dropped.
+UNSUPPORTED = {
+    "audio": "audio output is not supported",
+    "prediction": "predicted outputs are not supported",
+    "web_search_options": "web search is not supported",
+    "functions": "the legacy 'functions' parameter is not supported: use 'tools'",
+    "function_call": "the legacy 'function_call' parameter is not supported: use 'tool_choice'",
+}
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 
 
 class _Open(BaseModel):
     """Unknown fields are accepted (and never read); known ones are validated strictly, as OpenAI's API does: a
     string where a boolean or a number belongs is a 400, not coerced."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
+
+    def known(self) -> dict[str, Any]:
+        """The declared fields that are set, recursively, by their wire names: never a field the client added
+        (those are accepted, and stay here)."""
+        out: dict[str, Any] = {}
+        for name, info in type(self).model_fields.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            out[info.alias or name] = value.known() if isinstance(value, _Open) else value
+        return out
 
 
 class TextPart(_Open):
@@ -70,21 +93,89 @@ class ImagePart(_Open):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
-class ChatMessage(_Open):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
-    name: str | None = Field(default=None, min_length=1, max_length=64)
+class FunctionCall(_Open):
+    name: str = Field(min_length=1)
+    arguments: str
+
+
+class ToolCall(_Open):
+    id: str = Field(min_length=1)
+    type: Literal["function"]
+    function: FunctionCall
 
     def to_upstream(self) -> dict[str, Any]:
-        """The message as LiteLLM gets it: only the fields we know, no empty ones."""
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.function.name, "arguments": self.function.arguments},
+        }
+
+
+class ChatMessage(_Open):
+    """Any role's message; what each role requires is checked after (`check_roles`), so errors name the field."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = Field(default=None, min_length=1, max_length=64)
+    tool_calls: list[ToolCall] | None = None  # assistant
+    tool_call_id: str | None = Field(default=None, min_length=1)  # tool
+
+    def to_upstream(self) -> dict[str, Any]:
+        """The message as the engine gets it: only the fields we know, no empty ones."""
         message: dict[str, Any] = {"role": self.role}
-        if isinstance(self.content, str):
-            message["content"] = self.content
-        else:
+        if isinstance(self.content, list):
             message["content"] = [part.to_upstream() for part in self.content]
+        else:
+            message["content"] = self.content
         if self.name:
             message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [call.to_upstream() for call in self.tool_calls]
+        if self.role == "tool":
+            message["tool_call_id"] = self.tool_call_id
         return message
+
+
+class FunctionDefinition(_Open):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Open):
+    type: str
+    function: FunctionDefinition | None = None
+
+    def to_upstream(self) -> dict[str, Any]:
+        assert self.function is not None  # (checked: only function tools are accepted)
+        return {"type": "function", "function": self.function.known()}
+
+
+class NamedFunction(_Open):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(_Open):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Open):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Open):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def to_upstream(self) -> dict[str, Any]:
+        if self.type != "json_schema" or self.json_schema is None:
+            return {"type": self.type}
+        return {"type": "json_schema", "json_schema": self.json_schema.known()}
 
 
 class StreamOptions(_Open):
@@ -106,43 +197,40 @@ class ChatCompletionRequest(_Open):
     user: str | None = Field(default=None, max_length=256)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    logit_bias: dict[str, Annotated[int, Field(ge=-100, le=100)]] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    modalities: list[str] | None = None
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def sampling_params(self) -> dict[str, Any]:
-        """The allowlisted sampling parameters the client set: all that reaches the panel from the body."""
+        """The allowlisted sampling parameters the client set: they reach every call of the panel."""
+        return {name: value for name in SAMPLING_PARAMS if (value := getattr(self, name)) is not None}
+
+    def final_params(self) -> dict[str, Any]:
+        """The parameters that shape the final answer: they reach the concluding call only."""
         params: dict[str, Any] = {}
-        for name in SAMPLING_PARAMS:
+        for name in FINAL_PARAMS:
             value = getattr(self, name)
-            if value is not None:
-                params[name] = value
+            if value is None or (name in TOOL_OPTIONS and not self.tools):  # tool options without tools: no-ops
+                continue
+            if isinstance(value, _Open):
+                value = value.to_upstream() if isinstance(value, ResponseFormat) else value.known()
+            params[name] = value
         return params
+
+    def upstream_tools(self) -> list[dict[str, Any]] | None:
+        return [tool.to_upstream() for tool in self.tools] if self.tools else None
 
     def upstream_messages(self) -> list[dict[str, Any]]:
         return [m.to_upstream() for m in self.messages]
-
-
-_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
-
-
-def _param_path(loc: tuple[int | str, ...]) -> str:
-    """`messages[0].content[1].text` from pydantic's location, without its union-branch and tag names."""
-    path = ""
-    skip_tag = False
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-            continue
-        if skip_tag:  # a tagged union names the tag before the field
-            skip_tag = False
-            continue
-        if "[" in part or part in _TYPE_NAMES:
-            skip_tag = "tagged-union" in part
-            continue
-        path += f".{part}" if path else part
-    return path
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,53 +241,103 @@ class RequestLimits:
     max_text_chars: int = 4 * 1024 * 1024
 
 
-_JSON_TYPES: dict[str, str] = {
-    "bool_type": "a boolean",
-    "int_type": "an integer",
-    "float_type": "a number",
-    "string_type": "a string",
-    "list_type": "an array",
-    "dict_type": "an object",
-    "model_type": "an object",
-}
+def _unsupported(param: str, why: str) -> InvalidRequest:
+    return InvalidRequest(f"Unsupported parameter: '{param}': {why}.", param=param, code="unsupported_parameter")
 
 
-_PYTHON_JSON_TYPES: tuple[tuple[type, str], ...] = (
-    (bool, "a boolean"),  # (before int: a bool is an int in Python)
-    (int, "an integer"),
-    (float, "a decimal number"),
-    (str, "a string"),
-    (list, "an array"),
-    (dict, "an object"),
-)
+def check_unsupported(data: dict[str, Any]) -> None:
+    """Recognised OpenAI parameters a MoM model cannot honour: a 400 naming each, never silently dropped."""
+    for name, why in UNSUPPORTED.items():
+        if data.get(name) is not None:
+            raise _unsupported(name, why)
+    modalities = data.get("modalities")
+    if isinstance(modalities, list) and "audio" in modalities:
+        raise _unsupported("modalities", "audio output is not supported")
 
 
-def _json_type(value: Any) -> str:
-    """What JSON type a decoded value was, as OpenAI's errors name it."""
-    return next((name for kind, name in _PYTHON_JSON_TYPES if isinstance(value, kind)), "null")
+def _missing(param: str) -> InvalidRequest:
+    return InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
 
 
-def _invalid(error: ErrorDetails) -> InvalidRequest:
-    """OpenAI's 400 for one validation error, naming the parameter (its own wording for wrong types)."""
-    param = _param_path(error["loc"])
-    if error["type"] == "missing":
-        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
-    expected = _JSON_TYPES.get(error["type"])
-    if expected is not None:
-        message = f"Invalid type for '{param}': expected {expected}, but got {_json_type(error['input'])} instead."
-        return InvalidRequest(message, param=param, code="invalid_type")
-    if error["type"] == "too_long" and isinstance(error["input"], list):
-        return _array_too_long(param, int((error.get("ctx") or {}).get("max_length", 0)), len(error["input"]))
-    return InvalidRequest(f"Invalid value for '{param}': {error['msg']}.", param=param, code="invalid_value")
+def check_messages(messages: list[ChatMessage]) -> None:
+    """What each role requires, and that every tool result answers a tool call made earlier in the conversation."""
+    called: set[str] = set()
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if message.role == "assistant":
+            if message.content is None and not message.tool_calls:
+                raise _missing(f"{where}.content")
+            called.update(call.id for call in message.tool_calls or ())
+        elif message.content is None:
+            raise _missing(f"{where}.content")
+        if message.role != "assistant" and message.tool_calls:
+            raise InvalidRequest(
+                f"Invalid parameter: only assistant messages may carry 'tool_calls' ({where}).",
+                param=f"{where}.tool_calls",
+                code="invalid_value",
+            )
+        only_text = message.role in ("assistant", "tool") and isinstance(message.content, list)
+        if only_text and any(not isinstance(part, TextPart) for part in message.content or ()):
+            raise InvalidRequest(
+                f"Invalid value for '{where}.content': a {message.role} message holds text parts only.",
+                param=f"{where}.content",
+                code="invalid_value",
+            )
+        if message.role == "tool":
+            if message.tool_call_id is None:
+                raise _missing(f"{where}.tool_call_id")
+            if message.tool_call_id not in called:
+                raise InvalidRequest(
+                    "Invalid parameter: messages with role 'tool' must be a response to a preceding message with "
+                    f"'tool_calls' (no earlier tool call has the id '{message.tool_call_id}').",
+                    param=f"{where}.role",
+                    code="invalid_tool_message",
+                )
 
 
-def _array_too_long(param: str, limit: int, length: int) -> InvalidRequest:
-    return InvalidRequest(
-        f"Invalid '{param}': array too long. Expected an array with maximum length {limit}, but got an array with "
-        f"length {length} instead.",
-        param=param,
-        code="array_above_max_length",
-    )
+def check_tools(request: ChatCompletionRequest) -> None:
+    """Function tools only; a named tool choice names one of them; options that need another one have it."""
+    names: set[str] = set()
+    for i, tool in enumerate(request.tools or ()):
+        if tool.type != "function":
+            raise InvalidRequest(
+                f"The tool type '{tool.type}' is not supported: a MoM model takes 'function' tools only.",
+                param=f"tools[{i}].type",
+                code="unsupported_tool_type",
+            )
+        if tool.function is None:
+            raise _missing(f"tools[{i}].function")
+        names.add(tool.function.name)
+    choice = request.tool_choice
+    if choice is not None and not request.tools and choice != "none":
+        raise InvalidRequest(
+            "Invalid value for 'tool_choice': it is only allowed when 'tools' are specified.",
+            param="tool_choice",
+            code="invalid_value",
+        )
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise InvalidRequest(
+            f"Invalid value for 'tool_choice': no tool is named '{choice.function.name}'.",
+            param="tool_choice",
+            code="invalid_value",
+        )
+    form = request.response_format
+    if form is not None and form.type == "json_schema":
+        if form.json_schema is None:
+            raise _missing("response_format.json_schema")
+        why = schema_problem(form.json_schema.json_schema) if form.json_schema.json_schema is not None else None
+        if why is not None:
+            raise InvalidRequest(
+                f"Invalid schema for response_format '{form.json_schema.name}': {why}.",
+                param="response_format.json_schema.schema",
+                code="invalid_value",
+            )
+    if request.top_logprobs is not None and not request.logprobs:
+        raise InvalidRequest(
+            "Invalid value for 'top_logprobs': 'logprobs' must be true to use it.",
+            param="top_logprobs",
+            code="invalid_value",
+        )
 
 
 def text_chars(messages: list[ChatMessage]) -> int:
@@ -208,8 +346,10 @@ def text_chars(messages: list[ChatMessage]) -> int:
     for message in messages:
         if isinstance(message.content, str):
             total += len(message.content)
-        else:
+        elif message.content is not None:
             total += sum(len(part.text) for part in message.content if isinstance(part, TextPart))
+        for call in message.tool_calls or ():
+            total += len(call.function.arguments)
     return total
 
 
@@ -220,19 +360,17 @@ def parse_chat_request(data: Any, limits: RequestLimits = RequestLimits()) -> Ch
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_request_body")
     messages = data.get("messages")
     if isinstance(messages, list) and len(messages) > limits.max_messages:
-        raise _array_too_long("messages", limits.max_messages, len(messages))
+        raise array_too_long("messages", limits.max_messages, len(messages))
     try:
         request = ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:
-        errors = exc.errors(include_url=False)
-        # A union failure lists one error per branch: report the most specific (longest) location, and of those
-        # the branch whose type matched (an array too long, rather than "not a string").
-        first = max(errors, key=lambda e: (len(e["loc"]), e["type"] not in _JSON_TYPES), default=None)
-        if first is None:
-            raise InvalidRequest("Invalid request body.") from None
-        raise _invalid(first) from None
+        raise first_error(exc) from None
     if request.n is not None and request.n != 1:
-        raise InvalidRequest("Only n=1 is supported: a MoM model gives one answer.", param="n", code="invalid_value")
+        code = "unsupported_parameter" if request.n > 1 else "invalid_value"
+        raise InvalidRequest("Only n=1 is supported: a MoM model gives one answer.", param="n", code=code)
+    check_unsupported(data)
+    check_messages(request.messages)
+    check_tools(request)
     chars = text_chars(request.messages)
     if chars > limits.max_text_chars:
         raise InvalidRequest(
@@ -247,7 +385,9 @@ def parse_chat_request(data: Any, limits: RequestLimits = RequestLimits()) -> Ch
 
 
 class Capabilities(TypedDict):
-    vision: bool
+    vision: bool  # accepts images: at least one panel member can see them
+    tools: bool  # takes tools: a concluding LLM (or fallback) can call them
+    structured_output: bool  # takes response_format json_schema: a concluding LLM (or fallback) honours it
 
 
 class ModelObject(TypedDict):
@@ -255,7 +395,7 @@ class ModelObject(TypedDict):
     object: Literal["model"]
     created: int
     owned_by: str
-    capabilities: Capabilities  # ours, beside the standard fields: does the MoM model accept images
+    capabilities: Capabilities  # ours, beside the standard fields: what the MoM model takes
 
 
 class ModelList(TypedDict):
@@ -266,77 +406,5 @@ class ModelList(TypedDict):
 OWNED_BY = "mom-service"
 
 
-def model_object(name: str, created: int, *, vision: bool) -> ModelObject:
-    return {"id": name, "object": "model", "created": created, "owned_by": OWNED_BY, "capabilities": {"vision": vision}}
-
-
-def usage_dict(usage: Usage, cost: Decimal | None = None) -> dict[str, Any]:
-    """OpenAI's CompletionUsage, with our `cost` (USD) beside the standard fields."""
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
-        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
-        "cost": usd(cost),
-    }
-
-
-def _report_dict(report: CallReport) -> dict[str, Any]:
-    return {
-        "name": report.name,
-        "model": report.model,
-        "status": report.status,
-        "reason": report.error_type,
-        "error": report.error,
-        "latency_ms": report.latency_ms,
-        "ttft_ms": report.ttft_ms,
-        "usage": usage_dict(report.usage, report.cost) if report.usage is not None else None,
-        "usage_estimated": report.estimated,
-        "cost": usd(report.cost),
-        "cached": report.cached,
-        "images": report.images,
-    }
-
-
-def breakdown_dict(breakdown: Breakdown) -> dict[str, Any]:
-    """The `mom` object: what each member and the concluding call did."""
-    return {
-        "members": [_report_dict(m) for m in breakdown.members],
-        "concluding": _report_dict(breakdown.concluding),
-        "concluding_fallbacks": [_report_dict(r) for r in breakdown.concluding_failed],
-        "answered": breakdown.answered,
-        "asked": breakdown.asked,
-        "degraded": breakdown.degraded,
-        "cost": usd(breakdown.cost),
-        "cost_saved": usd(breakdown.saved) or 0.0,
-        "usage_estimated": breakdown.usage_estimated,
-        "unpriced": breakdown.unpriced,
-        "cache": breakdown.cache,
-    }
-
-
-def completion_body(
-    *,
-    completion_id: str,
-    created: int,
-    model: str,
-    content: str,
-    reasoning_content: str | None,
-    finish_reason: str,
-    usage: Usage,
-    breakdown: Breakdown,
-) -> dict[str, Any]:
-    """A `chat.completion` (CreateChatCompletionResponse) with the `mom` breakdown beside it."""
-    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
-    if reasoning_content is not None:
-        message["reasoning_content"] = reasoning_content
-    return {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}],
-        "usage": usage_dict(usage, breakdown.cost),
-        "mom": breakdown_dict(breakdown),
-    }
+def model_object(name: str, created: int, capabilities: Capabilities) -> ModelObject:
+    return {"id": name, "object": "model", "created": created, "owned_by": OWNED_BY, "capabilities": capabilities}

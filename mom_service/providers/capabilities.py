@@ -1,0 +1,38 @@
+"""What each LLM can do: see images, call tools, honour a response format. The config decides where it says so;
+else LiteLLM's model info; an LLM LiteLLM does not know (an OpenAI-compatible server behind api_base) is assumed
+able to call tools and format its answer (not to see images: sending images to an LLM that cannot see them fails)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from mom_service.config import LLMDefinition
+from mom_service.providers.images import sees_images
+
+ModelInfo = Callable[[str], Mapping[str, Any] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class LLMCapabilities:
+    vision: bool
+    tools: bool
+    structured_output: bool
+
+
+def _able(configured: bool | None, info: Mapping[str, Any] | None, key: str) -> bool:
+    if configured is not None:
+        return configured
+    return True if info is None else bool(info.get(key))
+
+
+def capabilities_of(
+    llm: LLMDefinition, model_info: ModelInfo, supports_vision: Callable[[str], bool | None]
+) -> LLMCapabilities:
+    info = model_info(llm.model)
+    return LLMCapabilities(
+        vision=sees_images(llm, supports_vision),
+        tools=_able(llm.capabilities.tools, info, "supports_function_calling"),
+        structured_output=_able(llm.capabilities.structured_output, info, "supports_response_schema"),
+    )

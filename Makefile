@@ -1,5 +1,5 @@
 # make run: install and start the service.  make test: install dev tools, lint, type-check, install nginx for the
-# load balancer tests (test-deps), run every test.
+# load balancer tests and the agent CLIs for their tests (test-deps), run every test.
 # make bench: install bench tools, run the performance benchmark (bench/perf; BENCH_ARGS=... passes options).
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export HOST PORT
 
-.PHONY: run test lint docs test-deps install install-dev bench clean
+.PHONY: run test lint docs test-deps agent-clis install install-dev bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,7 +49,7 @@ docs: install-dev
 # The load balancer tests (tests/integration/test_load_balancer.py) run deploy/nginx.conf in Debian's nginx: installed
 # here when missing, with apt as root. Quiet when it is there; never fails the build: where nginx cannot be installed
 # those tests skip, saying why (and fail when CI=true).
-test-deps:
+test-deps: agent-clis
 	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 			echo "Installing nginx (Debian package) for the load balancer tests"; \
@@ -61,6 +61,21 @@ test-deps:
 			echo "nginx is not installed and cannot be installed here (needs root and apt-get): the load balancer tests will skip"; \
 		fi; \
 	}
+
+# The agent CLI tests (tests/integration/test_agent_clis.py) run Claude Code and Codex, pinned in
+# tests/agents/package-lock.json: `npm ci` installs them when npm is there and tests/agents/node_modules is missing or
+# older than the lock file. Quiet when they are there; never fails the build: without npm, or when the registry cannot
+# be reached, those tests skip, saying why (and fail when CI=true).
+AGENTS := tests/agents
+agent-clis:
+	@if ! command -v npm >/dev/null 2>&1; then \
+		echo "npm is not installed: the agent CLI tests will skip"; \
+	elif [ ! -e $(AGENTS)/node_modules/.package-lock.json ] || \
+			[ $(AGENTS)/package-lock.json -nt $(AGENTS)/node_modules/.package-lock.json ]; then \
+		echo "Installing the agent CLIs (npm ci in $(AGENTS))"; \
+		npm ci --prefix $(AGENTS) --no-audit --no-fund --loglevel=error >/dev/null 2>&1 || \
+			echo "npm ci failed in $(AGENTS): the agent CLI tests will skip"; \
+	fi
 
 test: lint test-deps
 	$(BIN)/python -m pytest

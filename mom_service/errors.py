@@ -20,11 +20,15 @@ Hierarchy::
 
 OpenAI's JSON body is ``{"error": {"message", "type", "param", "code"}}``; after streaming began the same object
 is sent as one SSE ``data:`` event, followed by ``data: [DONE]``.
+
+The Anthropic Messages surface answers the same errors in Anthropic's shape (`to_anthropic_dict`):
+``{"type": "error", "error": {"type", "message"}}``, its type chosen by the status (`ANTHROPIC_TYPES`); a request
+refused for capacity (`over_capacity`) is Anthropic's 529 `overloaded_error`.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import orjson
 
@@ -34,6 +38,33 @@ CLIENT_CLOSED = 499
 # (redacted); every other traceback is dropped (observability/redaction.py).
 KEEP_TRACEBACK = "keep_traceback"
 WITH_TRACEBACK = {KEEP_TRACEBACK: True}
+
+ErrorShape = Literal["openai", "anthropic"]
+# Anthropic's error types by HTTP status (https://docs.anthropic.com/en/api/errors); any other 5xx is `api_error`
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+OVERLOADED = 529  # Anthropic's status for "overloaded: retry later"
+ANTHROPIC_PATH = "/v1/messages"
+
+
+OPENAI_PATHS = ("/v1/chat/", "/v1/responses")
+
+
+def error_shape(path: str, anthropic_client: bool = False) -> ErrorShape:
+    """The shape errors on this path are answered in: Anthropic's under /v1/messages, and on the shared endpoints
+    (`/v1/models`, ...) for a client that says it is Anthropic's (an `anthropic-version` header); OpenAI's else."""
+    if path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/"):
+        return "anthropic"
+    return "anthropic" if anthropic_client and not path.startswith(OPENAI_PATHS) else "openai"
 
 
 class MoMError(Exception):
@@ -71,6 +102,18 @@ class MoMError(Exception):
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.to_dict())
+
+    def to_anthropic_dict(self) -> dict[str, Any]:
+        status = self.status_for("anthropic")
+        kind = ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+    def status_for(self, shape: ErrorShape) -> int:
+        """The HTTP status in this shape: Anthropic's clients know capacity refusals as 529."""
+        return OVERLOADED if shape == "anthropic" and self.code == "over_capacity" else self.status_code
+
+    def body(self, shape: ErrorShape) -> bytes:
+        return orjson.dumps(self.to_anthropic_dict()) if shape == "anthropic" else self.to_json()
 
 
 class InvalidRequest(MoMError):

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from dotenv import dotenv_values
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     mom_max_text_chars: int = Field(default=4 * 1024 * 1024, gt=0)  # characters of text in one request; beyond: 400
     mom_max_image_bytes: int = Field(default=20 * 1024 * 1024, gt=0)  # each image URL the service downloads
     mom_image_fetch_timeout_seconds: float = Field(default=10.0, gt=0)  # each download, from connect to last byte
+    mom_responses_ttl_days: int = Field(default=30, ge=1)  # stored Responses (store: true) are kept this long
+    # the key of thinking blocks' signatures (Anthropic's Messages surface); unset: derived from API_TOKEN
+    mom_signing_key: SecretStr | None = None
     metrics_public: bool = False
     log_format: Literal["text", "json"] = "text"
     log_content: bool = False  # log the last user message (truncated); off: no message content in any log

@@ -1,4 +1,5 @@
-"""Validate bodies against OpenAI's own published schemas (a subset vendored in openai_schemas.json)."""
+"""Validate bodies against OpenAI's own published schemas (subsets vendored in openai_schemas.json: Chat Completions,
+models, errors; and openai_responses_schemas.json: the Responses API's response, stream events and item list)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import jsonschema
 
-_SCHEMAS = Path(__file__).with_name("openai_schemas.json")
+_SCHEMAS = (Path(__file__).with_name("openai_schemas.json"), Path(__file__).with_name("openai_responses_schemas.json"))
 
 
 def _nullable_to_any_of(node: Any) -> Any:
@@ -27,8 +28,10 @@ def _nullable_to_any_of(node: Any) -> Any:
 
 @cache
 def _document() -> dict[str, Any]:
-    raw = json.loads(_SCHEMAS.read_text())
-    return {"components": _nullable_to_any_of(raw["components"])}
+    schemas: dict[str, Any] = {}
+    for path in _SCHEMAS:
+        schemas |= json.loads(path.read_text())["components"]["schemas"]
+    return {"components": _nullable_to_any_of({"schemas": schemas})}
 
 
 def validate(instance: Any, schema_name: str) -> None:

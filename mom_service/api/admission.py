@@ -24,12 +24,12 @@ from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mom_service.api.errors import error_response
+from mom_service.api.errors import scope_error_response
 from mom_service.engine.inflight import InFlight
 from mom_service.errors import CutOffByShutdown, MoMError, RateLimited, ServiceUnavailable
 from mom_service.observability.metrics import Metrics
+from mom_service.observability.request_log import ANSWER_PATHS
 
-CHAT_PATH = "/v1/chat/completions"
 OVER_CAPACITY_RETRY_S = 1
 SHUTTING_DOWN_RETRY_S = 1
 
@@ -104,13 +104,13 @@ class AdmissionControl:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = getattr(getattr(scope.get("app"), "state", None), "mom", None)
         admission = getattr(state, "admission", None)
-        chat = scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == CHAT_PATH
+        chat = scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in ANSWER_PATHS
         if not chat or not isinstance(admission, Admission):
             await self.app(scope, receive, send)
             return
         refusal = admission.refusal()
         if refusal is not None:
-            await error_response(refusal)(scope, receive, send)
+            await scope_error_response(refusal, scope)(scope, receive, send)
             return
         metrics = getattr(state, "metrics", None)
         admission.in_flight.enter()

@@ -18,7 +18,7 @@ from mom_service import __version__
 from mom_service.api.admission import Admission, AdmissionControl
 from mom_service.api.errors import install_error_handlers
 from mom_service.api.middleware import BodySizeLimit, QuietStartupFailure
-from mom_service.api.routers import health, metrics, models, openai_chat, usage
+from mom_service.api.routers import anthropic, health, metrics, models, openai_chat, responses, usage
 from mom_service.api.state import AppState
 from mom_service.cache.stores import CacheStore, MemoryCache, RedisCache
 from mom_service.config import MoMConfig, resolve_config
@@ -33,6 +33,7 @@ from mom_service.observability.request_log import RequestLog, remember_outcome
 from mom_service.observability.tracing import Tracer
 from mom_service.settings import Settings, environment
 from mom_service.usage.database import UsageDatabase, url_password
+from mom_service.usage.responses_store import ResponseStore
 from mom_service.usage.schema import SCHEMA_VERSION
 from mom_service.usage.writer import UsageWriter
 
@@ -51,6 +52,7 @@ def build_state(settings: Settings, config: MoMConfig, config_path: str | None) 
     secrets = [*(t.decode() for t in settings.api_tokens)]
     secrets += [env[d.api_key_env] for d in config.llm_definitions if d.api_key_env and env.get(d.api_key_env)]
     secrets += [s for s in (settings.langfuse_secret_key, settings.langfuse_public_key) if s]
+    secrets += [settings.mom_signing_key.get_secret_value()] if settings.mom_signing_key else []
     secrets += [s for s in (url_password(settings.database_url), _redis_password(settings.redis_url)) if s]
     redactor = Redactor(secrets)
     usage = UsageDatabase(settings.database_url)
@@ -87,6 +89,7 @@ def build_state(settings: Settings, config: MoMConfig, config_path: str | None) 
         tracer=tracer,
         metrics=metrics,
         admission=Admission(settings.mom_max_in_flight, settings.mom_rate_limit_rpm),
+        responses=ResponseStore(usage.engine, settings.mom_responses_ttl_days),
     )
 
 
@@ -212,7 +215,8 @@ def create_app(
         title="MoM Service", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
     install_error_handlers(app)
-    for router in (openai_chat.router, models.router, usage.router, metrics.router, health.router):
+    routers = (openai_chat.router, anthropic.router, responses.router, models.router, usage.router, metrics.router)
+    for router in (*routers, health.router):
         app.include_router(router)
     _add_middleware(app, settings)
     return app
@@ -230,8 +234,11 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "Cache-Control", "X-Request-ID"],
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=[
+                *("Authorization", "Content-Type", "Cache-Control", "X-Request-ID"),
+                *("X-Api-Key", "Anthropic-Version", "Anthropic-Beta"),  # Anthropic's clients
+            ],
             allow_credentials=False,
             expose_headers=["X-Request-ID"],
             max_age=600,

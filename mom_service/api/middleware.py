@@ -6,7 +6,7 @@ from __future__ import annotations
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mom_service.api.errors import error_response
+from mom_service.api.errors import scope_error_response
 from mom_service.errors import InvalidRequest, PayloadTooLarge
 
 
@@ -24,10 +24,12 @@ class BodySizeLimit:
         for name, value in scope["headers"]:
             if name == b"content-length":
                 if not value.isdigit():
-                    await error_response(InvalidRequest("Invalid Content-Length header."))(scope, receive, send)
+                    await scope_error_response(InvalidRequest("Invalid Content-Length header."), scope)(
+                        scope, receive, send
+                    )
                     return
                 if int(value) > self.max_bytes:
-                    await self._too_large()(scope, receive, send)
+                    await self._too_large(scope)(scope, receive, send)
                     return
         received = 0
 
@@ -45,8 +47,8 @@ class BodySizeLimit:
     def _too_large_error(self) -> PayloadTooLarge:
         return PayloadTooLarge(f"The request body is larger than the limit of {self.max_bytes} bytes.")
 
-    def _too_large(self) -> Response:
-        response = error_response(self._too_large_error())
+    def _too_large(self, scope: Scope) -> Response:
+        response = scope_error_response(self._too_large_error(), scope)
         response.headers["Connection"] = "close"
         return response
 

@@ -17,6 +17,7 @@ from mom_service.observability.redaction import Redactor
 from mom_service.observability.tracing import Tracer
 from mom_service.settings import Settings
 from mom_service.usage.database import UsageDatabase
+from mom_service.usage.responses_store import ResponseStore
 from mom_service.usage.writer import UsageWriter
 
 
@@ -32,6 +33,7 @@ class AppState:
     tracer: Tracer
     metrics: Metrics  # Prometheus metrics of this app (its own registry)
     admission: Admission  # in-flight limit, per-token rate limit, draining at shutdown
+    responses: ResponseStore  # stored Responses (POST /v1/responses with store: true), in the usage database
     llm_checks: LiveChecks = field(default_factory=LiveChecks)  # the live calls of /health/detailed?check_llm
 
     @property

@@ -12,6 +12,8 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from mom_service.engine import structured
 from mom_service.engine.cached import Piece
 from mom_service.engine.calls import Calls, ms_since
@@ -24,6 +26,7 @@ from mom_service.errors import UpstreamFailed
 from mom_service.providers.caller import Delta, StreamEnd
 from mom_service.providers.circuit_breaker import Permit, Result
 from mom_service.providers.errors import LLMCallError, is_transient
+from mom_service.providers.tokens import count_prompt
 
 logger = logging.getLogger("mom_service")
 
@@ -96,6 +99,18 @@ async def conclude(
             message = f"The concluding LLM '{candidate.llm.name}' failed {when}: {exc.message}"
             yield Failed(UpstreamFailed(message, code="concluding_failed"), breakdown)
         return
+
+
+def prompt_tokens(plan: Plan) -> int:
+    """Our count of what the (first) concluding LLM reads for this plan before the panel's answers: the concluding
+    prompt (none on a relay turn), the conversation in its shapes, and the tools (as their JSON)."""
+    candidate = plan.concluders[0]
+    messages = list(candidate.conversation)
+    if plan.turn != "relay":
+        messages.insert(0, {"role": "system", "content": plan.prompt})
+    if plan.tools:
+        messages.append({"role": "system", "content": orjson.dumps(plan.tools).decode()})
+    return count_prompt(candidate.llm.model, messages)
 
 
 def _report(candidate: Concluder) -> CallReport:

@@ -15,7 +15,7 @@ from typing import Any
 from mom_service.config import MoMConfig
 from mom_service.engine.cached import CachedAnswer, ResponseCache, as_hit, cacheable, cached_copy
 from mom_service.engine.calls import NOT_ANSWERED, Calls, ms_since
-from mom_service.engine.concluding import Concluded, conclude, too_few_answered
+from mom_service.engine.concluding import Concluded, conclude, prompt_tokens, too_few_answered
 from mom_service.engine.events import (
     Breakdown,
     CallReport,
@@ -88,6 +88,7 @@ class Tally:
             latency_ms=ms_since(self.started),
             ttft_ms=self.ttft_ms,
             breakdown=self.breakdown,
+            surface=self.plan.surface,
         )
 
 
@@ -146,6 +147,13 @@ class Engine:
         """The plan of a request (404 for an unknown MoM model, 400 for images that cannot be used), before any
         upstream call."""
         return await prepare(request, self.config, self.vision, self.images, self.tools_ok)
+
+    async def count_tokens(self, request: Request) -> int:
+        """Our count of the tokens the concluding LLM would read for this request before the panel's answers (its
+        prompt, the conversation, the tools); the request planned as for an answer (404, 400 alike), its images
+        checked but not downloaded, and no upstream call."""
+        plan = await prepare(request, self.config, self.vision, self.images, self.tools_ok, download=False)
+        return prompt_tokens(plan)
 
     def accepts_images(self, mom: str) -> bool:
         """Whether a MoM model takes images: at least one of its panel members can see them."""
@@ -265,7 +273,11 @@ class Engine:
         if self.tracer is None:
             return NO_TRACE
         return self.tracer.start(
-            mom_model=plan.mom.name, request_id=plan.request_id, user=plan.user, messages=list(plan.conversation)
+            mom_model=plan.mom.name,
+            request_id=plan.request_id,
+            user=plan.user,
+            messages=list(plan.conversation),
+            surface=plan.surface,
         )
 
     def _emit(self, outcome: RequestOutcome) -> None:

@@ -11,6 +11,8 @@ from mom_service.providers.tokens import Usage as Usage  # re-exported: the even
 
 MemberStatus = Literal["ok", "error", "skipped", "cancelled"]
 Turn = Literal["ensemble", "relay", "vote"]
+# The protocol a request came in by: Chat Completions, Anthropic Messages or OpenAI Responses
+Surface = Literal["chat", "messages", "responses"]
 
 
 @dataclass(slots=True)
@@ -182,3 +184,4 @@ class RequestOutcome:
     latency_ms: float
     ttft_ms: float | None
     breakdown: Breakdown
+    surface: Surface = "chat"

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import orjson
 
 from mom_service.config import LLMDefinition, MoMConfig, MoMModelConfig
+from mom_service.engine.events import Surface
 from mom_service.engine.tools import describe_tools, ends_with_tool_results, has_tool_history, history_as_text
 from mom_service.errors import InvalidRequest, NotFound
 from mom_service.providers.image_fetch import download_all
@@ -33,6 +34,7 @@ class Request:
     cache: CachePolicy | None = None  # what the request lets the cache do (None: the cache is off)
     final_params: dict[str, Any] = field(default_factory=dict)  # the final answer's shape: the concluding call's
     tools: list[dict[str, Any]] | None = None  # function tools, in OpenAI's shape
+    surface: Surface = "chat"  # the protocol it came in by (records, metrics, logs, traces; never the cache key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +107,7 @@ class Plan:
     tools: list[dict[str, Any]] | None = None
     turn: Literal["ensemble", "relay"] = "ensemble"  # relay: a tool loop's next step, the concluding LLM alone
     vote_threshold: int | None = None  # with tools and the vote strategy: how many members must agree
+    surface: Surface = "chat"
 
     @property
     def concluding_params(self) -> dict[str, Any]:
@@ -199,6 +202,7 @@ def make_plan(
     final_params: dict[str, Any] | None = None,
     tools: list[dict[str, Any]] | None = None,
     tools_ok: Mapping[str, bool] | None = None,
+    surface: Surface = "chat",
 ) -> Plan:
     """Who is asked: with images, only the members that can see them (400 when none can); with tools, concluding
     LLMs that can call them (400 when none can); a tool loop's next step (the conversation ends with tool results)
@@ -232,6 +236,7 @@ def make_plan(
         tools=tools,
         turn=turn,
         vote_threshold=mom.tools.vote_threshold if voting else None,
+        surface=surface,
     )
 
 
@@ -315,16 +320,21 @@ async def prepare(
     vision: Mapping[str, bool],
     images: ImagePolicy = DEFAULT_IMAGES,
     tools_ok: Mapping[str, bool] | None = None,
+    *,
+    download: bool = True,
 ) -> Plan:
     """The plan of a request: its MoM model (404 when there is none), its images checked, downloaded where a
-    provider needs the bytes (400 on any problem), all before any upstream call."""
+    provider needs the bytes (400 on any problem), all before any upstream call. Without `download`, a plan only to
+    look at (to count its tokens): images are checked, not downloaded."""
     mom = config.mom_model(request.model)
     if mom is None:
         raise NotFound(f"The model '{request.model}' does not exist.", code="model_not_found", param="model")
     checked = await check_images(request.messages, max_images=images.max_images, allow_private=images.allow_private)
     downloaded: dict[str, str] = {}  # image URL -> the data: URL of its bytes, for the providers that need them
     asked = (config.llm(n) for n in (*mom.llms_to_query, mom.concluding_llm, *mom.concluding_fallbacks))
-    if checked.remote and needs_bytes(asked, vision):
+    if not download:  # each URL stands for its bytes: nothing will be sent
+        downloaded = {image.url: image.url for image in checked.remote}
+    elif checked.remote and needs_bytes(asked, vision):
         downloaded = await download_all(checked.remote, max_bytes=images.max_bytes, timeout_s=images.fetch_timeout_s)
     return make_plan(
         config,
@@ -342,4 +352,5 @@ async def prepare(
         final_params=request.final_params,
         tools=request.tools,
         tools_ok=tools_ok,
+        surface=request.surface,
     )

@@ -45,4 +45,6 @@ NO_TRACE: Trace = _NoTrace()
 
 
 class TraceStarter(Protocol):
-    def start(self, *, mom_model: str, request_id: str, user: str | None, messages: Any) -> Trace: ...
+    def start(
+        self, *, mom_model: str, request_id: str, user: str | None, messages: Any, surface: str = "chat"
+    ) -> Trace: ...

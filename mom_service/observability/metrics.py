@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from mom_service.config import MoMConfig
-from mom_service.engine.events import CallReport, MemberStatus, RequestOutcome, RequestStatus
+from mom_service.engine.events import CallReport, MemberStatus, RequestOutcome, RequestStatus, Surface
 from mom_service.engine.inflight import InFlight
 from mom_service.providers.circuit_breaker import CIRCUIT_STATES, CircuitBreakers
 from mom_service.usage.writer import UsageWriter
@@ -82,7 +82,10 @@ class Metrics:
         self._llms = frozenset(d.name for d in config.llm_definitions)
         r = self.registry
         self.requests = Counter(
-            "mom_requests", "Chat requests answered by the engine, by how they ended.", ["model", "outcome"], registry=r
+            "mom_requests",
+            "Requests answered by the engine, by surface and how they ended.",
+            ["model", "surface", "outcome"],
+            registry=r,
         )
         self.request_duration = Histogram(
             "mom_request_duration_seconds",
@@ -144,8 +147,9 @@ class Metrics:
     def _zero_series(self, config: MoMConfig) -> None:
         """Create every configured series at 0, so rates and increases work from the first request."""
         for model in config.models:
-            for outcome in get_args(RequestStatus):
-                self.requests.labels(model.name, outcome)
+            for surface in get_args(Surface):
+                for outcome in get_args(RequestStatus):
+                    self.requests.labels(model.name, surface, outcome)
             self.request_duration.labels(model.name)
             self.ttft.labels(model.name)
             self.saved.labels(model.name)
@@ -172,7 +176,7 @@ class Metrics:
         """The engine recorder: count the request and each of its upstream calls."""
         model = self._model(outcome.mom_model)
         breakdown = outcome.breakdown
-        self.requests.labels(model, outcome.status).inc()
+        self.requests.labels(model, outcome.surface, outcome.status).inc()
         self.request_duration.labels(model).observe(outcome.latency_ms / 1000)
         if outcome.ttft_ms is not None:
             self.ttft.labels(model).observe(outcome.ttft_ms / 1000)

@@ -31,15 +31,17 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mom_service.engine.events import RequestOutcome
-from mom_service.errors import CLIENT_CLOSED, InternalError
+from mom_service.errors import CLIENT_CLOSED, ErrorShape, InternalError, error_shape
 from mom_service.settings import Settings
 
 logger = logging.getLogger("mom_service.requests")
 
 HEADER = b"x-request-id"
 VALID_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-CHAT_PATH = "/v1/chat/completions"
+# The endpoints that ask the engine for an answer (admitted, counted in flight, their content loggable)
+ANSWER_PATHS = frozenset({"/v1/chat/completions", "/v1/messages", "/v1/responses"})
 CONTENT_LIMIT = 500  # characters of the last user message, with LOG_CONTENT=true
+TEXT_PARTS = ("text", "input_text")  # a text part of a message, in each surface's words
 MAX_PATH = 256
 MAX_ERROR_BODY = 16 * 1024  # an error body larger than this is not read for its code
 # Polled endpoints (probes, scrapes): their successful answers are logged at DEBUG, not to flood the log.
@@ -85,19 +87,24 @@ class _Response:
 
 
 def last_user_text(body: bytes) -> str | None:
-    """The text of the last user message of a chat request body, truncated; None when there is none."""
+    """The text of the last user message of a request body (Chat's or Anthropic's `messages`, Responses' `input`),
+    truncated; None when there is none."""
     try:
         request = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-    messages = request.get("messages") if isinstance(request, dict) else None
+    if not isinstance(request, dict):
+        return None
+    messages = request.get("messages", request.get("input"))
+    if isinstance(messages, str):  # Responses' input as one string
+        return messages[:CONTENT_LIMIT]
     if not isinstance(messages, list):
         return None
     for message in reversed(messages):
         if isinstance(message, dict) and message.get("role") == "user":
             content = message.get("content")
             if isinstance(content, list):
-                parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+                parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") in TEXT_PARTS]
                 content = " ".join(p for p in parts if isinstance(p, str))
             return content[:CONTENT_LIMIT] if isinstance(content, str) else None
     return None
@@ -158,6 +165,7 @@ def line_fields(
         usage = breakdown.usage()
         fields |= {
             "model": outcome.mom_model,
+            "surface": outcome.surface,
             "stream": outcome.stream,
             "members_answered": breakdown.answered,
             "members_asked": breakdown.asked,
@@ -214,7 +222,7 @@ class RequestLog:
         request_id = incoming_id(scope) or internal_id
         scope.setdefault("state", {})["request_id"] = internal_id
         context = RequestContext(internal_id, request_id)
-        chat = scope["method"] == "POST" and scope["path"] == CHAT_PATH
+        chat = scope["method"] == "POST" and scope["path"] in ANSWER_PATHS
         response = _Response()
         body = bytearray() if chat and self.log_content else None
 
@@ -244,7 +252,7 @@ class RequestLog:
         except Exception:
             if response.status is None:
                 # Starlette answers unexpected errors outside every middleware: answer here, to carry the id.
-                await self._internal_error(send_with_id)
+                await self._internal_error(send_with_id, error_shape(scope["path"]))
             raise
         except BaseException:
             cancelled = True
@@ -254,9 +262,9 @@ class RequestLog:
             self._log(scope, context, response, started, cancelled, body)
 
     @staticmethod
-    async def _internal_error(send: Send) -> None:
+    async def _internal_error(send: Send, shape: ErrorShape) -> None:
         error = InternalError("The service failed to answer this request.")
-        body = error.to_json()
+        body = error.body(shape)
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         try:
             await send({"type": "http.response.start", "status": error.status_code, "headers": headers})

@@ -166,7 +166,9 @@ class Tracer:
             )
             self._propagate = propagate_attributes
 
-    def start(self, *, mom_model: str, request_id: str, user: str | None, messages: Any) -> Trace:
+    def start(
+        self, *, mom_model: str, request_id: str, user: str | None, messages: Any, surface: str = "chat"
+    ) -> Trace:
         if not self.enabled:
             return NO_TRACE
 
@@ -174,8 +176,8 @@ class Tracer:
             attributes = {
                 "trace_name": mom_model,
                 "user_id": user,
-                "tags": [mom_model],
-                "metadata": {"request_id": request_id, "mom_model": mom_model},
+                "tags": [mom_model, surface],
+                "metadata": {"request_id": request_id, "mom_model": mom_model, "surface": surface},
             }
             with self._propagate(**attributes):
                 # a trace of its own, never a child of whatever HTTP span the server may have open

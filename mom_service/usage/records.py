@@ -70,6 +70,7 @@ def rows_for(outcome: RequestOutcome) -> tuple[dict[str, Any], list[dict[str, An
         "cost_saved_pico": to_pico(breakdown.saved),
         "usage_estimated": any(report.estimated for report in breakdown.calls),
         "turn": breakdown.turn,
+        "surface": outcome.surface,
     }
     return request, calls
 

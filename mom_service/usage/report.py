@@ -24,7 +24,7 @@ from mom_service.usage.schema import calls_table, requests_table
 
 logger = logging.getLogger("mom_service")
 
-GroupBy = Literal["model", "llm", "day", "hour"]
+GroupBy = Literal["model", "llm", "surface", "day", "hour"]
 _MS_PER = {"day": 86_400_000, "hour": 3_600_000}
 _FRACTIONS = (0.50, 0.95)  # the latency percentiles reported: p50 and p95
 Percentiles = tuple[float | None, float | None]
@@ -78,6 +78,11 @@ def _key(table: Table, group_by: GroupBy | None) -> Any:
         return c.mom_model
     if group_by == "llm":
         return c.llm
+    if group_by == "surface":  # a call's surface is its request's
+        if table is requests_table:
+            return c.surface
+        r = requests_table.c
+        return select(r.surface).where(r.id == c.request_id).scalar_subquery()
     return literal("all")
 
 

@@ -20,6 +20,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     event,
     false,
     func,
@@ -57,6 +58,7 @@ requests_table = Table(
     # any call's usage counted by us (none reported, or the call was cut off); migration 3
     Column("usage_estimated", Boolean, nullable=False, server_default=false()),
     Column("turn", String(16), nullable=False, server_default="ensemble"),  # ensemble | relay | vote; migration 4
+    Column("surface", String(16), nullable=False, server_default="chat"),  # chat | messages | responses; migration 5
 )
 
 calls_table = Table(
@@ -81,6 +83,19 @@ calls_table = Table(
     Column("latency_ms", Float),
     Column("ttft_ms", Float),
     Column("cached", Boolean, nullable=False),
+)
+
+# Responses stored for `previous_response_id` and GET/DELETE /v1/responses/{id} (`store: true`); migration 5.
+responses_table = Table(
+    "mom_responses",
+    metadata,
+    Column("id", String(64), primary_key=True),  # resp_...
+    Column("owner", String(64), nullable=False),  # the caller's identity (a hash of its token): only it sees the row
+    Column("created_ms", BigInteger, nullable=False),
+    Column("expires_ms", BigInteger, nullable=False, index=True),
+    Column("response", Text, nullable=False),  # the response object as GET returns it (JSON)
+    Column("input_items", Text, nullable=False),  # its input items, with ids (JSON list)
+    Column("conversation", Text, nullable=False),  # the engine's messages up to and with its output (JSON list)
 )
 
 versions_table = Table(
@@ -130,7 +145,24 @@ async def _migration_4(conn: AsyncConnection) -> None:
     await conn.run_sync(add)
 
 
-MIGRATIONS: Sequence[Callable[[AsyncConnection], Any]] = (_migration_1, _migration_2, _migration_3, _migration_4)
+async def _migration_5(conn: AsyncConnection) -> None:
+    """mom_requests.surface: the protocol a request came in by (chat before the others existed); mom_responses."""
+
+    def add(sync: Connection) -> None:
+        if "surface" not in {c["name"] for c in inspect(sync).get_columns("mom_requests")}:
+            sync.execute(text("ALTER TABLE mom_requests ADD COLUMN surface VARCHAR(16) NOT NULL DEFAULT 'chat'"))
+        metadata.create_all(sync, tables=[responses_table])
+
+    await conn.run_sync(add)
+
+
+MIGRATIONS: Sequence[Callable[[AsyncConnection], Any]] = (
+    _migration_1,
+    _migration_2,
+    _migration_3,
+    _migration_4,
+    _migration_5,
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 _PG_MIGRATION_LOCK = 0x4D6F4D5F  # "MoM_": replicas starting together migrate one at a time
 

@@ -707,7 +707,7 @@ def test_hits_are_recorded_and_counted_as_savings(cached: Service, fake: FakeUps
     delta = grew(metrics_before, scrape(cached))
     assert delta("mom_cache_total", result="hit") == 2
     assert delta("mom_cache_total", result="miss") == 1
-    assert delta("mom_requests_total", model="cmom-acct", outcome="ok") == 3
+    assert delta("mom_requests_total", model="cmom-acct", surface="chat", outcome="ok") == 3
     assert delta("mom_cost_saved_usd_total", model="cmom-acct") == pytest.approx(2 * first.mom["cost"], rel=1e-12)
     for name in MEMBERS:  # a hit is no upstream call
         assert delta("mom_upstream_calls_total", llm=name, role="member", status="ok") == 1

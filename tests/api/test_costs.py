@@ -333,7 +333,7 @@ def test_a_concluding_llm_failing_mid_stream_is_charged_for_what_it_streamed(
         {
             "acc-one": {"text": "Fine."},
             "acc-tardy": {"text": "Fine too."},
-            "acc-judge": {"text": JUDGED, "stop_after_tokens": 3},
+            "acc-judge": {"text": JUDGED, "stop_after_tokens": 3, "token_delay_ms": 100},
         }
     )
     with httpx.Client(timeout=30) as client:

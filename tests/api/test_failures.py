@@ -88,7 +88,7 @@ def failed_stream(response: httpx.Response) -> tuple[dict[str, Any], str]:
 
 
 def test_concluding_failing_mid_stream_ends_with_an_error_event_then_done(service: Service, fake: FakeUpstream) -> None:
-    fake.configure({"judge": {"text": "one two three four five six", "stop_after_tokens": 3}})
+    fake.configure({"judge": {"text": "one two three four five six", "stop_after_tokens": 3, "token_delay_ms": 100}})
     error, content = failed_stream(service.chat(messages=QUESTION, stream=True))
     assert error["error"]["code"] == "concluding_failed"
     assert content == "one two three "

@@ -56,7 +56,7 @@ def test_a_whole_answer_is_a_500_internal_error(buggy: Service, fake: FakeUpstre
     wait_until(lambda: buggy.log().count(LOGGED) == logged + 1)
     assert "Traceback (most recent call last)" in buggy.log()
     wait_until(lambda: ("error", "internal_error", 3) in records(buggy))
-    assert grew(before, scrape(buggy))("mom_requests_total", model="mom", outcome="error") == 1
+    assert grew(before, scrape(buggy))("mom_requests_total", model="mom", surface="chat", outcome="error") == 1
 
 
 def test_a_stream_failing_before_its_first_byte_is_a_500(buggy: Service, fake: FakeUpstream) -> None:
@@ -90,4 +90,4 @@ def test_a_stream_failing_after_its_first_byte_ends_with_an_error_event_then_don
     content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
     assert content.startswith("<think>\n") and "Model: alpha" in content  # what was sent before the failure
     wait_until(lambda: buggy.log().count(LOGGED) == logged + 1)
-    assert grew(before, scrape(buggy))("mom_requests_total", model="mom-think", outcome="error") == 1
+    assert grew(before, scrape(buggy))("mom_requests_total", model="mom-think", surface="chat", outcome="error") == 1

@@ -94,9 +94,9 @@ def test_counters_move_by_exactly_what_the_requests_did(metered: Service, fake: 
     after = scrape(metered)
     delta = grew(before, after)
 
-    assert delta("mom_requests_total", model="mom", outcome="ok") == ok
-    assert delta("mom_requests_total", model="mom", outcome="error") == 1
-    assert delta("mom_requests_total", model="mom", outcome="cancelled") == 0
+    assert delta("mom_requests_total", model="mom", surface="chat", outcome="ok") == ok
+    assert delta("mom_requests_total", model="mom", surface="chat", outcome="error") == 1
+    assert delta("mom_requests_total", model="mom", surface="chat", outcome="cancelled") == 0
     assert delta("mom_request_duration_seconds_count", model="mom") == ok + 1
     assert delta("mom_time_to_first_token_seconds_count", model="mom") == ok  # the 502 never had a first token
     assert delta("mom_cache_total", result="miss") == ok + 1
@@ -161,7 +161,7 @@ def test_unpriced_calls_are_counted_not_costed(metered: Service, fake: FakeUpstr
     assert delta("mom_unpriced_calls_total", llm="sloth") == 1
     assert delta("mom_cost_usd_total", llm="sloth") == 0
     assert delta("mom_tokens_total", llm="sloth", kind="prompt") > 0
-    assert delta("mom_requests_total", model="mom-slow-member", outcome="ok") == 1
+    assert delta("mom_requests_total", model="mom-slow-member", surface="chat", outcome="ok") == 1
 
 
 def test_labels_are_only_configured_names(metered: Service, fake: FakeUpstream) -> None:
@@ -176,11 +176,15 @@ def test_labels_are_only_configured_names(metered: Service, fake: FakeUpstream) 
         | {"ok", "error", "cancelled", "skipped", "member", "concluding", "hit", "miss"}
         | {"prompt", "completion", "reasoning", "cached"}
         | {"closed", "open", "half_open"}  # circuit breaker states
+        | {"chat", "messages", "responses"}  # surfaces
     )
     bucket_bounds = {value for (name, labels) in after.samples for key, value in labels if key == "le"}
     assert after.label_values() - bucket_bounds <= allowed
     # series exist from the start, at 0, for every configured model
-    assert ("mom_requests_total", frozenset({("model", "mom-blind"), ("outcome", "ok")})) in after.samples
+    assert (
+        "mom_requests_total",
+        frozenset({("model", "mom-blind"), ("surface", "chat"), ("outcome", "ok")}),
+    ) in after.samples
 
 
 def test_histograms_and_types(metered: Service, fake: FakeUpstream) -> None:
@@ -245,7 +249,7 @@ def test_in_flight_gauge_follows_requests_being_answered(metered: Service, fake:
             thread.join(10)
     wait_until(lambda: scrape(metered).value("mom_requests_in_flight") == 0)
     delta = grew(before, scrape(metered))
-    assert delta("mom_requests_total", model="mom", outcome="cancelled") == 3
+    assert delta("mom_requests_total", model="mom", surface="chat", outcome="cancelled") == 3
     for name in MEMBERS:
         assert delta("mom_upstream_calls_total", llm=name, role="member", status="cancelled") == 3
 
@@ -270,7 +274,7 @@ def test_usage_queue_depth_and_drops_are_read_from_the_writer(
     after = scrape(service)
     depth = after.value("mom_usage_queue_depth")
     dropped = after.value("mom_usage_records_dropped_total")
-    assert after.value("mom_requests_total", model="mom", outcome="ok") == sent
+    assert after.value("mom_requests_total", model="mom", surface="chat", outcome="ok") == sent
     assert depth >= 1 and dropped >= 1
     assert depth + dropped == sent  # every record is either still waiting or counted as dropped
     # the database becomes usable: the queue drains (and the service can shut down without waiting on it)
@@ -307,7 +311,7 @@ def test_a_cache_hit_counts_the_request_and_no_upstream_call(fake_server: FakeUp
     metrics = Metrics(parse_config(panel_config(fake_server), "test"))
     metrics.record(_outcome("mom", MEMBERS, cache="hit"))
     scraped = Scrape(metrics.exposition().decode())
-    assert scraped.value("mom_requests_total", model="mom", outcome="ok") == 1
+    assert scraped.value("mom_requests_total", model="mom", surface="chat", outcome="ok") == 1
     assert scraped.value("mom_cache_total", result="hit") == 1
     assert scraped.value("mom_time_to_first_token_seconds_count", model="mom") == 0
     for llm in LLMS:
@@ -326,7 +330,7 @@ def test_names_outside_the_config_are_one_label(fake_server: FakeUpstream) -> No
     metrics = Metrics(parse_config(panel_config(fake_server), "test"))
     metrics.record(_outcome("not-configured", ("rogue",)))
     scraped = Scrape(metrics.exposition().decode())
-    assert scraped.value("mom_requests_total", model="other", outcome="ok") == 1
+    assert scraped.value("mom_requests_total", model="other", surface="chat", outcome="ok") == 1
     assert scraped.value("mom_upstream_calls_total", llm="other", role="member", status="ok") == 0  # cached
     assert scraped.value("mom_upstream_calls_total", llm="judge", role="concluding", status="ok") == 1
     assert scraped.value("mom_unpriced_calls_total", llm="judge") == 1
@@ -337,5 +341,9 @@ def test_each_app_has_its_own_registry(fake_server: FakeUpstream) -> None:
     config = parse_config(panel_config(fake_server), "test")
     first, second = Metrics(config), Metrics(config)
     first.record(_outcome("mom", MEMBERS))
-    assert Scrape(first.exposition().decode()).value("mom_requests_total", model="mom", outcome="ok") == 1
-    assert Scrape(second.exposition().decode()).value("mom_requests_total", model="mom", outcome="ok") == 0
+    assert (
+        Scrape(first.exposition().decode()).value("mom_requests_total", model="mom", surface="chat", outcome="ok") == 1
+    )
+    assert (
+        Scrape(second.exposition().decode()).value("mom_requests_total", model="mom", surface="chat", outcome="ok") == 0
+    )

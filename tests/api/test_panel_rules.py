@@ -162,7 +162,7 @@ def test_fallbacks_are_tried_in_order_then_502(ruled: Service, fake: FakeUpstrea
 
 
 def test_failure_after_tokens_is_not_retried_elsewhere(ruled: Service, fake: FakeUpstream) -> None:
-    fake.configure({"qj": {"text": "one two three four", "stop_after_tokens": 2}})
+    fake.configure({"qj": {"text": "one two three four", "stop_after_tokens": 2, "token_delay_ms": 100}})
     frames = [p for _, p in ruled.sse({"model": "fallbacks", "messages": QUESTION, "stream": True})]
     assert frames[-1] == "[DONE]"
     assert orjson.loads(frames[-2])["error"]["code"] == "concluding_failed"

@@ -262,29 +262,44 @@ async def test_usage_estimated_counts_requests_or_calls(engine: AsyncEngine) -> 
     assert (await report(engine, llm="alpha"))["totals"]["usage_estimated"] == 0
 
 
-async def test_migrations_3_and_4_add_usage_estimated_and_turn_to_a_version_2_database(engine: AsyncEngine) -> None:
+async def test_migrations_3_to_5_add_usage_estimated_turn_and_surface_to_a_version_2_database(
+    engine: AsyncEngine,
+) -> None:
     # a database as version 2 left it: mom_requests without usage_estimated, one request in it
     old, _ = rows_for(
         request("old", "mom", DAY0 + 5, 100.0, [call("alpha", 10.0), call("judge", 20.0, role="concluding")])
     )
     old.pop("usage_estimated", None)  # not a column yet
     old.pop("turn", None)  # nor this one (migration 4)
+    old.pop("surface", None)  # nor this one (migration 5)
     async with engine.begin() as conn:
         await conn.execute(text("ALTER TABLE mom_requests DROP COLUMN usage_estimated"))
         await conn.execute(text("ALTER TABLE mom_requests DROP COLUMN turn"))
+        await conn.execute(text("ALTER TABLE mom_requests DROP COLUMN surface"))
+        await conn.execute(text("DROP TABLE mom_responses"))
         await conn.execute(versions_table.delete().where(versions_table.c.version > 2))
         await conn.execute(requests_table.insert().values(**old))
     assert await migrate(engine) == 2
-    assert await migrate(engine) == SCHEMA_VERSION == 4
+    assert await migrate(engine) == SCHEMA_VERSION == 5
     async with engine.connect() as conn:
         columns = await conn.run_sync(lambda sync: {c["name"]: c for c in inspect(sync).get_columns("mom_requests")})
         kept = (
-            await conn.execute(select(requests_table.c.id, requests_table.c.usage_estimated, requests_table.c.turn))
+            await conn.execute(
+                select(
+                    requests_table.c.id,
+                    requests_table.c.usage_estimated,
+                    requests_table.c.turn,
+                    requests_table.c.surface,
+                )
+            )
         ).all()
+        tables = await conn.run_sync(lambda sync: set(inspect(sync).get_table_names()))
     assert columns["usage_estimated"]["nullable"] is False
     assert columns["turn"]["nullable"] is False
-    # the old row is kept, with nothing estimated, and counted as the only kind of turn there was
-    assert [tuple(row) for row in kept] == [("old", False, "ensemble")]
+    assert columns["surface"]["nullable"] is False
+    assert "mom_responses" in tables
+    # the old row is kept, with nothing estimated, counted as the only kind of turn and surface there was
+    assert [tuple(row) for row in kept] == [("old", False, "ensemble", "chat")]
 
     await write(engine, estimated_sample())
     result = await report(engine, group_by="model")

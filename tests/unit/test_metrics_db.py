@@ -152,10 +152,10 @@ async def test_migrate_is_idempotent(bare_engine: AsyncEngine) -> None:
     writer = UsageWriter(bare_engine)
     writer.submit(simple("r1"))
     await writer.close()
-    assert await migrate(bare_engine) == SCHEMA_VERSION == 4
-    assert await migrate(bare_engine) == 4
+    assert await migrate(bare_engine) == SCHEMA_VERSION == 5
+    assert await migrate(bare_engine) == 5
     assert await table_names(bare_engine) == tables
-    assert await count(bare_engine, versions_table) == 4
+    assert await count(bare_engine, versions_table) == 5
     assert await count(bare_engine, requests_table) == 1  # data survives a second migration
     assert await count(bare_engine, calls_table) == 2
 
@@ -169,7 +169,7 @@ async def test_migration_2_adds_cost_saved_to_a_version_1_database(bare_engine: 
         columns = ", ".join(
             f"{c.name} {'BIGINT' if c.name.endswith(('_ms', '_pico')) else 'TEXT'}"
             for c in requests_table.columns
-            if c.name not in ("cost_saved_pico", "usage_estimated", "turn")  # migrations 2, 3 and 4
+            if c.name not in ("cost_saved_pico", "usage_estimated", "turn", "surface")  # migrations 2 to 5
         )
         await conn.execute(text(f"CREATE TABLE mom_requests ({columns})"))
         await conn.execute(text("INSERT INTO mom_requests (id, created_ms) VALUES ('old', 1)"))
@@ -177,7 +177,7 @@ async def test_migration_2_adds_cost_saved_to_a_version_1_database(bare_engine: 
     async with bare_engine.connect() as conn:
         names = await conn.run_sync(lambda sync: {c["name"] for c in inspect(sync).get_columns("mom_requests")})
         rows = (await conn.execute(text("SELECT id, cost_saved_pico FROM mom_requests"))).all()
-    assert {"cost_saved_pico", "usage_estimated", "turn"} <= names
+    assert {"cost_saved_pico", "usage_estimated", "turn", "surface"} <= names
     assert [tuple(r) for r in rows] == [("old", None)]  # the old row is kept, with nothing saved
 
 

@@ -1,11 +1,16 @@
-"""`/v1/models` and `/v1/models/{id}`: the MoM models, in OpenAI's list and object shapes."""
+"""`/v1/models` and `/v1/models/{id}`: the MoM models, in OpenAI's list and object shapes, or in Anthropic's when
+the request carries `anthropic-version` (as Anthropic's SDK and Claude Code send it)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Any
+
+from fastapi import APIRouter, Request
 
 from mom_service.api.auth import Authorized
-from mom_service.api.schemas.openai import Capabilities, ModelList, ModelObject, model_object
+from mom_service.api.errors import ANTHROPIC_VERSION
+from mom_service.api.schemas.anthropic import anthropic_model, anthropic_model_list
+from mom_service.api.schemas.openai import Capabilities, model_object
 from mom_service.api.state import AppState, StateDep
 from mom_service.errors import NotFound
 
@@ -18,14 +23,19 @@ def capabilities(state: AppState, mom: str) -> Capabilities:
 
 
 @router.get("/models")
-async def list_models(state: StateDep, _: Authorized) -> ModelList:
-    data = [model_object(m.name, state.started_at, capabilities(state, m.name)) for m in state.config.models]
+async def list_models(request: Request, state: StateDep, _: Authorized) -> dict[str, Any]:
+    names = [m.name for m in state.config.models]
+    if ANTHROPIC_VERSION in request.headers:
+        return dict(anthropic_model_list(names, state.started_at))
+    data = [model_object(name, state.started_at, capabilities(state, name)) for name in names]
     return {"object": "list", "data": data}
 
 
 @router.get("/models/{model_id:path}")
-async def get_model(model_id: str, state: StateDep, _: Authorized) -> ModelObject:
+async def get_model(model_id: str, request: Request, state: StateDep, _: Authorized) -> dict[str, Any]:
     mom = state.config.mom_model(model_id)
     if mom is None:
         raise NotFound(f"The model '{model_id}' does not exist.", code="model_not_found", param="model")
-    return model_object(model_id, state.started_at, capabilities(state, mom.name))
+    if ANTHROPIC_VERSION in request.headers:
+        return dict(anthropic_model(mom.name, state.started_at))
+    return dict(model_object(mom.name, state.started_at, capabilities(state, mom.name)))

@@ -3,6 +3,7 @@ wrote it (`messages[0].content[1].text`), in OpenAI's words for wrong types and 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -87,3 +88,17 @@ def first_error(exc: ValidationError) -> InvalidRequest:
     errors = exc.errors(include_url=False)
     first = max(errors, key=lambda e: (len(e["loc"]), e["type"] not in _JSON_TYPES), default=None)
     return InvalidRequest("Invalid request body.") if first is None else invalid(first)
+
+
+def conversation_chars(messages: Sequence[dict[str, Any]]) -> int:
+    """Characters of text in an engine conversation (OpenAI's shapes; images not counted): what MOM_MAX_TEXT_CHARS
+    bounds, whatever surface the conversation came in by."""
+    total = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(part.get("text", "")) for part in content)
+        total += sum(len(call["function"]["arguments"]) for call in message.get("tool_calls") or ())
+    return total

@@ -35,6 +35,8 @@ class Request:
     final_params: dict[str, Any] = field(default_factory=dict)  # the final answer's shape: the concluding call's
     tools: list[dict[str, Any]] | None = None  # function tools, in OpenAI's shape
     surface: Surface = "chat"  # the protocol it came in by (records, metrics, logs, traces; never the cache key)
+    controls: Mapping[str, Any] | None = None  # the caller's steering: the `mom` body field, as sent (a JSON object)
+    effort: str | None = None  # the request's reasoning effort as a level (none, minimal, low, medium, high, xhigh)
 
 
 @dataclass(frozen=True, slots=True)

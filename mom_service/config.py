@@ -120,6 +120,8 @@ class MoMModelConfig(_Strict):
     concluding_fallbacks: list[Name] = Field(default_factory=list)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     tools: ToolsConfig = Field(default_factory=ToolsConfig)
+    # A hard cap on what one request may cost (USD), unless the request sets its own (`mom.max_cost_usd`).
+    max_cost_usd: Decimal | None = Field(default=None, ge=0)
 
 
 class MoMConfig(_Strict):

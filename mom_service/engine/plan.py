@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Literal
 
 import orjson
@@ -110,6 +111,7 @@ class Plan:
     turn: Literal["ensemble", "relay"] = "ensemble"  # relay: a tool loop's next step, the concluding LLM alone
     vote_threshold: int | None = None  # with tools and the vote strategy: how many members must agree
     surface: Surface = "chat"
+    max_cost_usd: Decimal | None = None  # the request's cost cap (the caller's, else the MoM model's), USD
 
     @property
     def concluding_params(self) -> dict[str, Any]:
@@ -239,6 +241,7 @@ def make_plan(
         turn=turn,
         vote_threshold=mom.tools.vote_threshold if voting else None,
         surface=surface,
+        max_cost_usd=mom.max_cost_usd,
     )
 
 

@@ -106,6 +106,14 @@ class ToolsConfig(_Strict):
     continuation: Literal["relay", "panel"] = "relay"
 
 
+class OverridesConfig(_Strict):
+    """What a caller may change for one request (docs/steering.md): anything at all (`enabled`), and which LLMs
+    outside the MoM model's own (its panel and concluding chain) it may add to the panel or make concluding."""
+
+    enabled: bool = True
+    allowed_llms: list[Name] = Field(default_factory=list)
+
+
 class MoMModelConfig(_Strict):
     name: Name
     description: str | None = None
@@ -122,6 +130,7 @@ class MoMModelConfig(_Strict):
     tools: ToolsConfig = Field(default_factory=ToolsConfig)
     # A hard cap on what one request may cost (USD), unless the request sets its own (`mom.max_cost_usd`).
     max_cost_usd: Decimal | None = Field(default=None, ge=0)
+    overrides: OverridesConfig = Field(default_factory=OverridesConfig)
 
 
 class MoMConfig(_Strict):
@@ -224,6 +233,11 @@ def _check_references(source: str, config: MoMConfig) -> list[str]:
         chain = [model.concluding_llm, *model.concluding_fallbacks]
         if len(set(chain)) != len(chain):
             problems.append(f"{entry}: field 'concluding_fallbacks': an LLM is listed twice (or is concluding_llm)")
+        for allowed in model.overrides.allowed_llms:
+            if allowed not in llms:
+                problems.append(
+                    f"{entry}: field 'overrides.allowed_llms': unknown LLM '{allowed}' (not in llm_definitions)"
+                )
         if model.concluding_prompt is not None and model.concluding_prompt not in prompts:
             problems.append(
                 f"{entry}: field 'concluding_prompt': unknown prompt '{model.concluding_prompt}' "

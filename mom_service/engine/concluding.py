@@ -18,7 +18,7 @@ from mom_service.engine import structured
 from mom_service.engine.cached import Piece
 from mom_service.engine.calls import Calls, ms_since
 from mom_service.engine.events import Breakdown, CallReport, ContentDelta, Event, Failed, ToolCallDelta
-from mom_service.engine.plan import Concluder, Plan
+from mom_service.engine.plan import INSTRUCTION_HEAD, Concluder, Plan
 from mom_service.engine.synthesis import concluding_messages
 from mom_service.engine.tools import CallAssembler
 from mom_service.engine.tracing import Trace
@@ -52,7 +52,9 @@ def too_few_answered(plan: Plan, breakdown: Breakdown) -> Failed:
 
 def _messages(plan: Plan, candidate: Concluder, breakdown: Breakdown) -> list[dict[str, Any]]:
     if plan.turn == "relay":  # the agent's loop goes on: the conversation as it is, with the tools
-        return list(candidate.conversation)
+        instruction = plan.steering.instruction
+        told = [{"role": "system", "content": f"{INSTRUCTION_HEAD}\n{instruction}"}] if instruction else []
+        return [*told, *candidate.conversation]
     answered = [r for r in breakdown.members if r.status != "skipped"]
     return concluding_messages(plan.prompt, candidate.conversation, answered)
 

@@ -34,6 +34,7 @@ from mom_service.engine.inflight import InFlight
 from mom_service.engine.panel import cancel_members, fan_out, new_breakdown, wait_for_panel
 from mom_service.engine.plan import DEFAULT_IMAGES, ImagePolicy, Plan, Request, prepare
 from mom_service.engine.single_flight import Flight, Flights
+from mom_service.engine.steering import Steering
 from mom_service.engine.tools import CallAssembler, as_deltas, vote
 from mom_service.engine.tracing import NO_TRACE, Trace, TraceStarter
 from mom_service.errors import WITH_TRACEBACK, InternalError
@@ -89,6 +90,7 @@ class Tally:
             ttft_ms=self.ttft_ms,
             breakdown=self.breakdown,
             surface=self.plan.surface,
+            overrides=self.plan.steering.applied,
         )
 
 
@@ -232,6 +234,8 @@ class Engine:
             cache="hit",
             turn=stored.turn,
             structured_output=stored.structured_output,
+            notices=list(plan.steering.notices),
+            overrides=plan.steering.applied,
         )
         return self._settled(Tally(plan, breakdown), _replayed(stored, breakdown))
 
@@ -241,8 +245,12 @@ class Engine:
         placeholder = CallReport(
             name=first.name, model=first.model, role="concluding", status="skipped", cost=ZERO, cached=True
         )
-        tally = Tally(plan, Breakdown(members=[], concluding=placeholder, cache="hit"))
-        return self._settled(tally, _followed(flight))
+        steering = plan.steering
+        breakdown = Breakdown(
+            members=[], concluding=placeholder, cache="hit", notices=list(steering.notices), overrides=steering.applied
+        )
+        tally = Tally(plan, breakdown)
+        return self._settled(tally, _followed(flight, plan.steering))
 
     async def _settled(self, tally: Tally, events: AsyncGenerator[Event]) -> AsyncGenerator[Event]:
         """Every source's events pass here: the request counts as active while they run, an unexpected exception
@@ -352,7 +360,13 @@ async def _replayed(stored: CachedAnswer, breakdown: Breakdown) -> AsyncGenerato
     yield Completed(finish_reason=stored.finish_reason, breakdown=breakdown, usage=Usage())
 
 
-async def _followed(flight: Flight) -> AsyncGenerator[Event]:
+def _steered(breakdown: Breakdown, steering: Steering) -> Breakdown:
+    """A breakdown from another request's run, with this request's notices and overrides."""
+    breakdown.notices, breakdown.overrides = list(steering.notices), steering.applied
+    return breakdown
+
+
+async def _followed(flight: Flight, steering: Steering) -> AsyncGenerator[Event]:
     """A flight's events as a follower shows them: its calls as cache hits (made for another request)."""
     async with aclosing(flight.follow()) as events:
         async for event in events:
@@ -363,6 +377,7 @@ async def _followed(flight: Flight) -> AsyncGenerator[Event]:
             elif isinstance(event, ContentDelta | ToolCallDelta):
                 yield event
             elif isinstance(event, Completed):
-                yield Completed(finish_reason=event.finish_reason, breakdown=as_hit(event.breakdown), usage=Usage())
+                hit = _steered(as_hit(event.breakdown), steering)
+                yield Completed(finish_reason=event.finish_reason, breakdown=hit, usage=Usage())
             else:
-                yield Failed(event.error, as_hit(event.breakdown, answered=False))
+                yield Failed(event.error, _steered(as_hit(event.breakdown, answered=False), steering))

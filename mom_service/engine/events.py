@@ -74,6 +74,8 @@ class Breakdown:
     # LLM alone; vote: enough members proposed the same tool calls, which are the answer
     turn: Turn = "ensemble"
     structured_output: Literal["valid", "invalid"] | None = None  # a requested JSON answer, checked
+    notices: list[str] = field(default_factory=list)  # the caller's controls that were ignored, and why
+    overrides: dict[str, Any] = field(default_factory=dict)  # the caller's controls that were applied
 
     @property
     def answered(self) -> int:
@@ -185,3 +187,4 @@ class RequestOutcome:
     ttft_ms: float | None
     breakdown: Breakdown
     surface: Surface = "chat"
+    overrides: dict[str, Any] = field(default_factory=dict)  # the caller's controls applied (records, logs, traces)

@@ -39,7 +39,8 @@ def new_breakdown(plan: Plan, not_answered: str) -> Breakdown:
         name=first.llm.name, model=first.llm.model, role="concluding", status="skipped", images=first.images
     )
     concluding.cost = ZERO
-    return Breakdown(members=members, concluding=concluding)
+    steering = plan.steering
+    return Breakdown(members=members, concluding=concluding, notices=list(steering.notices), overrides=steering.applied)
 
 
 def fan_out(calls: Calls, plan: Plan, members: list[CallReport], trace: Trace) -> MemberTasks:

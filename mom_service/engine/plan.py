@@ -13,6 +13,7 @@ import orjson
 
 from mom_service.config import LLMDefinition, MoMConfig, MoMModelConfig
 from mom_service.engine.events import Surface
+from mom_service.engine.steering import NO_STEERING, Steering, steer
 from mom_service.engine.tools import describe_tools, ends_with_tool_results, has_tool_history, history_as_text
 from mom_service.errors import InvalidRequest, NotFound
 from mom_service.providers.image_fetch import download_all
@@ -112,6 +113,7 @@ class Plan:
     vote_threshold: int | None = None  # with tools and the vote strategy: how many members must agree
     surface: Surface = "chat"
     max_cost_usd: Decimal | None = None  # the request's cost cap (the caller's, else the MoM model's), USD
+    steering: Steering = NO_STEERING  # what the caller's controls changed (`mom` is the model as steered)
 
     @property
     def concluding_params(self) -> dict[str, Any]:
@@ -129,7 +131,10 @@ class Plan:
     @property
     def key_params(self) -> dict[str, Any]:
         """Everything in the request that decides the answer besides its messages (for the cache key)."""
-        return {**self.concluding_params, "turn": self.turn}
+        key = {**self.concluding_params, "turn": self.turn}
+        if self.steering.applied:
+            key["steering"] = {**self.steering.key, "instruction": self.steering.instruction}
+        return key
 
 
 ToolsMode = Literal["native", "text", "none"]
@@ -207,6 +212,7 @@ def make_plan(
     tools: list[dict[str, Any]] | None = None,
     tools_ok: Mapping[str, bool] | None = None,
     surface: Surface = "chat",
+    steering: Steering = NO_STEERING,
 ) -> Plan:
     """Who is asked: with images, only the members that can see them (400 when none can); with tools, concluding
     LLMs that can call them (400 when none can); a tool loop's next step (the conversation ends with tool results)
@@ -229,20 +235,33 @@ def make_plan(
         members=tuple(members),
         concluders=concluders,
         has_images=has_images,
-        prompt=config.concluding_prompt(mom),
+        prompt=_with_instruction(config.concluding_prompt(mom), steering.instruction),
         params=params,
         stream=stream,
         user=user,
         conversation=tuple(messages),
-        cache=cache if cache is not None and mom.cache.enabled and not final_params.get("logprobs") else NO_CACHE,
+        cache=cache if cache is not None and _cached(mom, final_params, steering) else NO_CACHE,
         cache_owner="" if mom.cache.scope == "global" else caller,
         final_params=final_params,
         tools=tools,
         turn=turn,
         vote_threshold=mom.tools.vote_threshold if voting else None,
         surface=surface,
-        max_cost_usd=mom.max_cost_usd,
+        max_cost_usd=steering.max_cost_usd if steering.max_cost_usd is not None else mom.max_cost_usd,
+        steering=steering,
     )
+
+
+def _cached(mom: MoMModelConfig, final_params: dict[str, Any], steering: Steering) -> bool:
+    return mom.cache.enabled and not final_params.get("logprobs") and not steering.cache_off
+
+
+INSTRUCTION_HEAD = "The user gave this instruction for the final answer (the panel did not see it):"
+
+
+def _with_instruction(prompt: str, instruction: str | None) -> str:
+    """The concluding prompt, with the caller's directive instruction (which no member sees) after it."""
+    return prompt if not instruction else f"{prompt}\n\n{INSTRUCTION_HEAD}\n{instruction}"
 
 
 def _members(
@@ -334,7 +353,8 @@ async def prepare(
     mom = config.mom_model(request.model)
     if mom is None:
         raise NotFound(f"The model '{request.model}' does not exist.", code="model_not_found", param="model")
-    checked = await check_images(request.messages, max_images=images.max_images, allow_private=images.allow_private)
+    mom, messages, steering = steer(config, mom, request.controls, request.messages)
+    checked = await check_images(messages, max_images=images.max_images, allow_private=images.allow_private)
     downloaded: dict[str, str] = {}  # image URL -> the data: URL of its bytes, for the providers that need them
     asked = (config.llm(n) for n in (*mom.llms_to_query, mom.concluding_llm, *mom.concluding_fallbacks))
     if not download:  # each URL stands for its bytes: nothing will be sent
@@ -344,7 +364,7 @@ async def prepare(
     return make_plan(
         config,
         mom,
-        request.messages,
+        messages,
         request.params,
         vision=vision,
         has_images=checked.count > 0,
@@ -358,4 +378,5 @@ async def prepare(
         tools=request.tools,
         tools_ok=tools_ok,
         surface=request.surface,
+        steering=steering,
     )

@@ -66,6 +66,26 @@ THINK_OPEN = "<think>\n"
 THINK_CLOSE = "</think>\n\n"
 
 
+def notices_block(notices: Sequence[str]) -> str:
+    """The request's notices (controls ignored, and why), at the top of the thinking context."""
+    return "Notices:\n" + "".join(f"- {notice}\n" for notice in notices) + "---\n"
+
+
+class ThinkingBlocks:
+    """The members' blocks of one answer's thinking context, the request's notices before the first."""
+
+    __slots__ = ("_pending",)
+
+    def __init__(self, notices: Sequence[str] = ()) -> None:
+        self._pending = notices_block(notices) if notices else ""
+
+    def of(self, report: CallReport) -> str:
+        block = thinking_block(report)
+        if self._pending:
+            block, self._pending = self._pending + block, ""
+        return block
+
+
 def thinking_block(report: CallReport) -> str:
     """One member's block in the thinking context, in the format the original MoM service used."""
     if report.status == "ok":

@@ -177,6 +177,8 @@ def line_fields(
             "unpriced": breakdown.unpriced,
             "cache": breakdown.cache,
             "turn": breakdown.turn,
+            "overrides": outcome.overrides or None,
+            "notices": len(breakdown.notices),
         }
     if content is not None:
         fields["content"] = content

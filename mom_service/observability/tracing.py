@@ -134,6 +134,8 @@ class _LangfuseTrace:
                 "cost": usd(breakdown.cost),
                 "latency_ms": outcome.latency_ms,
                 "ttft_ms": outcome.ttft_ms,
+                "overrides": outcome.overrides or None,
+                "notices": breakdown.notices or None,
             },
         )
 

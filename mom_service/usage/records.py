@@ -7,6 +7,8 @@ import logging
 import uuid
 from typing import Any
 
+import orjson
+
 from mom_service.engine.events import CallReport, RequestOutcome
 from mom_service.usage.money import to_pico
 
@@ -71,6 +73,7 @@ def rows_for(outcome: RequestOutcome) -> tuple[dict[str, Any], list[dict[str, An
         "usage_estimated": any(report.estimated for report in breakdown.calls),
         "turn": breakdown.turn,
         "surface": outcome.surface,
+        "overrides": orjson.dumps(outcome.overrides).decode() if outcome.overrides else None,
     }
     return request, calls
 

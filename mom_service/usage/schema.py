@@ -59,6 +59,7 @@ requests_table = Table(
     Column("usage_estimated", Boolean, nullable=False, server_default=false()),
     Column("turn", String(16), nullable=False, server_default="ensemble"),  # ensemble | relay | vote; migration 4
     Column("surface", String(16), nullable=False, server_default="chat"),  # chat | messages | responses; migration 5
+    Column("overrides", Text),  # the caller's controls applied (JSON), null when none; migration 6
 )
 
 calls_table = Table(
@@ -156,12 +157,23 @@ async def _migration_5(conn: AsyncConnection) -> None:
     await conn.run_sync(add)
 
 
+async def _migration_6(conn: AsyncConnection) -> None:
+    """mom_requests.overrides: the caller's controls applied to a request (JSON; null before they existed)."""
+
+    def add(sync: Connection) -> None:
+        if "overrides" not in {c["name"] for c in inspect(sync).get_columns("mom_requests")}:
+            sync.execute(text("ALTER TABLE mom_requests ADD COLUMN overrides TEXT"))
+
+    await conn.run_sync(add)
+
+
 MIGRATIONS: Sequence[Callable[[AsyncConnection], Any]] = (
     _migration_1,
     _migration_2,
     _migration_3,
     _migration_4,
     _migration_5,
+    _migration_6,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _PG_MIGRATION_LOCK = 0x4D6F4D5F  # "MoM_": replicas starting together migrate one at a time

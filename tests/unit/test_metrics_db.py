@@ -152,10 +152,10 @@ async def test_migrate_is_idempotent(bare_engine: AsyncEngine) -> None:
     writer = UsageWriter(bare_engine)
     writer.submit(simple("r1"))
     await writer.close()
-    assert await migrate(bare_engine) == SCHEMA_VERSION == 5
-    assert await migrate(bare_engine) == 5
+    assert await migrate(bare_engine) == SCHEMA_VERSION == 6
+    assert await migrate(bare_engine) == 6
     assert await table_names(bare_engine) == tables
-    assert await count(bare_engine, versions_table) == 5
+    assert await count(bare_engine, versions_table) == 6
     assert await count(bare_engine, requests_table) == 1  # data survives a second migration
     assert await count(bare_engine, calls_table) == 2
 

@@ -11,7 +11,7 @@ fields: on the message, and on the stream's `message_delta`.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -27,7 +27,7 @@ from mom_service.engine.events import (
     ToolCallDelta,
     Usage,
 )
-from mom_service.engine.synthesis import thinking_block
+from mom_service.engine.synthesis import ThinkingBlocks
 from mom_service.engine.tools import CallAssembler
 from mom_service.errors import MoMError
 
@@ -73,9 +73,10 @@ def tool_input(arguments: str) -> dict[str, Any]:
 class MessageCollector:
     """Events to one `message` body."""
 
-    def __init__(self, model: str, *, thinking: bool, sign: Sign) -> None:
+    def __init__(self, model: str, *, thinking: bool, sign: Sign, notices: Sequence[str] = ()) -> None:
         self._model = model
         self._thinking: list[str] | None = [] if thinking else None
+        self._blocks = ThinkingBlocks(notices)
         self._sign = sign
         self._text: list[str] = []
         self._calls = CallAssembler()
@@ -88,7 +89,7 @@ class MessageCollector:
             self._calls.add(event)
         elif isinstance(event, MemberFinished):
             if self._thinking is not None:
-                self._thinking.append(thinking_block(event.report))
+                self._thinking.append(self._blocks.of(event.report))
         elif isinstance(event, Failed):
             raise event.error
         elif isinstance(event, Completed):
@@ -143,9 +144,10 @@ THINKING = "thinking"
 class MessageStreamEncoder:
     """Events to Anthropic's SSE events. Each open block's delta head is encoded once; a delta adds its text."""
 
-    def __init__(self, model: str, *, thinking: bool, sign: Sign) -> None:
+    def __init__(self, model: str, *, thinking: bool, sign: Sign, notices: Sequence[str] = ()) -> None:
         self._model = model
         self._show_thinking = thinking
+        self._blocks = ThinkingBlocks(notices)
         self._sign = sign
         self._started = False
         self._index = -1  # the open block's index (blocks are numbered from 0, in order)
@@ -194,7 +196,7 @@ class MessageStreamEncoder:
                 if event.report.status != "ok" and not self._started:
                     return b""  # nothing is sent before a member answers: a panel that all fails is an HTTP error
                 return self._start() + PING
-            text = thinking_block(event.report)
+            text = self._blocks.of(event.report)
             self._thinking.append(text)
             out = b"" if self._open == THINKING else self._block(THINKING, {"type": "thinking", "thinking": ""})
             return out + self._head + orjson.dumps(text) + b"}}\n\n"

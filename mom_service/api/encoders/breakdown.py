@@ -56,4 +56,6 @@ def breakdown_dict(breakdown: Breakdown) -> dict[str, Any]:
         "cache": breakdown.cache,
         "turn": breakdown.turn,
         "structured_output": breakdown.structured_output,
+        "notices": breakdown.notices,
+        "overrides": breakdown.overrides or None,
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -26,7 +27,7 @@ from mom_service.engine.events import (
     ToolCallDelta,
     Usage,
 )
-from mom_service.engine.synthesis import THINK_CLOSE, THINK_OPEN, thinking_block
+from mom_service.engine.synthesis import THINK_CLOSE, THINK_OPEN, ThinkingBlocks
 from mom_service.engine.tools import CallAssembler
 from mom_service.errors import MoMError
 
@@ -37,10 +38,11 @@ REASONING = "reasoning_content"
 class ThinkingRouter:
     """Turns events into (field, text) pieces of the answer: where each piece of text goes."""
 
-    __slots__ = ("_opened", "_tags", "enabled")
+    __slots__ = ("_blocks", "_opened", "_tags", "enabled")
 
-    def __init__(self, mom: MoMModelConfig, *, json_answer: bool = False) -> None:
+    def __init__(self, mom: MoMModelConfig, *, json_answer: bool = False, notices: Sequence[str] = ()) -> None:
         self.enabled = mom.include_thinking_context
+        self._blocks = ThinkingBlocks(notices)
         # a JSON answer's content is the JSON alone (a client parses it): its thinking goes to reasoning_content
         self._tags = mom.thinking_format == "think_tags" and not json_answer
         self._opened = False
@@ -56,7 +58,7 @@ class ThinkingRouter:
         if not self.enabled:
             return []
         if isinstance(event, MemberFinished):
-            block = thinking_block(event.report)
+            block = self._blocks.of(event.report)
             if not self._tags:
                 return [(REASONING, block)]
             if not self._opened:
@@ -75,8 +77,10 @@ def new_completion_id() -> str:
 class StreamSerializer:
     """Events to SSE bytes. The chunk's constant head is encoded once; each chunk adds only its delta."""
 
-    def __init__(self, mom: MoMModelConfig, *, include_usage: bool, json_answer: bool = False) -> None:
-        self._router = ThinkingRouter(mom, json_answer=json_answer)
+    def __init__(
+        self, mom: MoMModelConfig, *, include_usage: bool, json_answer: bool = False, notices: Sequence[str] = ()
+    ) -> None:
+        self._router = ThinkingRouter(mom, json_answer=json_answer, notices=notices)
         self._include_usage = include_usage
         self.completion_id = new_completion_id()
         self.created = int(time.time())
@@ -155,9 +159,9 @@ class StreamSerializer:
 class CompletionCollector:
     """Events to one `chat.completion` body."""
 
-    def __init__(self, mom: MoMModelConfig, *, json_answer: bool = False) -> None:
+    def __init__(self, mom: MoMModelConfig, *, json_answer: bool = False, notices: Sequence[str] = ()) -> None:
         self._mom = mom
-        self._router = ThinkingRouter(mom, json_answer=json_answer)
+        self._router = ThinkingRouter(mom, json_answer=json_answer, notices=notices)
         self._content: list[str] = []
         self._reasoning: list[str] = []
         self._calls = CallAssembler()

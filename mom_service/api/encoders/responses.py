@@ -10,6 +10,7 @@ a `message` item with the synthesis as `output_text`, and a `function_call` item
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -25,7 +26,7 @@ from mom_service.engine.events import (
     ToolCallDelta,
     Usage,
 )
-from mom_service.engine.synthesis import thinking_block
+from mom_service.engine.synthesis import ThinkingBlocks
 from mom_service.engine.tools import CallAssembler
 from mom_service.errors import MoMError
 from mom_service.usage.money import usd
@@ -84,7 +85,13 @@ class ResponseShape:
     """What every state of one Response shares: its id, creation time, model and the request's echoed fields."""
 
     def __init__(
-        self, model: str, echo: dict[str, Any], *, thinking: bool, namespaces: Namespaces | None = None
+        self,
+        model: str,
+        echo: dict[str, Any],
+        *,
+        thinking: bool,
+        namespaces: Namespaces | None = None,
+        notices: Sequence[str] = (),
     ) -> None:
         self.id = new_id("resp")
         self.created_at = int(time.time())
@@ -92,6 +99,7 @@ class ResponseShape:
         self.echo = echo
         self.thinking = thinking  # the members' answers go into a reasoning item
         self.namespaces = namespaces or {}  # the request's namespace tools' functions, by qualified name
+        self.notices = notices  # the request's notices: at the top of the reasoning
 
     def body(
         self,
@@ -132,6 +140,7 @@ class ResponseCollector:
     def __init__(self, shape: ResponseShape) -> None:
         self.shape = shape
         self._reasoning: list[str] = []
+        self._blocks = ThinkingBlocks(shape.notices)
         self._text: list[str] = []
         self._calls = CallAssembler()
         self.response: dict[str, Any] | None = None  # the whole Response, once Completed
@@ -145,7 +154,7 @@ class ResponseCollector:
             self._calls.add(event)
         elif isinstance(event, MemberFinished):
             if self.shape.thinking:
-                self._reasoning.append(thinking_block(event.report))
+                self._reasoning.append(self._blocks.of(event.report))
         elif isinstance(event, Failed):
             raise event.error
         elif isinstance(event, Completed):

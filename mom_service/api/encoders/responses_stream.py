@@ -29,7 +29,7 @@ from mom_service.api.encoders.responses import (
 )
 from mom_service.api.schemas.responses_input import new_id
 from mom_service.engine.events import Completed, ContentDelta, Event, Failed, MemberFinished, PanelDone, ToolCallDelta
-from mom_service.engine.synthesis import thinking_block
+from mom_service.engine.synthesis import ThinkingBlocks
 from mom_service.errors import MoMError
 
 _SUMMARY_PART = {"type": "summary_text", "text": ""}
@@ -51,6 +51,7 @@ class ResponseStreamEncoder:
 
     def __init__(self, shape: ResponseShape) -> None:
         self.shape = shape
+        self._blocks = ThinkingBlocks(shape.notices)
         self._seq = 0
         self._started = False
         self._output: list[dict[str, Any]] = []  # the items done, in order
@@ -96,7 +97,7 @@ class ResponseStreamEncoder:
             if not self.shape.thinking:
                 return b""
             out = b"" if self._open is not None and self._open.kind == "reasoning" else self._switch("reasoning")
-            block = thinking_block(event.report)
+            block = self._blocks.of(event.report)
             self._open.pieces.append(block)  # type: ignore[union-attr]
             return out + self._event(
                 "response.reasoning_summary_text.delta", **self._at(), summary_index=0, delta=block

@@ -54,10 +54,10 @@ def _named(error: InvalidRequest, images: ImagePaths) -> InvalidRequest:
 
 
 def _asked(
-    request: Request, state: AppState, model: str, parts: EngineParts, caller: str, stream: bool
+    request: Request, state: AppState, body: CountTokensRequest, parts: EngineParts, caller: str, stream: bool
 ) -> EngineRequest:
     return EngineRequest(
-        model=model,
+        model=body.model,
         messages=parts.messages,
         params=parts.params,
         final_params=parts.final_params,
@@ -68,6 +68,7 @@ def _asked(
         user=parts.user,
         cache=request_cache(request, state),
         surface="messages",
+        controls=body.mom,
     )
 
 
@@ -75,16 +76,19 @@ def _asked(
 async def messages(request: Request, state: StateDep, caller: Authorized, _: RateLimitedToken) -> Response:
     signer = ThinkingSigner.from_settings(state.settings)
     body, parts = _parsed(state, await read_json(request), signer, MessagesRequest)
-    asked = _asked(request, state, body.model, parts, caller, bool(body.stream))
+    asked = _asked(request, state, body, parts, caller, bool(body.stream))
     asked_thinking = body.thinking is not None and body.thinking.asked
 
+    def thinking(plan: Plan) -> bool:  # the caller's `mom.thinking` decides, else thinking asked or configured
+        steered = "thinking" in plan.steering.applied
+        return plan.mom.include_thinking_context if steered else asked_thinking or plan.mom.include_thinking_context
+
     def collector(plan: Plan) -> MessageCollector:
-        thinking = asked_thinking or plan.mom.include_thinking_context
-        return MessageCollector(plan.mom.name, thinking=thinking, sign=signer.sign)
+        return MessageCollector(plan.mom.name, thinking=thinking(plan), sign=signer.sign, notices=plan.steering.notices)
 
     def encoder(plan: Plan) -> MessageStreamEncoder:
-        thinking = asked_thinking or plan.mom.include_thinking_context
-        return MessageStreamEncoder(plan.mom.name, thinking=thinking, sign=signer.sign)
+        notices = plan.steering.notices
+        return MessageStreamEncoder(plan.mom.name, thinking=thinking(plan), sign=signer.sign, notices=notices)
 
     try:
         return await answer(request, state, asked, collector=collector, encoder=encoder)
@@ -97,7 +101,7 @@ async def count_tokens(request: Request, state: StateDep, caller: Authorized) ->
     """The tokens the concluding LLM would read for this request (before the panel's answers), by our count."""
     signer = ThinkingSigner.from_settings(state.settings)
     body, parts = _parsed(state, await read_json(request), signer, CountTokensRequest)
-    asked = _asked(request, state, body.model, parts, caller, stream=False)
+    asked = _asked(request, state, body, parts, caller, stream=False)
     try:
         return {"input_tokens": await state.engine.count_tokens(asked)}
     except InvalidRequest as exc:

@@ -34,13 +34,18 @@ async def chat_completions(request: Request, state: StateDep, caller: Authorized
         user=chat.user,
         cache=request_cache(request, state),
         surface="chat",
+        controls=chat.mom,
     )
 
     def collector(plan: Plan) -> CompletionCollector:
-        return CompletionCollector(plan.mom, json_answer=plan.response_format is not None)
+        return CompletionCollector(
+            plan.mom, json_answer=plan.response_format is not None, notices=plan.steering.notices
+        )
 
     def encoder(plan: Plan) -> StreamSerializer:
         json_answer = plan.response_format is not None
-        return StreamSerializer(plan.mom, include_usage=chat.include_usage, json_answer=json_answer)
+        return StreamSerializer(
+            plan.mom, include_usage=chat.include_usage, json_answer=json_answer, notices=plan.steering.notices
+        )
 
     return await answer(request, state, asked, collector=collector, encoder=encoder)

@@ -101,12 +101,14 @@ async def create_response(request: Request, state: StateDep, caller: Authorized,
         user=asked.caller_user,
         cache=request_cache(request, state),
         surface="responses",
+        controls=asked.mom,
     )
     echo, namespaces = asked.echo(), asked.namespaces()
 
     def shape(plan: Plan) -> ResponseShape:
         thinking = plan.mom.include_thinking_context
-        return ResponseShape(plan.mom.name, echo, thinking=thinking, namespaces=namespaces)
+        notices = plan.steering.notices
+        return ResponseShape(plan.mom.name, echo, thinking=thinking, namespaces=namespaces, notices=notices)
 
     def collector(plan: Plan) -> ResponseCollector:
         return ResponseCollector(shape(plan))

@@ -169,6 +169,7 @@ class CountTokensRequest(_Open):
     metadata: Metadata | None = None
     output_config: OutputConfig | None = None
     stream: bool | None = False
+    mom: dict[str, Any] | None = None  # the caller's controls (docs/steering.md), read by the engine
 
 
 class MessagesRequest(CountTokensRequest):

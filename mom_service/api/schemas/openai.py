@@ -195,6 +195,7 @@ class ChatCompletionRequest(_Open):
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = None
     user: str | None = Field(default=None, max_length=256)
+    mom: dict[str, Any] | None = None  # the caller's controls (docs/steering.md), read by the engine
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     tools: list[Tool] | None = None

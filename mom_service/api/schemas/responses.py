@@ -155,6 +155,7 @@ class ResponsesRequest(_Open):
     safety_identifier: str | None = Field(default=None, max_length=64)
     include: list[str] | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    mom: dict[str, Any] | None = None  # the caller's controls (docs/steering.md), read by the engine
 
     @property
     def stores(self) -> bool:

@@ -47,6 +47,8 @@ def _params(params: dict[str, Any]) -> dict[str, Any]:
 def panel_identity(config: MoMConfig, mom: MoMModelConfig) -> str:
     """Everything in the config that decides a MoM model's answers, as one digest (made once per MoM model)."""
     names = {*mom.llms_to_query, mom.concluding_llm, *mom.concluding_fallbacks}
+    for tier in (mom.tiers or {}).values():  # a tier's LLMs decide the answers of the requests that pick it
+        names |= {*(tier.llms_to_query or ()), *((tier.concluding_llm,) if tier.concluding_llm else ())}
     return _digest(
         "panel",
         {

@@ -74,6 +74,7 @@ class Breakdown:
     # LLM alone; vote: enough members proposed the same tool calls, which are the answer
     turn: Turn = "ensemble"
     structured_output: Literal["valid", "invalid"] | None = None  # a requested JSON answer, checked
+    tier: str | None = None  # the MoM model's effort tier the request's effort chose (engine/tiers.py)
 
     @property
     def answered(self) -> int:

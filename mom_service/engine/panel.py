@@ -39,7 +39,7 @@ def new_breakdown(plan: Plan, not_answered: str) -> Breakdown:
         name=first.llm.name, model=first.llm.model, role="concluding", status="skipped", images=first.images
     )
     concluding.cost = ZERO
-    return Breakdown(members=members, concluding=concluding)
+    return Breakdown(members=members, concluding=concluding, tier=plan.tier)
 
 
 def fan_out(calls: Calls, plan: Plan, members: list[CallReport], trace: Trace) -> MemberTasks:

@@ -5,7 +5,7 @@ images checked (and downloaded for the providers that need the bytes), what the 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -13,6 +13,7 @@ import orjson
 
 from mom_service.config import LLMDefinition, MoMConfig, MoMModelConfig
 from mom_service.engine.events import Surface
+from mom_service.engine.tiers import Tiered, choose_tier
 from mom_service.engine.tools import describe_tools, ends_with_tool_results, has_tool_history, history_as_text
 from mom_service.errors import InvalidRequest, NotFound
 from mom_service.providers.image_fetch import download_all
@@ -73,6 +74,7 @@ class Concluder:
     llm: LLMDefinition
     conversation: tuple[dict[str, Any], ...]
     images: Literal["sent", "placeholders"] | None
+    effort: str | None = None  # its `reasoning_effort` (None: not sent)
 
 
 @dataclass(slots=True, frozen=True)
@@ -112,6 +114,8 @@ class Plan:
     vote_threshold: int | None = None  # with tools and the vote strategy: how many members must agree
     surface: Surface = "chat"
     max_cost_usd: Decimal | None = None  # the request's cost cap (the caller's, else the MoM model's), USD
+    tier: str | None = None  # the effort tier chosen (engine/tiers.py)
+    efforts: tuple[str | None, str | None] = (None, None)  # the members' and the concluding effort, as asked
 
     @property
     def concluding_params(self) -> dict[str, Any]:
@@ -119,6 +123,13 @@ class Plan:
         params = {**self.params, **self.final_params}
         if self.tools:
             params["tools"] = self.tools
+        return params
+
+    def params_of(self, concluder: Concluder) -> dict[str, Any]:
+        """One concluding LLM's parameters: the concluding call's, with its reasoning effort."""
+        params = self.concluding_params
+        if concluder.effort is not None:
+            params["reasoning_effort"] = concluder.effort
         return params
 
     @property
@@ -129,7 +140,8 @@ class Plan:
     @property
     def key_params(self) -> dict[str, Any]:
         """Everything in the request that decides the answer besides its messages (for the cache key)."""
-        return {**self.concluding_params, "turn": self.turn}
+        tiered = {"tier": self.tier, "efforts": self.efforts} if self.tier or any(self.efforts) else {}
+        return {**self.concluding_params, "turn": self.turn, **tiered}
 
 
 ToolsMode = Literal["native", "text", "none"]
@@ -207,6 +219,8 @@ def make_plan(
     tools: list[dict[str, Any]] | None = None,
     tools_ok: Mapping[str, bool] | None = None,
     surface: Surface = "chat",
+    tiered: Tiered | None = None,
+    reasoning_ok: Mapping[str, bool] | None = None,
 ) -> Plan:
     """Who is asked: with images, only the members that can see them (400 when none can); with tools, concluding
     LLMs that can call them (400 when none can); a tool loop's next step (the conversation ends with tool results)
@@ -222,6 +236,8 @@ def make_plan(
     shapes = _Shapes(messages, downloaded, tools, note)
     members = _members(config, mom, shapes, params, final_params, tools, history, vision, can_call, has_images, turn)
     concluders = _concluders(config, mom, shapes, tools, history, vision, can_call, has_images)
+    tiered = tiered or Tiered(mom)
+    members, concluders = _with_efforts(members, concluders, tiered, reasoning_ok or {})
     voting = tools is not None and mom.tools.strategy == "vote" and turn == "ensemble"
     return Plan(
         request_id=request_id,
@@ -242,7 +258,24 @@ def make_plan(
         vote_threshold=mom.tools.vote_threshold if voting else None,
         surface=surface,
         max_cost_usd=mom.max_cost_usd,
+        tier=tiered.tier,
+        efforts=(tiered.member_effort, tiered.concluding_effort),
     )
+
+
+def _with_efforts(
+    members: list[Member], concluders: tuple[Concluder, ...], tiered: Tiered, takes: Mapping[str, bool]
+) -> tuple[list[Member], tuple[Concluder, ...]]:
+    """Each call's `reasoning_effort`: its role's (the tier's, or the request's), for the LLMs that take one."""
+    member, concluding = tiered.member_effort, tiered.concluding_effort
+    if member is not None:
+        members = [
+            replace(m, params={**m.params, "reasoning_effort": member}) if takes.get(m.llm.name, False) else m
+            for m in members
+        ]
+    if concluding is not None:
+        concluders = tuple(replace(c, effort=concluding) if takes.get(c.llm.name, False) else c for c in concluders)
+    return members, concluders
 
 
 def _members(
@@ -327,13 +360,17 @@ async def prepare(
     tools_ok: Mapping[str, bool] | None = None,
     *,
     download: bool = True,
+    reasoning_ok: Mapping[str, bool] | None = None,
 ) -> Plan:
     """The plan of a request: its MoM model (404 when there is none), its images checked, downloaded where a
     provider needs the bytes (400 on any problem), all before any upstream call. Without `download`, a plan only to
-    look at (to count its tokens): images are checked, not downloaded."""
-    mom = config.mom_model(request.model)
-    if mom is None:
+    look at (to count its tokens): images are checked, not downloaded. The request's effort picks the MoM model's
+    tier first (engine/tiers.py)."""
+    configured = config.mom_model(request.model)
+    if configured is None:
         raise NotFound(f"The model '{request.model}' does not exist.", code="model_not_found", param="model")
+    tiered = choose_tier(configured, request.effort)
+    mom = tiered.mom
     checked = await check_images(request.messages, max_images=images.max_images, allow_private=images.allow_private)
     downloaded: dict[str, str] = {}  # image URL -> the data: URL of its bytes, for the providers that need them
     asked = (config.llm(n) for n in (*mom.llms_to_query, mom.concluding_llm, *mom.concluding_fallbacks))
@@ -358,4 +395,6 @@ async def prepare(
         tools=request.tools,
         tools_ok=tools_ok,
         surface=request.surface,
+        tiered=tiered,
+        reasoning_ok=reasoning_ok,
     )

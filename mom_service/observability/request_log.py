@@ -177,6 +177,7 @@ def line_fields(
             "unpriced": breakdown.unpriced,
             "cache": breakdown.cache,
             "turn": breakdown.turn,
+            "tier": breakdown.tier,
         }
     if content is not None:
         fields["content"] = content

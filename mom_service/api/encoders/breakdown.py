@@ -55,5 +55,6 @@ def breakdown_dict(breakdown: Breakdown) -> dict[str, Any]:
         "unpriced": breakdown.unpriced,
         "cache": breakdown.cache,
         "turn": breakdown.turn,
+        "tier": breakdown.tier,
         "structured_output": breakdown.structured_output,
     }

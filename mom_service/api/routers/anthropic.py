@@ -68,6 +68,7 @@ def _asked(
         user=parts.user,
         cache=request_cache(request, state),
         surface="messages",
+        effort=parts.effort,
     )
 
 

@@ -34,6 +34,7 @@ async def chat_completions(request: Request, state: StateDep, caller: Authorized
         user=chat.user,
         cache=request_cache(request, state),
         surface="chat",
+        effort=chat.reasoning_effort,
     )
 
     def collector(plan: Plan) -> CompletionCollector:

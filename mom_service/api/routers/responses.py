@@ -101,6 +101,7 @@ async def create_response(request: Request, state: StateDep, caller: Authorized,
         user=asked.caller_user,
         cache=request_cache(request, state),
         surface="responses",
+        effort=asked.reasoning.effort if asked.reasoning is not None else None,
     )
     echo, namespaces = asked.echo(), asked.namespaces()
 

@@ -186,7 +186,7 @@ def _describe_validation_error(source: str, raw: Mapping[str, Any], exc: Validat
         msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
         if len(loc) >= 2 and isinstance(loc[0], str) and isinstance(loc[1], int):
             entry = _entry_label(raw, loc[0], loc[1])
-            field = ".".join(str(p) for p in loc[2:])
+            field = ".".join(str(p) for p in loc[2:] if p != "[key]")  # a mapping's key: named by itself
             where = f"{entry}: field '{field}'" if field else entry
         else:
             where = f"field '{'.'.join(str(p) for p in loc)}'"

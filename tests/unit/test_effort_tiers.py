@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from mom_service.cache.keys import panel_identity
 from mom_service.config import LLMDefinition, MoMConfig, parse_config
 from mom_service.engine.plan import Plan, make_plan
 from mom_service.engine.tiers import choose_tier, nearest_tier, tiers_shown
@@ -216,3 +217,13 @@ def test_the_cache_key_changes_with_the_tier_and_the_effort() -> None:
     distinct = [keys[i] for i in (0, 1, 2, 3, 5, 6)]
     assert all(a != b for i, a in enumerate(distinct) for b in distinct[i + 1 :])
     assert keys[0] == plan_of(plain, None, set(NAMES)).key_params  # no effort: as before tiers
+
+
+def test_a_tiers_own_llms_are_part_of_the_panels_identity() -> None:
+    def identity(k_params: dict[str, Any]) -> str:
+        raw = raw_config(tiers=TIERS)
+        raw["llm_definitions"][NAMES.index("k")]["params"] = k_params  # k concludes the low tier only
+        cfg = parse_config(raw, "config.yaml")
+        return panel_identity(cfg, cfg.models[0])
+
+    assert identity({"temperature": 0}) != identity({"temperature": 1})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 
 from mom_service.cache.keys import panel_identity
@@ -13,6 +14,7 @@ from mom_service.engine.plan import Plan, make_plan
 from mom_service.engine.tiers import choose_tier, nearest_tier, tiers_shown
 from mom_service.errors import ConfigError
 from mom_service.providers.capabilities import capabilities_of
+from mom_service.providers.openai_http import lean_route, request_body
 
 NAMES = ("a", "b", "c", "j", "k")
 
@@ -227,3 +229,11 @@ def test_a_tiers_own_llms_are_part_of_the_panels_identity() -> None:
         return panel_identity(cfg, cfg.models[0])
 
     assert identity({"temperature": 0}) != identity({"temperature": 1})
+
+
+def test_an_llms_own_reasoning_effort_keeps_the_lean_path_and_a_requests_replaces_it() -> None:
+    own = LLMDefinition(name="x", model="openai/local", api_base="http://h:1/v1", params={"reasoning_effort": "low"})
+    route = lean_route(own, "k", frozenset())
+    assert route is not None  # a body field LiteLLM passes through as it is, for an OpenAI-compatible server
+    body = orjson.loads(request_body(route, [], {"reasoning_effort": "high"}))
+    assert body["reasoning_effort"] == "high"

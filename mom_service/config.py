@@ -23,6 +23,12 @@ RESERVED_PARAMS = frozenset(
 
 Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*$")]
 
+# A reasoning effort, on OpenAI's scale (`reasoning_effort`), from the least to the most.
+Level = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+LEVELS: tuple[Level, ...] = ("none", "minimal", "low", "medium", "high", "xhigh")
+# What a tier's LLMs are asked with: a level, the request's own level (`client`), or nothing (`none`).
+TierEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "client"]
+
 DEFAULT_CONCLUDING_PROMPT = (
     "You are the concluding model of a panel. Several models answered the user's last message; their answers "
     "follow. Compare them, keep what is correct and useful, resolve disagreements, drop mistakes, and write one "
@@ -49,6 +55,8 @@ class Capabilities(_Strict):
 
     tools: bool | None = None  # calls tools (function calling)
     structured_output: bool | None = None  # honours response_format json_schema
+    # takes `reasoning_effort`; unlike the others, an LLM LiteLLM does not know is assumed NOT to (null: not sent)
+    reasoning: bool | None = None
 
 
 class LLMDefinition(_Strict):
@@ -114,6 +122,15 @@ class OverridesConfig(_Strict):
     allowed_llms: list[Name] = Field(default_factory=list)
 
 
+class TierConfig(_Strict):
+    """One effort tier of a MoM model: who is asked, who concludes, with what effort (docs/steering.md)."""
+
+    llms_to_query: list[Name] | None = Field(default=None, min_length=1)  # default: the MoM model's
+    concluding_llm: Name | None = None  # default: the MoM model's (its fallbacks follow it)
+    effort: TierEffort = "client"  # the members' `reasoning_effort`: a level, the request's (`client`), or none
+    concluding_effort: TierEffort = "client"  # the concluding call's, likewise
+
+
 class MoMModelConfig(_Strict):
     name: Name
     description: str | None = None
@@ -131,6 +148,15 @@ class MoMModelConfig(_Strict):
     # A hard cap on what one request may cost (USD), unless the request sets its own (`mom.max_cost_usd`).
     max_cost_usd: Decimal | None = Field(default=None, ge=0)
     overrides: OverridesConfig = Field(default_factory=OverridesConfig)
+    # Effort tiers: the request's reasoning effort picks one (the nearest level); none: the effort is passed on.
+    tiers: dict[Level, TierConfig] | None = Field(default=None, min_length=1)
+
+    def own_llms(self) -> list[str]:
+        """Its own LLMs: its panel, its concluding chain, and its tiers'."""
+        names = [*self.llms_to_query, self.concluding_llm, *self.concluding_fallbacks]
+        for tier in (self.tiers or {}).values():
+            names += [*(tier.llms_to_query or ()), *([tier.concluding_llm] if tier.concluding_llm else [])]
+        return names
 
 
 class MoMConfig(_Strict):
@@ -176,7 +202,7 @@ def _describe_validation_error(source: str, raw: Mapping[str, Any], exc: Validat
         msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
         if len(loc) >= 2 and isinstance(loc[0], str) and isinstance(loc[1], int):
             entry = _entry_label(raw, loc[0], loc[1])
-            field = ".".join(str(p) for p in loc[2:])
+            field = ".".join(str(p) for p in loc[2:] if p != "[key]")  # a mapping's key: named by itself
             where = f"{entry}: field '{field}'" if field else entry
         else:
             where = f"field '{'.'.join(str(p) for p in loc)}'"
@@ -194,6 +220,34 @@ def _check_names_unique(source: str, section: str, names: list[str]) -> list[str
     return problems
 
 
+def _check_panel(
+    entry: str,
+    model: MoMModelConfig,
+    panel: list[str],
+    concluding: str,
+    llms: set[str],
+    prefix: str = "",
+    of_tier: str = "",
+) -> list[str]:
+    """A panel's names (the MoM model's, or one tier's: `prefix` names its fields), and the rules that count it."""
+    problems = [
+        f"{entry}: field '{prefix}llms_to_query': unknown LLM '{member}' (not in llm_definitions)"
+        for member in panel
+        if member not in llms
+    ]
+    if len(set(panel)) != len(panel):
+        problems.append(f"{entry}: field '{prefix}llms_to_query': an LLM is listed twice")
+    if concluding not in llms:
+        problems.append(f"{entry}: field '{prefix}concluding_llm': unknown LLM '{concluding}' (not in llm_definitions)")
+    counts = {"min_successful": model.min_successful, "quorum": model.quorum}
+    if model.tools.strategy == "vote":
+        counts["tools.vote_threshold"] = model.tools.vote_threshold
+    for field, value in counts.items():
+        if value is not None and value > len(panel):
+            problems.append(f"{entry}: field '{field}': {value} is more than the {len(panel)} LLMs to query{of_tier}")
+    return problems
+
+
 def _check_references(source: str, config: MoMConfig) -> list[str]:
     problems: list[str] = []
     problems += _check_names_unique(source, "llm_definitions", [d.name for d in config.llm_definitions])
@@ -203,28 +257,13 @@ def _check_references(source: str, config: MoMConfig) -> list[str]:
     prompts = {p.name for p in config.prompt_definitions}
     for index, model in enumerate(config.models):
         entry = f"{source}: models[{index}] (name '{model.name}')"
-        for member in model.llms_to_query:
-            if member not in llms:
-                problems.append(f"{entry}: field 'llms_to_query': unknown LLM '{member}' (not in llm_definitions)")
-        for field in ("min_successful", "quorum"):
-            value = getattr(model, field)
-            if value is not None and value > len(model.llms_to_query):
-                problems.append(
-                    f"{entry}: field '{field}': {value} is more than the {len(model.llms_to_query)} LLMs to query"
-                )
-        if model.tools.strategy == "vote" and model.tools.vote_threshold > len(model.llms_to_query):
-            problems.append(
-                f"{entry}: field 'tools.vote_threshold': {model.tools.vote_threshold} is more than the "
-                f"{len(model.llms_to_query)} LLMs to query"
-            )
+        problems += _check_panel(entry, model, model.llms_to_query, model.concluding_llm, llms)
+        for level, tier in (model.tiers or {}).items():
+            panel = tier.llms_to_query or model.llms_to_query
+            concluding = tier.concluding_llm or model.concluding_llm
+            problems += _check_panel(entry, model, panel, concluding, llms, f"tiers.{level}.", f" of tier '{level}'")
         if model.quorum is not None and model.quorum < model.min_successful:
             problems.append(f"{entry}: field 'quorum': {model.quorum} is less than min_successful")
-        if len(set(model.llms_to_query)) != len(model.llms_to_query):
-            problems.append(f"{entry}: field 'llms_to_query': an LLM is listed twice")
-        if model.concluding_llm not in llms:
-            problems.append(
-                f"{entry}: field 'concluding_llm': unknown LLM '{model.concluding_llm}' (not in llm_definitions)"
-            )
         for fallback in model.concluding_fallbacks:
             if fallback not in llms:
                 problems.append(

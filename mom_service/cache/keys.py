@@ -46,7 +46,8 @@ def _params(params: dict[str, Any]) -> dict[str, Any]:
 
 def panel_identity(config: MoMConfig, mom: MoMModelConfig) -> str:
     """Everything in the config that decides a MoM model's answers, as one digest (made once per MoM model)."""
-    names = {*mom.llms_to_query, mom.concluding_llm, *mom.concluding_fallbacks}
+    # a tier's LLMs decide the answers of the requests that pick it, an allowed LLM those of the callers adding it
+    names = {*mom.own_llms(), *mom.overrides.allowed_llms}
     return _digest(
         "panel",
         {

@@ -171,6 +171,7 @@ def as_hit(breakdown: Breakdown, *, answered: bool = True) -> Breakdown:
         cache="hit" if answered else "miss",
         turn=breakdown.turn,
         structured_output=breakdown.structured_output,
+        tier=breakdown.tier,
     )
     if not answered:
         for report in hit.calls:

@@ -172,7 +172,7 @@ async def concluding_call(
 ) -> AsyncGenerator[Event]:
     """One concluding LLM's streamed answer; raises LLMCallError when it fails (its report says how)."""
     llm = candidate.llm
-    params = plan.concluding_params
+    params = plan.params_of(candidate)
     started = time.perf_counter()
     report.status, report.sent = "cancelled", True  # until it ends
     generation = trace.generation(report, messages, params)

@@ -114,6 +114,7 @@ class Engine:
         vision: Mapping[str, bool],
         tools_ok: Mapping[str, bool] | None = None,
         structured_ok: Mapping[str, bool] | None = None,
+        reasoning_ok: Mapping[str, bool] | None = None,
         images: ImagePolicy = DEFAULT_IMAGES,
         recorders: Sequence[Recorder] = (),
         tracer: TraceStarter | None = None,
@@ -123,6 +124,7 @@ class Engine:
         self.vision = vision  # per LLM: can it see images
         self.tools_ok = tools_ok or {}  # per LLM: can it call tools (an LLM not named can)
         self.structured_ok = structured_ok or {}  # per LLM: does it honour response_format (not named: it does)
+        self.reasoning_ok = reasoning_ok or {}  # per LLM: does it take reasoning_effort (not named: it does not)
         self.images = images
         self.tracer = tracer
         self.active = InFlight()  # requests being answered (their outcome not yet recorded)
@@ -145,16 +147,24 @@ class Engine:
     def cache(self) -> ResponseCache | None:
         return self.calls.cache
 
-    async def prepare(self, request: Request) -> Plan:
+    async def prepare(self, request: Request, *, download: bool = True) -> Plan:
         """The plan of a request (404 for an unknown MoM model, 400 for images that cannot be used), before any
         upstream call."""
-        return await prepare(request, self.config, self.vision, self.images, self.tools_ok)
+        return await prepare(
+            request,
+            self.config,
+            self.vision,
+            self.images,
+            self.tools_ok,
+            download=download,
+            reasoning_ok=self.reasoning_ok,
+        )
 
     async def count_tokens(self, request: Request) -> int:
         """Our count of the tokens the concluding LLM would read for this request before the panel's answers (its
         prompt, the conversation, the tools); the request planned as for an answer (404, 400 alike), its images
         checked but not downloaded, and no upstream call."""
-        plan = await prepare(request, self.config, self.vision, self.images, self.tools_ok, download=False)
+        plan = await self.prepare(request, download=False)
         return prompt_tokens(plan)
 
     def accepts_images(self, mom: str) -> bool:
@@ -236,6 +246,7 @@ class Engine:
             structured_output=stored.structured_output,
             notices=list(plan.steering.notices),
             overrides=plan.steering.applied,
+            tier=plan.tier,
         )
         return self._settled(Tally(plan, breakdown), _replayed(stored, breakdown))
 
@@ -247,7 +258,12 @@ class Engine:
         )
         steering = plan.steering
         breakdown = Breakdown(
-            members=[], concluding=placeholder, cache="hit", notices=list(steering.notices), overrides=steering.applied
+            members=[],
+            concluding=placeholder,
+            cache="hit",
+            notices=list(steering.notices),
+            overrides=steering.applied,
+            tier=plan.tier,
         )
         tally = Tally(plan, breakdown)
         return self._settled(tally, _followed(flight, plan.steering))

@@ -76,6 +76,7 @@ class Breakdown:
     structured_output: Literal["valid", "invalid"] | None = None  # a requested JSON answer, checked
     notices: list[str] = field(default_factory=list)  # the caller's controls that were ignored, and why
     overrides: dict[str, Any] = field(default_factory=dict)  # the caller's controls that were applied
+    tier: str | None = None  # the MoM model's effort tier the request's effort chose (engine/tiers.py)
 
     @property
     def answered(self) -> int:

@@ -40,7 +40,13 @@ def new_breakdown(plan: Plan, not_answered: str) -> Breakdown:
     )
     concluding.cost = ZERO
     steering = plan.steering
-    return Breakdown(members=members, concluding=concluding, notices=list(steering.notices), overrides=steering.applied)
+    return Breakdown(
+        members=members,
+        concluding=concluding,
+        notices=list(steering.notices),
+        overrides=steering.applied,
+        tier=plan.tier,
+    )
 
 
 def fan_out(calls: Calls, plan: Plan, members: list[CallReport], trace: Trace) -> MemberTasks:

@@ -5,7 +5,7 @@ images checked (and downloaded for the providers that need the bytes), what the 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -14,6 +14,7 @@ import orjson
 from mom_service.config import LLMDefinition, MoMConfig, MoMModelConfig
 from mom_service.engine.events import Surface
 from mom_service.engine.steering import NO_STEERING, Steering, steer
+from mom_service.engine.tiers import Tiered, choose_tier
 from mom_service.engine.tools import describe_tools, ends_with_tool_results, has_tool_history, history_as_text
 from mom_service.errors import InvalidRequest, NotFound
 from mom_service.providers.image_fetch import download_all
@@ -74,6 +75,7 @@ class Concluder:
     llm: LLMDefinition
     conversation: tuple[dict[str, Any], ...]
     images: Literal["sent", "placeholders"] | None
+    effort: str | None = None  # its `reasoning_effort` (None: not sent)
 
 
 @dataclass(slots=True, frozen=True)
@@ -114,6 +116,8 @@ class Plan:
     surface: Surface = "chat"
     max_cost_usd: Decimal | None = None  # the request's cost cap (the caller's, else the MoM model's), USD
     steering: Steering = NO_STEERING  # what the caller's controls changed (`mom` is the model as steered)
+    tier: str | None = None  # the effort tier chosen (engine/tiers.py)
+    efforts: tuple[str | None, str | None] = (None, None)  # the members' and the concluding effort, as asked
 
     @property
     def concluding_params(self) -> dict[str, Any]:
@@ -121,6 +125,13 @@ class Plan:
         params = {**self.params, **self.final_params}
         if self.tools:
             params["tools"] = self.tools
+        return params
+
+    def params_of(self, concluder: Concluder) -> dict[str, Any]:
+        """One concluding LLM's parameters: the concluding call's, with its reasoning effort."""
+        params = self.concluding_params
+        if concluder.effort is not None:
+            params["reasoning_effort"] = concluder.effort
         return params
 
     @property
@@ -132,6 +143,8 @@ class Plan:
     def key_params(self) -> dict[str, Any]:
         """Everything in the request that decides the answer besides its messages (for the cache key)."""
         key = {**self.concluding_params, "turn": self.turn}
+        if self.tier or any(self.efforts):
+            key |= {"tier": self.tier, "efforts": self.efforts}
         if self.steering.applied:
             key["steering"] = {**self.steering.key, "instruction": self.steering.instruction}
         return key
@@ -213,6 +226,8 @@ def make_plan(
     tools_ok: Mapping[str, bool] | None = None,
     surface: Surface = "chat",
     steering: Steering = NO_STEERING,
+    tiered: Tiered | None = None,
+    reasoning_ok: Mapping[str, bool] | None = None,
 ) -> Plan:
     """Who is asked: with images, only the members that can see them (400 when none can); with tools, concluding
     LLMs that can call them (400 when none can); a tool loop's next step (the conversation ends with tool results)
@@ -228,6 +243,8 @@ def make_plan(
     shapes = _Shapes(messages, downloaded, tools, note)
     members = _members(config, mom, shapes, params, final_params, tools, history, vision, can_call, has_images, turn)
     concluders = _concluders(config, mom, shapes, tools, history, vision, can_call, has_images)
+    tiered = tiered or Tiered(mom)
+    members, concluders = _with_efforts(members, concluders, tiered, reasoning_ok or {})
     voting = tools is not None and mom.tools.strategy == "vote" and turn == "ensemble"
     return Plan(
         request_id=request_id,
@@ -249,6 +266,8 @@ def make_plan(
         surface=surface,
         max_cost_usd=steering.max_cost_usd if steering.max_cost_usd is not None else mom.max_cost_usd,
         steering=steering,
+        tier=tiered.tier,
+        efforts=(tiered.member_effort, tiered.concluding_effort),
     )
 
 
@@ -262,6 +281,21 @@ INSTRUCTION_HEAD = "The user gave this instruction for the final answer (the pan
 def _with_instruction(prompt: str, instruction: str | None) -> str:
     """The concluding prompt, with the caller's directive instruction (which no member sees) after it."""
     return prompt if not instruction else f"{prompt}\n\n{INSTRUCTION_HEAD}\n{instruction}"
+
+
+def _with_efforts(
+    members: list[Member], concluders: tuple[Concluder, ...], tiered: Tiered, takes: Mapping[str, bool]
+) -> tuple[list[Member], tuple[Concluder, ...]]:
+    """Each call's `reasoning_effort`: its role's (the tier's, or the request's), for the LLMs that take one."""
+    member, concluding = tiered.member_effort, tiered.concluding_effort
+    if member is not None:
+        members = [
+            replace(m, params={**m.params, "reasoning_effort": member}) if takes.get(m.llm.name, False) else m
+            for m in members
+        ]
+    if concluding is not None:
+        concluders = tuple(replace(c, effort=concluding) if takes.get(c.llm.name, False) else c for c in concluders)
+    return members, concluders
 
 
 def _members(
@@ -346,14 +380,17 @@ async def prepare(
     tools_ok: Mapping[str, bool] | None = None,
     *,
     download: bool = True,
+    reasoning_ok: Mapping[str, bool] | None = None,
 ) -> Plan:
     """The plan of a request: its MoM model (404 when there is none), its images checked, downloaded where a
     provider needs the bytes (400 on any problem), all before any upstream call. Without `download`, a plan only to
-    look at (to count its tokens): images are checked, not downloaded."""
-    mom = config.mom_model(request.model)
-    if mom is None:
+    look at (to count its tokens): images are checked, not downloaded. The request's effort picks the MoM model's
+    tier first (engine/tiers.py)."""
+    configured = config.mom_model(request.model)
+    if configured is None:
         raise NotFound(f"The model '{request.model}' does not exist.", code="model_not_found", param="model")
-    mom, messages, steering = steer(config, mom, request.controls, request.messages)
+    tiered = choose_tier(configured, request.effort)  # the tier first: the caller's controls change it
+    mom, messages, steering = steer(config, tiered.mom, request.controls, request.messages, configured)
     checked = await check_images(messages, max_images=images.max_images, allow_private=images.allow_private)
     downloaded: dict[str, str] = {}  # image URL -> the data: URL of its bytes, for the providers that need them
     asked = (config.llm(n) for n in (*mom.llms_to_query, mom.concluding_llm, *mom.concluding_fallbacks))
@@ -379,4 +416,6 @@ async def prepare(
         tools_ok=tools_ok,
         surface=request.surface,
         steering=steering,
+        tiered=tiered,
+        reasoning_ok=reasoning_ok,
     )

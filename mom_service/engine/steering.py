@@ -256,9 +256,11 @@ def steer(
     mom: MoMModelConfig,
     controls: Mapping[str, Any] | None,
     messages: list[dict[str, Any]],
+    configured: MoMModelConfig | None = None,
 ) -> tuple[MoMModelConfig, list[dict[str, Any]], Steering]:
-    """The MoM model as this request runs it, the conversation without its directive blocks, and what was steered.
-    A request with no controls and no block is returned as it is."""
+    """The MoM model as this request runs it (`mom`: as configured, or its effort tier), the conversation without
+    its directive blocks, and what was steered. A request with no controls and no block is returned as it is.
+    The LLMs of the model as `configured` (its tiers' too) are its own: usable without being allowed."""
     stripped, directive = extract(messages, KEYS)
     if not controls and not directive.found:
         return mom, stripped, NO_STEERING  # (an earlier message's block, stale, is removed all the same)
@@ -270,7 +272,7 @@ def steer(
     panel = _Panel(
         members=list(mom.llms_to_query),
         chain=chain,
-        mine=frozenset([*mom.llms_to_query, *chain]),
+        mine=frozenset([*mom.llms_to_query, *chain, *(configured or mom).own_llms()]),
         allowed=frozenset(mom.overrides.allowed_llms),
         catalogue=frozenset(d.name for d in config.llm_definitions),
     )

@@ -179,6 +179,7 @@ def line_fields(
             "turn": breakdown.turn,
             "overrides": outcome.overrides or None,
             "notices": len(breakdown.notices),
+            "tier": breakdown.tier,
         }
     if content is not None:
         fields["content"] = content

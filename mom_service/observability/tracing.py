@@ -129,6 +129,7 @@ class _LangfuseTrace:
                 "status": outcome.status,
                 "error": outcome.error_code,
                 "turn": breakdown.turn,
+                "tier": breakdown.tier,
                 "answered": breakdown.answered,
                 "asked": breakdown.asked,
                 "cost": usd(breakdown.cost),

@@ -1,6 +1,7 @@
-"""What each LLM can do: see images, call tools, honour a response format. The config decides where it says so;
-else LiteLLM's model info; an LLM LiteLLM does not know (an OpenAI-compatible server behind api_base) is assumed
-able to call tools and format its answer (not to see images: sending images to an LLM that cannot see them fails)."""
+"""What each LLM can do: see images, call tools, honour a response format, take a reasoning effort. The config
+decides where it says so; else LiteLLM's model info; an LLM LiteLLM does not know (an OpenAI-compatible server
+behind api_base) is assumed able to call tools and format its answer, not to see images (sending images to an LLM
+that cannot see them fails) nor to take `reasoning_effort` (a server that does not know it may refuse it)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class LLMCapabilities:
     vision: bool
     tools: bool
     structured_output: bool
+    reasoning: bool
 
 
 def _able(configured: bool | None, info: Mapping[str, Any] | None, key: str) -> bool:
@@ -35,4 +37,5 @@ def capabilities_of(
         vision=sees_images(llm, supports_vision),
         tools=_able(llm.capabilities.tools, info, "supports_function_calling"),
         structured_output=_able(llm.capabilities.structured_output, info, "supports_response_schema"),
+        reasoning=_able(llm.capabilities.reasoning, info or {}, "supports_reasoning"),
     )

@@ -50,6 +50,7 @@ BODY_PARAMS = frozenset(
         "prompt_cache_retention",
         "store",
         "response_format",
+        "reasoning_effort",
     }
 )
 # LiteLLM forwards `user` to the models of OpenAI's catalog only (other servers may reject it); the catalog's

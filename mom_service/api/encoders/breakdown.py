@@ -55,6 +55,7 @@ def breakdown_dict(breakdown: Breakdown) -> dict[str, Any]:
         "unpriced": breakdown.unpriced,
         "cache": breakdown.cache,
         "turn": breakdown.turn,
+        "tier": breakdown.tier,
         "structured_output": breakdown.structured_output,
         "notices": breakdown.notices,
         "overrides": breakdown.overrides or None,

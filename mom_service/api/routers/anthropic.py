@@ -69,6 +69,7 @@ def _asked(
         cache=request_cache(request, state),
         surface="messages",
         controls=body.mom,
+        effort=parts.effort,
     )
 
 

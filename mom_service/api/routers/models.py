@@ -12,6 +12,8 @@ from mom_service.api.errors import ANTHROPIC_VERSION
 from mom_service.api.schemas.anthropic import anthropic_model, anthropic_model_list
 from mom_service.api.schemas.openai import Capabilities, model_object
 from mom_service.api.state import AppState, StateDep
+from mom_service.config import MoMModelConfig
+from mom_service.engine.tiers import tiers_shown
 from mom_service.errors import NotFound
 
 router = APIRouter(prefix="/v1")
@@ -22,13 +24,16 @@ def capabilities(state: AppState, mom: str) -> Capabilities:
     return {"vision": takes.vision, "tools": takes.tools, "structured_output": takes.structured_output}
 
 
+def openai_model(state: AppState, mom: MoMModelConfig) -> dict[str, Any]:
+    """A MoM model as OpenAI's model object, with what it takes and its effort tiers."""
+    return dict(model_object(mom.name, state.started_at, capabilities(state, mom.name), tiers_shown(mom)))
+
+
 @router.get("/models")
 async def list_models(request: Request, state: StateDep, _: Authorized) -> dict[str, Any]:
-    names = [m.name for m in state.config.models]
     if ANTHROPIC_VERSION in request.headers:
-        return dict(anthropic_model_list(names, state.started_at))
-    data = [model_object(name, state.started_at, capabilities(state, name)) for name in names]
-    return {"object": "list", "data": data}
+        return dict(anthropic_model_list([m.name for m in state.config.models], state.started_at))
+    return {"object": "list", "data": [openai_model(state, mom) for mom in state.config.models]}
 
 
 @router.get("/models/{model_id:path}")
@@ -38,4 +43,4 @@ async def get_model(model_id: str, request: Request, state: StateDep, _: Authori
         raise NotFound(f"The model '{model_id}' does not exist.", code="model_not_found", param="model")
     if ANTHROPIC_VERSION in request.headers:
         return dict(anthropic_model(mom.name, state.started_at))
-    return dict(model_object(mom.name, state.started_at, capabilities(state, mom.name)))
+    return openai_model(state, mom)

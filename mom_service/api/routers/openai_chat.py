@@ -35,6 +35,7 @@ async def chat_completions(request: Request, state: StateDep, caller: Authorized
         cache=request_cache(request, state),
         surface="chat",
         controls=chat.mom,
+        effort=chat.reasoning_effort,
     )
 
     def collector(plan: Plan) -> CompletionCollector:

@@ -102,6 +102,7 @@ async def create_response(request: Request, state: StateDep, caller: Authorized,
         cache=request_cache(request, state),
         surface="responses",
         controls=asked.mom,
+        effort=asked.reasoning.effort if asked.reasoning is not None else None,
     )
     echo, namespaces = asked.echo(), asked.namespaces()
 

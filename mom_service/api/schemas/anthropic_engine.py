@@ -17,7 +17,10 @@ engine request (so the response cache is shared between the surfaces).
   Anthropic loads them), so Claude Code's placeholder never reaches an LLM and its tool search works;
 - `stop_sequences` is `stop`, `max_tokens` `max_tokens` (the concluding call's), `metadata.user_id` `user`,
   `tool_choice` OpenAI's (`any` is `required`, `disable_parallel_tool_use` is `parallel_tool_calls: false`),
-  `output_config.format` `response_format` (json_schema); `top_k` is accepted and not forwarded.
+  `output_config.format` `response_format` (json_schema); `top_k` is accepted and not forwarded;
+- `thinking` is the request's effort (which picks the MoM model's tier): `enabled` is a level by its
+  `budget_tokens` (below 4,096 `low`, below 16,384 `medium`, else `high`); `disabled`, `adaptive` and
+  `between_tools` name no level (the model decides how much to think): no effort, the MoM model as configured.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from mom_service.api.schemas.anthropic import (
     MessagesRequest,
     RedactedThinkingBlock,
     TextBlock,
+    Thinking,
     ThinkingBlock,
     Tool,
     ToolReferenceBlock,
@@ -62,6 +66,18 @@ class EngineParts:
     tools: list[dict[str, Any]] | None
     user: str | None
     images: ImagePaths = field(default_factory=dict)
+    effort: str | None = None  # the reasoning effort as a level (engine/tiers.py)
+
+
+# `thinking.budget_tokens` as a level: below each bound, that level; from the last bound up, `high`
+EFFORT_BUDGETS: tuple[tuple[int, str], ...] = ((4096, "low"), (16384, "medium"))
+
+
+def effort_of(thinking: Thinking | None) -> str | None:
+    """The level a request's `thinking` asks for: only `enabled` names one, by its budget."""
+    if thinking is None or thinking.type != "enabled" or thinking.budget_tokens is None:
+        return None
+    return next((level for bound, level in EFFORT_BUDGETS if thinking.budget_tokens < bound), "high")
 
 
 def translate(request: CountTokensRequest, verify: Verify, max_text_chars: int) -> EngineParts:
@@ -89,6 +105,7 @@ def translate(request: CountTokensRequest, verify: Verify, max_text_chars: int) 
         tools=_tools(request.tools or [], conversation.loaded) or None,
         user=user,
         images=conversation.images,
+        effort=effort_of(request.thinking),
     )
 
 

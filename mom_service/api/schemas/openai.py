@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from typing_extensions import TypedDict
 
 from mom_service.api.schemas.validation import array_too_long, first_error
+from mom_service.config import Level
 from mom_service.engine.structured import schema_problem
 from mom_service.errors import InvalidRequest
 
@@ -206,6 +207,7 @@ class ChatCompletionRequest(_Open):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     modalities: list[str] | None = None
+    reasoning_effort: Level | None = None  # picks the MoM model's effort tier (engine/tiers.py); never forwarded
 
     @property
     def include_usage(self) -> bool:
@@ -397,6 +399,7 @@ class ModelObject(TypedDict):
     created: int
     owned_by: str
     capabilities: Capabilities  # ours, beside the standard fields: what the MoM model takes
+    tiers: dict[str, Any] | None  # ours: its effort tiers by level (engine/tiers.py), null when it has none
 
 
 class ModelList(TypedDict):
@@ -407,5 +410,14 @@ class ModelList(TypedDict):
 OWNED_BY = "mom-service"
 
 
-def model_object(name: str, created: int, capabilities: Capabilities) -> ModelObject:
-    return {"id": name, "object": "model", "created": created, "owned_by": OWNED_BY, "capabilities": capabilities}
+def model_object(
+    name: str, created: int, capabilities: Capabilities, tiers: dict[str, Any] | None = None
+) -> ModelObject:
+    return {
+        "id": name,
+        "object": "model",
+        "created": created,
+        "owned_by": OWNED_BY,
+        "capabilities": capabilities,
+        "tiers": tiers,
+    }

@@ -22,6 +22,7 @@ from mom_service.api.schemas.responses_input import (
     qualified,
 )
 from mom_service.api.schemas.validation import array_too_long, first_error
+from mom_service.config import Level
 from mom_service.engine.structured import schema_problem
 from mom_service.errors import InvalidRequest
 
@@ -130,7 +131,7 @@ class TextConfig(_Open):
 
 
 class ReasoningConfig(_Open):
-    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None  # accepted, not forwarded
+    effort: Level | None = None  # picks the MoM model's effort tier (engine/tiers.py); never forwarded as is
     summary: Literal["auto", "concise", "detailed"] | None = None
     generate_summary: Literal["auto", "concise", "detailed"] | None = None
 

@@ -55,6 +55,7 @@ def build_engine(
         vision={name: c.vision for name, c in able.items()},
         tools_ok={name: c.tools for name, c in able.items()},
         structured_ok={name: c.structured_output for name, c in able.items()},
+        ceilings={name: c.max_output for name, c in able.items()},
         images=images,
         recorders=recorders,
         tracer=tracer,

@@ -16,6 +16,7 @@ from mom_service.config import MoMConfig
 from mom_service.engine.cached import CachedAnswer, ResponseCache, as_hit, cacheable, cached_copy
 from mom_service.engine.calls import NOT_ANSWERED, Calls, ms_since
 from mom_service.engine.concluding import Concluded, conclude, prompt_tokens, too_few_answered
+from mom_service.engine.cost_cap import capped
 from mom_service.engine.events import (
     Breakdown,
     CallReport,
@@ -38,6 +39,7 @@ from mom_service.engine.tools import CallAssembler, as_deltas, vote
 from mom_service.engine.tracing import NO_TRACE, Trace, TraceStarter
 from mom_service.errors import WITH_TRACEBACK, InternalError
 from mom_service.providers.caller import LLMCaller
+from mom_service.providers.capabilities import max_output
 from mom_service.providers.circuit_breaker import CircuitBreakers
 from mom_service.providers.pricing import ZERO
 
@@ -115,12 +117,15 @@ class Engine:
         images: ImagePolicy = DEFAULT_IMAGES,
         recorders: Sequence[Recorder] = (),
         tracer: TraceStarter | None = None,
+        ceilings: Mapping[str, int] | None = None,
     ) -> None:
         self.config = config
         self.calls = calls
         self.vision = vision  # per LLM: can it see images
         self.tools_ok = tools_ok or {}  # per LLM: can it call tools (an LLM not named can)
         self.structured_ok = structured_ok or {}  # per LLM: does it honour response_format (not named: it does)
+        # per LLM: the tokens an answer may have (its config, else LiteLLM's model info, else the default)
+        self.ceilings = ceilings or {d.name: max_output(d, None) for d in config.llm_definitions}
         self.images = images
         self.tracer = tracer
         self.active = InFlight()  # requests being answered (their outcome not yet recorded)
@@ -144,9 +149,10 @@ class Engine:
         return self.calls.cache
 
     async def prepare(self, request: Request) -> Plan:
-        """The plan of a request (404 for an unknown MoM model, 400 for images that cannot be used), before any
-        upstream call."""
-        return await prepare(request, self.config, self.vision, self.images, self.tools_ok)
+        """The plan of a request (404 for an unknown MoM model, 400 for images that cannot be used), under its cost
+        cap (400 when it cannot be kept), before any upstream call."""
+        plan = await prepare(request, self.config, self.vision, self.images, self.tools_ok)
+        return capped(plan, self.calls.prices, self.ceilings)
 
     async def count_tokens(self, request: Request) -> int:
         """Our count of the tokens the concluding LLM would read for this request before the panel's answers (its

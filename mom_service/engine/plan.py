@@ -73,6 +73,7 @@ class Concluder:
     llm: LLMDefinition
     conversation: tuple[dict[str, Any], ...]
     images: Literal["sent", "placeholders"] | None
+    ceiling: int | None = None  # under a cost cap: its output ceiling (max_tokens), at most what is left when it runs
 
 
 @dataclass(slots=True, frozen=True)

@@ -12,6 +12,7 @@ from decimal import Decimal
 from typing import Any
 
 import anthropic
+import httpx
 import openai
 import pytest
 
@@ -23,6 +24,7 @@ SURFACES = ("chat", "messages", "responses")
 QUESTION = "How much may this answer cost?"
 # The client's own limit on Messages (which requires one): above every ceiling here, so it changes nothing
 CLIENT_MAX_TOKENS = 4000
+JSON = {"type": "json_object"}
 
 
 def priced(input_per_million: str, output_per_million: str) -> dict[str, str]:
@@ -82,6 +84,7 @@ def cap_config(fake: FakeUpstream) -> dict[str, Any]:
                 "concluding_llm": "cap_j",
                 "max_cost_usd": "1",
             },
+            {"name": "capped-json", "llms_to_query": ["cap_za"], "concluding_llm": "cap_k", "max_cost_usd": "0.011"},
             {"name": "uncapped", "llms_to_query": ["cap_a", "cap_b"], "concluding_llm": "cap_j"},
         ],
     }
@@ -218,6 +221,41 @@ def test_an_unpriced_llm_under_a_cap_is_refused(capped: Service, fake: FakeUpstr
     assert kind == ("invalid_request_error" if surface == "messages" else "cost_cap_unpriced")
     assert "its LLM(s) 'cap_n' have no known price" in message and "cost cap of $1" in message
     assert fake.log() == []
+
+
+def words(count: int) -> str:
+    """A text of `count` tokens as the fake counts them, all different (LiteLLM stops a stream that repeats itself)."""
+    return " ".join(f"w{n}" for n in range(count))
+
+
+def ask_json(service: Service) -> httpx.Response:
+    body = {"model": "capped-json", "messages": [{"role": "user", "content": QUESTION}], "response_format": JSON}
+    return httpx.post(f"{service.base_url}/chat/completions", json=body, headers=service.headers(), timeout=30)
+
+
+def test_the_corrective_retry_gets_what_the_first_answer_left(capped: Service, fake: FakeUpstream) -> None:
+    # planned: cap_za 100 x $10/M + cap_k 1000 x $10/M = $0.011, the cap. cap_k's first answer is 400 tokens of
+    # prose ($0.004): its corrective retry may write what is left, ($0.011 - $0.00003 - $0.004) / $10/M = 697
+    fake.configure({"cap_k": {"texts": [words(400), '{"answer": "ok"}']}})
+    reply = ask_json(capped)
+    assert reply.status_code == 200, reply.text
+    first, retry = (e["body"] for e in fake.log() if e["model"] == "cap_k")
+    assert (first["max_tokens"], retry["max_tokens"]) == (1000, 697)
+    mom = reply.json()["mom"]
+    calls = [*mom["members"], *mom["concluding_fallbacks"], mom["concluding"]]
+    assert [c["usage"]["completion_tokens"] for c in calls] == [3, 400, 2]
+    assert Decimal(repr(mom["cost"])) == sum(map(cost_of, calls), Decimal(0)) == Decimal("0.00405")
+
+
+def test_no_corrective_retry_when_too_little_is_left(capped: Service, fake: FakeUpstream) -> None:
+    # cap_za writes 99 tokens ($0.00099), cap_k's first answer its whole ceiling ($0.01): $0.00001 is left, one token
+    fake.configure({"cap_za": {"text": words(99)}, "cap_k": {"text": words(1000)}})
+    reply = ask_json(capped)
+    assert reply.status_code == 502
+    error = reply.json()["error"]
+    assert error["code"] == "invalid_structured_output"
+    assert "(no corrective retry: of the cost cap of $0.011, $0.01099 was spent" in error["message"]
+    assert [e["model"] for e in fake.log()].count("cap_k") == 1
 
 
 def test_without_a_cap_nothing_is_dropped_or_limited(capped: Service, fake: FakeUpstream) -> None:

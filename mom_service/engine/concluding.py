@@ -167,7 +167,7 @@ async def _checked(
         messages = [*messages, *structured.correction(form, answer, why.detail)]
         space = _room(calls, plan, candidate, breakdown, messages)
         if space is not None and space.refused is not None:
-            refused = f" (no corrective retry: {space.refused.removeprefix('not asked: ')})"
+            refused = f" (no corrective retry: {space.refused})"
             break
         retry = calls.breakers.allow(candidate.llm.name)
         if retry is None:

@@ -211,7 +211,7 @@ def room(
     if tokens >= min(MIN_ANSWER_TOKENS, candidate.ceiling) and tokens > 0:
         return Room(tokens)
     why = (
-        f"not asked: of the cost cap of {usd(cap)}, {usd(spent)} was spent and {usd(max(left, ZERO))} is left once "
-        f"its input is paid, {tokens} token(s) of answer: too little"
+        f"of the cost cap of {usd(cap)}, {usd(spent)} was spent and {usd(max(left, ZERO))} is left once its input "
+        f"is paid: {tokens} token(s) of answer, too few"
     )
     return Room(tokens, why)

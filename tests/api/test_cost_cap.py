@@ -215,6 +215,26 @@ def test_the_concluding_ceiling_is_set_from_what_is_left(capped: Service, fake: 
     assert Decimal(repr(answer.mom["cost"])) == cost_of(member) + cost_of(answer.mom["concluding"]) <= Decimal("0.0111")
 
 
+def test_a_concluding_call_left_too_little_is_not_made(capped: Service, fake: FakeUpstream) -> None:
+    # cap_m's provider counts 11000 prompt tokens: $0.011 + 3 x $10/M, which leaves $0.00007 of the $0.0111, 7
+    # tokens of cap_k's answer: too few to ask it (the cap cannot be kept when an estimate was this wrong)
+    fake.configure({"cap_m": {"prompt_tokens": 11000}})
+    reply = httpx.post(
+        f"{capped.base_url}/chat/completions",
+        json={"model": "capped-shrink", "messages": [{"role": "user", "content": QUESTION}]},
+        headers=capped.headers(),
+        timeout=30,
+    )
+    assert reply.status_code == 502
+    error = reply.json()["error"]
+    assert error["code"] == "concluding_failed"
+    assert error["message"] == (
+        "The concluding LLM 'cap_k' was not asked: of the cost cap of $0.0111, $0.01103 was spent and $0.00007 is "
+        "left once its input is paid: 7 token(s) of answer, too few"
+    )
+    assert [e["model"] for e in fake.log()] == ["cap_m"]
+
+
 @pytest.mark.parametrize("surface", SURFACES)
 def test_an_unpriced_llm_under_a_cap_is_refused(capped: Service, fake: FakeUpstream, surface: str) -> None:
     kind, message = refusal(capped, surface, "capped-unpriced")
@@ -254,7 +274,10 @@ def test_no_corrective_retry_when_too_little_is_left(capped: Service, fake: Fake
     assert reply.status_code == 502
     error = reply.json()["error"]
     assert error["code"] == "invalid_structured_output"
-    assert "(no corrective retry: of the cost cap of $0.011, $0.01099 was spent" in error["message"]
+    assert error["message"].endswith(
+        "(no corrective retry: of the cost cap of $0.011, $0.01099 was spent and $0.00001 is left once its input is "
+        "paid: 1 token(s) of answer, too few)"
+    )
     assert [e["model"] for e in fake.log()].count("cap_k") == 1
 
 

@@ -186,7 +186,10 @@ def test_the_concluding_call_gets_what_is_left() -> None:
     assert left_after("0.0398") == Room(17)  # still enough for an answer
     short = left_after("0.0399")
     assert short is not None and short.tokens == 7 and short.refused is not None
-    assert "of the cost cap of $0.04, $0.0399 was spent" in short.refused
+    assert short.refused == (
+        "of the cost cap of $0.04, $0.0399 was spent and $0.00007 is left once its input is paid: 7 token(s) of "
+        "answer, too few"
+    )
     spent_all = left_after("0.05")
     assert spent_all is not None and spent_all.tokens == 0 and spent_all.refused is not None
     assert MIN_ANSWER_TOKENS == 16

@@ -86,28 +86,27 @@ def ceiling_of(name: str, ceilings: Mapping[str, int], params: Mapping[str, Any]
     return min(ceilings[name], own) if own is not None else ceilings[name]
 
 
-class _Counts:
-    """Our counts of the calls' inputs, each distinct conversation counted once per model."""
+def _members_input(members: Sequence[Member], count: Counter) -> list[int]:
+    """Our count of what each member reads; members that share a conversation (the plan's one list per provider
+    family) and a model share one count."""
+    seen: dict[tuple[str, int, bool], int] = {}
+    counted = []
+    for member in members:
+        tools = member.params.get("tools")
+        key = (member.llm.model, id(member.messages), bool(tools))  # the plan keeps each list alive
+        if key not in seen:
+            seen[key] = count(member.llm.model, member.messages, tools)
+        counted.append(seen[key])
+    return counted
 
-    def __init__(self, count: Counter) -> None:
-        self._count = count
-        self._seen: dict[tuple[str, int, bool], int] = {}
 
-    def of(self, model: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> int:
-        key = (model, id(messages), bool(tools))
-        if key not in self._seen:
-            self._seen[key] = self._count(model, messages, tools)
-        return self._seen[key]
-
-
-def _concluding_input(plan: Plan, candidate: Concluder, asked: Sequence[Member], counts: _Counts) -> int:
+def _concluding_input(plan: Plan, candidate: Concluder, asked: Sequence[Member], count: Counter) -> int:
     """The tokens a concluding call reads besides the members' answers: its prompt, the conversation, the tools,
     and the blocks the answers come in (every member's)."""
     if plan.turn == "relay":
-        return counts.of(candidate.llm.model, list(candidate.conversation), plan.tools)
+        return count(candidate.llm.model, list(candidate.conversation), plan.tools)
     empty = [CallReport(name=m.llm.name, model=m.llm.model) for m in asked]
-    messages = concluding_messages(plan.prompt, candidate.conversation, empty)
-    return counts.of(candidate.llm.model, messages, plan.tools)
+    return count(candidate.llm.model, concluding_messages(plan.prompt, candidate.conversation, empty), plan.tools)
 
 
 def _prices_of(plan: Plan, asked: Sequence[Member], prices: PriceBook, cap: Decimal) -> dict[str, Prices]:
@@ -149,20 +148,15 @@ def capped(plan: Plan, prices: PriceBook, ceilings: Mapping[str, int], count: Co
     asked = [i for i, m in enumerate(plan.members) if m.skipped is None]
     members = [plan.members[i] for i in asked]
     priced = _prices_of(plan, members, prices, cap)
-    counts = _Counts(count)
     costs = [
-        CallCost(
-            counts.of(m.llm.model, m.messages, m.params.get("tools")),
-            ceiling_of(m.llm.name, ceilings, m.params),
-            priced[m.llm.name],
-        )
-        for m in members
+        CallCost(tokens, ceiling_of(m.llm.name, ceilings, m.params), priced[m.llm.name])
+        for m, tokens in zip(members, _members_input(members, count), strict=True)
     ]
     concluders = [
         dataclasses.replace(c, ceiling=ceiling_of(c.llm.name, ceilings, plan.final_params)) for c in plan.concluders
     ]
     concluding = [
-        CallCost(_concluding_input(plan, c, members, counts), c.ceiling or 0, priced[c.llm.name]) for c in concluders
+        CallCost(_concluding_input(plan, c, members, count), c.ceiling or 0, priced[c.llm.name]) for c in concluders
     ]
     dropped, total = fit(costs, concluding, cap, plan.mom.min_successful)
     if total > cap:

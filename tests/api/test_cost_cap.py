@@ -14,6 +14,7 @@ from typing import Any
 import anthropic
 import httpx
 import openai
+import orjson
 import pytest
 
 from tests.conftest import TOKEN, CallPath, Service, StartService, llm, wait_until
@@ -213,6 +214,22 @@ def test_the_concluding_ceiling_is_set_from_what_is_left(capped: Service, fake: 
     assert bodies["cap_m"]["max_tokens"] == 100
     assert bodies["cap_k"]["max_tokens"] == 907
     assert Decimal(repr(answer.mom["cost"])) == cost_of(member) + cost_of(answer.mom["concluding"]) <= Decimal("0.0111")
+
+
+def test_a_streamed_answer_gets_the_same_ceiling(capped: Service, fake: FakeUpstream) -> None:
+    fake.configure({"cap_m": {"prompt_tokens": 2000}})
+    body = {
+        "model": "capped-shrink",
+        "messages": [{"role": "user", "content": QUESTION}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    payloads = [payload for _, payload in capped.sse(body)]
+    assert payloads[-1] == "[DONE]"
+    usage_chunk = orjson.loads(payloads[-2])
+    assert usage_chunk["choices"] == [] and usage_chunk["mom"]["concluding"]["status"] == "ok"
+    assert sent(fake)["cap_k"]["max_tokens"] == 907  # as in the whole answer: ($0.0111 - $0.00203) / $10/M
+    assert Decimal(repr(usage_chunk["usage"]["cost"])) <= Decimal("0.0111")
 
 
 def test_a_concluding_call_left_too_little_is_not_made(capped: Service, fake: FakeUpstream) -> None:

@@ -56,6 +56,7 @@ def build_engine(
         tools_ok={name: c.tools for name, c in able.items()},
         structured_ok={name: c.structured_output for name, c in able.items()},
         reasoning_ok={name: c.reasoning for name, c in able.items()},
+        ceilings={name: c.max_output for name, c in able.items()},
         images=images,
         recorders=recorders,
         tracer=tracer,

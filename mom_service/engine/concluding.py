@@ -12,11 +12,10 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from mom_service.engine import structured
 from mom_service.engine.cached import Piece
 from mom_service.engine.calls import Calls, ms_since
+from mom_service.engine.cost_cap import Room, room
 from mom_service.engine.events import Breakdown, CallReport, ContentDelta, Event, Failed, ToolCallDelta
 from mom_service.engine.plan import INSTRUCTION_HEAD, Concluder, Plan
 from mom_service.engine.synthesis import concluding_messages
@@ -26,7 +25,8 @@ from mom_service.errors import UpstreamFailed
 from mom_service.providers.caller import Delta, StreamEnd
 from mom_service.providers.circuit_breaker import Permit, Result
 from mom_service.providers.errors import LLMCallError, is_transient
-from mom_service.providers.tokens import count_prompt
+from mom_service.providers.pricing import ZERO
+from mom_service.providers.tokens import count_request
 
 logger = logging.getLogger("mom_service")
 
@@ -70,21 +70,26 @@ async def conclude(
             breakdown.concluding_failed.append(breakdown.concluding)
             breakdown.concluding = _report(candidate)
         report = breakdown.concluding
-        permit = calls.breakers.allow(candidate.llm.name)
-        if permit is None:  # its circuit is open: the next one, if any
-            report.skipped("circuit_open", calls.breakers.reason(candidate.llm.name))
+        messages = _messages(plan, candidate, breakdown)
+        space = _room(calls, plan, candidate, breakdown, messages)
+        permit = calls.breakers.allow(candidate.llm.name) if space is None or space.refused is None else None
+        if permit is None:  # too little left under the cost cap, or its circuit is open: the next one, if any
+            if space is not None and space.refused is not None:
+                report.skipped("cost_cap", space.refused)
+            else:
+                report.skipped("circuit_open", calls.breakers.reason(candidate.llm.name))
             trace.generation(report, [], plan.params).finish(report, "")
             if last:
                 message = f"The concluding LLM '{candidate.llm.name}' was not asked: {report.error}"
                 yield Failed(UpstreamFailed(message, code="concluding_failed"), breakdown)
                 return
             continue
-        messages = _messages(plan, candidate, breakdown)
+        params = _params(plan, candidate, space)
         form = plan.response_format
         answer = (
-            concluding_call(calls, plan, candidate, report, messages, trace, concluded, permit)
+            concluding_call(calls, plan, candidate, report, messages, params, trace, concluded, permit)
             if form is None or plan.stream  # streamed as it comes (no layer between: this is the per-chunk path)
-            else _checked(calls, plan, candidate, breakdown, messages, form, trace, concluded, permit)
+            else _checked(calls, plan, candidate, breakdown, messages, params, form, trace, concluded, permit)
         )
         try:
             async with aclosing(answer) as events:
@@ -110,9 +115,21 @@ def prompt_tokens(plan: Plan) -> int:
     messages = list(candidate.conversation)
     if plan.turn != "relay":
         messages.insert(0, {"role": "system", "content": plan.prompt})
-    if plan.tools:
-        messages.append({"role": "system", "content": orjson.dumps(plan.tools).decode()})
-    return count_prompt(candidate.llm.model, messages)
+    return count_request(candidate.llm.model, messages, plan.tools)
+
+
+def _room(
+    calls: Calls, plan: Plan, candidate: Concluder, breakdown: Breakdown, messages: list[dict[str, Any]]
+) -> Room | None:
+    """Under a cost cap, what is left for this concluding call (None without a cap)."""
+    return room(plan, candidate, messages, breakdown.cost or ZERO, calls.prices.get(candidate.llm.name))
+
+
+def _params(plan: Plan, candidate: Concluder, space: Room | None) -> dict[str, Any]:
+    """The concluding call's parameters (with its reasoning effort); under a cost cap, its output ceiling from what
+    is left."""
+    params = plan.params_of(candidate)
+    return params if space is None else {**params, "max_tokens": space.tokens}
 
 
 def _report(candidate: Concluder) -> CallReport:
@@ -126,13 +143,16 @@ async def _checked(
     candidate: Concluder,
     breakdown: Breakdown,
     messages: list[dict[str, Any]],
+    params: dict[str, Any],
     form: dict[str, Any],
     trace: Trace,
     concluded: Concluded,
     permit: Permit,
 ) -> AsyncGenerator[Event]:
-    """A whole JSON answer, held until it is checked; an invalid one is asked again once, with why."""
-    call = concluding_call(calls, plan, candidate, breakdown.concluding, messages, trace, concluded, permit)
+    """A whole JSON answer, held until it is checked; an invalid one is asked again once, with why (under a cost
+    cap, with what is left)."""
+    call = concluding_call(calls, plan, candidate, breakdown.concluding, messages, params, trace, concluded, permit)
+    refused = ""
     for attempt in range(2):
         async with aclosing(call) as events:
             held = [event async for event in events]
@@ -146,17 +166,24 @@ async def _checked(
             return
         logger.warning("concluding LLM %s did not answer the JSON asked for (%s)", candidate.llm.name, why.summary)
         breakdown.concluding.failed("invalid_structured_output", f"not the JSON asked for: {why.summary}"[:300])
-        retry = calls.breakers.allow(candidate.llm.name) if attempt == 0 else None
+        if attempt:
+            break
+        messages = [*messages, *structured.correction(form, answer, why.detail)]
+        space = _room(calls, plan, candidate, breakdown, messages)
+        if space is not None and space.refused is not None:
+            refused = f" (no corrective retry: {space.refused})"
+            break
+        retry = calls.breakers.allow(candidate.llm.name)
         if retry is None:
             break
         breakdown.concluding_failed.append(breakdown.concluding)
         breakdown.concluding = _report(candidate)
-        messages = [*messages, *structured.correction(form, answer, why.detail)]
-        call = concluding_call(calls, plan, candidate, breakdown.concluding, messages, trace, concluded, retry)
+        params = _params(plan, candidate, space)
+        call = concluding_call(calls, plan, candidate, breakdown.concluding, messages, params, trace, concluded, retry)
     breakdown.structured_output = "invalid"
     concluded.finish_reason = None
     detail = why.detail if why is not None else "no answer"
-    message = f"The concluding LLM '{candidate.llm.name}' did not answer the JSON asked for: {detail}"
+    message = f"The concluding LLM '{candidate.llm.name}' did not answer the JSON asked for: {detail}{refused}"
     yield Failed(UpstreamFailed(message, code="invalid_structured_output"), breakdown)
 
 
@@ -166,13 +193,13 @@ async def concluding_call(
     candidate: Concluder,
     report: CallReport,
     messages: list[dict[str, Any]],
+    params: dict[str, Any],
     trace: Trace,
     concluded: Concluded,
     permit: Permit,
 ) -> AsyncGenerator[Event]:
     """One concluding LLM's streamed answer; raises LLMCallError when it fails (its report says how)."""
     llm = candidate.llm
-    params = plan.params_of(candidate)
     started = time.perf_counter()
     report.status, report.sent = "cancelled", True  # until it ends
     generation = trace.generation(report, messages, params)

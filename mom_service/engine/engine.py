@@ -16,6 +16,7 @@ from mom_service.config import MoMConfig
 from mom_service.engine.cached import CachedAnswer, ResponseCache, as_hit, cacheable, cached_copy
 from mom_service.engine.calls import NOT_ANSWERED, Calls, ms_since
 from mom_service.engine.concluding import Concluded, conclude, prompt_tokens, too_few_answered
+from mom_service.engine.cost_cap import capped
 from mom_service.engine.events import (
     Breakdown,
     CallReport,
@@ -39,6 +40,7 @@ from mom_service.engine.tools import CallAssembler, as_deltas, vote
 from mom_service.engine.tracing import NO_TRACE, Trace, TraceStarter
 from mom_service.errors import WITH_TRACEBACK, InternalError
 from mom_service.providers.caller import LLMCaller
+from mom_service.providers.capabilities import max_output
 from mom_service.providers.circuit_breaker import CircuitBreakers
 from mom_service.providers.pricing import ZERO
 
@@ -118,6 +120,7 @@ class Engine:
         images: ImagePolicy = DEFAULT_IMAGES,
         recorders: Sequence[Recorder] = (),
         tracer: TraceStarter | None = None,
+        ceilings: Mapping[str, int] | None = None,
     ) -> None:
         self.config = config
         self.calls = calls
@@ -125,6 +128,8 @@ class Engine:
         self.tools_ok = tools_ok or {}  # per LLM: can it call tools (an LLM not named can)
         self.structured_ok = structured_ok or {}  # per LLM: does it honour response_format (not named: it does)
         self.reasoning_ok = reasoning_ok or {}  # per LLM: does it take reasoning_effort (not named: it does not)
+        # per LLM: the tokens an answer may have (its config, else LiteLLM's model info, else the default)
+        self.ceilings = ceilings or {d.name: max_output(d, None) for d in config.llm_definitions}
         self.images = images
         self.tracer = tracer
         self.active = InFlight()  # requests being answered (their outcome not yet recorded)
@@ -147,9 +152,12 @@ class Engine:
     def cache(self) -> ResponseCache | None:
         return self.calls.cache
 
-    async def prepare(self, request: Request, *, download: bool = True) -> Plan:
-        """The plan of a request (404 for an unknown MoM model, 400 for images that cannot be used), before any
-        upstream call."""
+    async def prepare(self, request: Request) -> Plan:
+        """The plan of a request (404 for an unknown MoM model, 400 for images that cannot be used), under its cost
+        cap (400 when it cannot be kept), before any upstream call."""
+        return capped(await self._plan(request, download=True), self.calls.prices, self.ceilings)
+
+    async def _plan(self, request: Request, *, download: bool) -> Plan:
         return await prepare(
             request,
             self.config,
@@ -164,8 +172,7 @@ class Engine:
         """Our count of the tokens the concluding LLM would read for this request before the panel's answers (its
         prompt, the conversation, the tools); the request planned as for an answer (404, 400 alike), its images
         checked but not downloaded, and no upstream call."""
-        plan = await self.prepare(request, download=False)
-        return prompt_tokens(plan)
+        return prompt_tokens(await self._plan(request, download=False))  # a count: no cost cap
 
     def accepts_images(self, mom: str) -> bool:
         """Whether a MoM model takes images: at least one of its panel members can see them."""

@@ -76,6 +76,7 @@ class Concluder:
     conversation: tuple[dict[str, Any], ...]
     images: Literal["sent", "placeholders"] | None
     effort: str | None = None  # its `reasoning_effort` (None: not sent)
+    ceiling: int | None = None  # under a cost cap: its output ceiling (max_tokens), at most what is left when it runs
 
 
 @dataclass(slots=True, frozen=True)
@@ -147,6 +148,9 @@ class Plan:
             key |= {"tier": self.tier, "efforts": self.efforts}
         if self.steering.applied:
             key["steering"] = {**self.steering.key, "instruction": self.steering.instruction}
+        dropped = [m.llm.name for m in self.members if m.skipped_kind == "cost_cap"]
+        if dropped:  # an answer without them is not the panel's answer to an uncapped request
+            key["cost_cap_dropped"] = dropped
         return key
 
 

@@ -29,6 +29,12 @@ LIMIT_NAMES = ("max_tokens", "max_completion_tokens")
 T = TypeVar("T")
 
 
+def configured_limit(params: Mapping[str, Any]) -> int | None:
+    """The output limit set in some parameters (the smaller, under either name), or None when there is none."""
+    limits = [int(params[name]) for name in LIMIT_NAMES if params.get(name) is not None]
+    return min(limits) if limits else None
+
+
 @dataclass(slots=True)
 class StreamEnd:
     """The last item of a stream: why it ended, and the usage when the provider reported it."""
@@ -155,9 +161,9 @@ class LLMCaller:
         catalog = openai_catalog()
         for llm in config.llm_definitions:
             body_params = {k: v for k, v in llm.params.items() if k not in LIMIT_NAMES}
-            limits = [int(llm.params[name]) for name in LIMIT_NAMES if llm.params.get(name) is not None]
-            if limits:
-                self._ceiling[llm.name] = min(limits)
+            limit = configured_limit(llm.params)
+            if limit is not None:
+                self._ceiling[llm.name] = limit
             static = dict(body_params)
             static["model"] = llm.model
             static["num_retries"] = 0  # LiteLLM's own retries: off, ours are the only ones

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from mom_service.providers.litellm_api import litellm
 
 # Token counting costs CPU in proportion to the text: past this many characters, a call's tokens are estimated
@@ -87,6 +89,13 @@ def count_prompt(model: str, messages: list[dict[str, Any]]) -> int:
         return text_tokens + PER_MESSAGE_TOKENS * len(messages) + REPLY_PRIMING_TOKENS
     except Exception:  # a tokenizer problem must not hide the call: count roughly, 4 characters a token
         return total // 4
+
+
+def count_request(model: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> int:
+    """Our count of what a call reads: its conversation, and its tools (as their JSON)."""
+    if tools:
+        messages = [*messages, {"role": "system", "content": orjson.dumps(tools).decode()}]
+    return count_prompt(model, messages)
 
 
 def _text_of(content: Any) -> str:

@@ -1,0 +1,211 @@
+"""The hard cost cap (`max_cost_usd`). Before any call: each call's worst case (the tokens it reads at the input
+price, its output ceiling at the output price, reasoning included), the most expensive members dropped while
+min_successful can still be met, else a 400 `cost_cap_exceeded` with the estimate; an LLM without a price is
+refused (a 400 `cost_cap_unpriced`), never guessed. Every call of a capped plan is sent with its ceiling as
+`max_tokens`, so the estimate holds. While it runs: before each concluding call, its output ceiling from what is
+left (`room`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import ROUND_FLOOR, Decimal
+from typing import Any
+
+from mom_service.engine.events import CallReport
+from mom_service.engine.plan import Concluder, Member, Plan
+from mom_service.engine.synthesis import concluding_messages
+from mom_service.errors import InvalidRequest
+from mom_service.providers.caller import configured_limit
+from mom_service.providers.pricing import ZERO, PriceBook, Prices
+from mom_service.providers.tokens import count_request
+
+# The fewest tokens a concluding answer is asked for under a cap (or its whole ceiling, when that is smaller): when
+# what is left pays for fewer, the call is not made.
+MIN_ANSWER_TOKENS = 16
+
+# Our count of a call's input: (model, messages, tools) -> tokens
+Counter = Callable[[str, list[dict[str, Any]], list[dict[str, Any]] | None], int]
+
+
+def usd(value: Decimal) -> str:
+    """An amount as the messages show it: exact, without trailing zeros ("$0.0125")."""
+    return f"${value.normalize():f}"
+
+
+def output_price(prices: Prices) -> Decimal:
+    """An output token's price at worst: reasoning tokens are output tokens, and may cost more."""
+    return max(prices.output, prices.reasoning)
+
+
+@dataclass(frozen=True, slots=True)
+class CallCost:
+    """What one call may cost at most: the tokens it reads and the tokens it may write, at its LLM's prices."""
+
+    input_tokens: int
+    ceiling: int
+    prices: Prices
+
+    def worst(self, more_input: int = 0) -> Decimal:
+        """Its worst case, reading `more_input` tokens more (a concluding call: the members' answers)."""
+        return (self.input_tokens + more_input) * self.prices.input + self.ceiling * output_price(self.prices)
+
+
+def estimate(members: Sequence[CallCost], concluders: Sequence[CallCost]) -> Decimal:
+    """A plan's worst case: every member's, plus the most expensive concluding call's, reading every member's
+    answer at its ceiling (the fallbacks run only when the one before failed before answering)."""
+    answers = sum(m.ceiling for m in members)
+    return sum((m.worst() for m in members), ZERO) + max(c.worst(answers) for c in concluders)
+
+
+def fit(
+    members: Sequence[CallCost], concluders: Sequence[CallCost], cap: Decimal, keep: int
+) -> tuple[list[int], Decimal]:
+    """Which members to drop (their indices) so that the plan's worst case fits under `cap`, keeping `keep` at
+    least: the most expensive first (a member's own worst case plus its answer read by the concluding call; of
+    two alike, the later one), one at a time while the plan is over the cap. Returns them and the estimate of what
+    is left, which is still over the cap when even `keep` members are too many."""
+    read = max(c.prices.input for c in concluders)
+    order = sorted(range(len(members)), key=lambda i: (members[i].worst() + members[i].ceiling * read, i))
+    kept = set(range(len(members)))
+    dropped: list[int] = []
+    total = estimate(members, concluders)
+    while total > cap and len(kept) > keep and order:
+        index = order.pop()
+        kept.discard(index)
+        dropped.append(index)
+        total = estimate([members[i] for i in sorted(kept)], concluders)
+    return dropped, total
+
+
+def ceiling_of(name: str, ceilings: Mapping[str, int], params: Mapping[str, Any]) -> int:
+    """A call's output ceiling: its LLM's (config, else LiteLLM's model info, else the default), lowered by a
+    limit in the call's own parameters (the client's max_tokens, for the concluding call)."""
+    own = configured_limit(params)
+    return min(ceilings[name], own) if own is not None else ceilings[name]
+
+
+def _members_input(members: Sequence[Member], count: Counter) -> list[int]:
+    """Our count of what each member reads; members that share a conversation (the plan's one list per provider
+    family) and a model share one count."""
+    seen: dict[tuple[str, int, bool], int] = {}
+    counted = []
+    for member in members:
+        tools = member.params.get("tools")
+        key = (member.llm.model, id(member.messages), bool(tools))  # the plan keeps each list alive
+        if key not in seen:
+            seen[key] = count(member.llm.model, member.messages, tools)
+        counted.append(seen[key])
+    return counted
+
+
+def _concluding_input(plan: Plan, candidate: Concluder, asked: Sequence[Member], count: Counter) -> int:
+    """The tokens a concluding call reads besides the members' answers: its prompt, the conversation, the tools,
+    and the blocks the answers come in (every member's)."""
+    if plan.turn == "relay":
+        return count(candidate.llm.model, list(candidate.conversation), plan.tools)
+    empty = [CallReport(name=m.llm.name, model=m.llm.model) for m in asked]
+    return count(candidate.llm.model, concluding_messages(plan.prompt, candidate.conversation, empty), plan.tools)
+
+
+def _prices_of(plan: Plan, asked: Sequence[Member], prices: PriceBook, cap: Decimal) -> dict[str, Prices]:
+    """The prices of every LLM the plan may call; a 400 naming those that have none."""
+    names = [m.llm.name for m in asked] + [c.llm.name for c in plan.concluders]
+    found = {name: prices.get(name) for name in names}
+    unpriced = [name for name, price in found.items() if price is None]
+    if unpriced:
+        listed = ", ".join(f"'{name}'" for name in unpriced)
+        raise InvalidRequest(
+            f"This request has a cost cap of {usd(cap)} (max_cost_usd), and its LLM(s) {listed} have no known "
+            "price: under a cap an unpriced LLM is refused, not guessed. Add `pricing` to its entry in config.yaml.",
+            code="cost_cap_unpriced",
+        )
+    return {name: price for name, price in found.items() if price is not None}
+
+
+def _refuse_over(plan: Plan, cap: Decimal, total: Decimal, asked: int) -> None:
+    fewest = (
+        f", even with only {asked} panel member(s) (min_successful: {plan.mom.min_successful})"
+        if plan.turn != "relay" and asked > 0
+        else ""
+    )
+    raise InvalidRequest(
+        f"This request could cost up to {usd(total)}{fewest}, over its cost cap of {usd(cap)} (max_cost_usd). The "
+        "estimate is each call's worst case: the tokens it reads at the input price and its output ceiling "
+        "(max_tokens) at the output price. Raise the cap, or lower the LLMs' max_tokens.",
+        code="cost_cap_exceeded",
+    )
+
+
+def capped(plan: Plan, prices: PriceBook, ceilings: Mapping[str, int], count: Counter = count_request) -> Plan:
+    """The plan under its cost cap (the plan itself without one): the most expensive members dropped (skipped,
+    `cost_cap`) while min_successful can still be met, every call's output ceiling set; a 400 when an LLM it would
+    call has no price, or when even the cheapest plan could cost more than the cap. No upstream call is made."""
+    cap = plan.max_cost_usd
+    if cap is None:
+        return plan
+    asked = [i for i, m in enumerate(plan.members) if m.skipped is None]
+    members = [plan.members[i] for i in asked]
+    priced = _prices_of(plan, members, prices, cap)
+    costs = [
+        CallCost(tokens, ceiling_of(m.llm.name, ceilings, m.params), priced[m.llm.name])
+        for m, tokens in zip(members, _members_input(members, count), strict=True)
+    ]
+    concluders = [
+        dataclasses.replace(c, ceiling=ceiling_of(c.llm.name, ceilings, plan.final_params)) for c in plan.concluders
+    ]
+    concluding = [
+        CallCost(_concluding_input(plan, c, members, count), c.ceiling or 0, priced[c.llm.name]) for c in concluders
+    ]
+    dropped, total = fit(costs, concluding, cap, plan.mom.min_successful)
+    if total > cap:
+        _refuse_over(plan, cap, total, len(members) - len(dropped))
+    shaped = list(plan.members)
+    for index, cost in zip(asked, costs, strict=True):
+        shaped[index] = dataclasses.replace(shaped[index], params={**shaped[index].params, "max_tokens": cost.ceiling})
+    for number in dropped:
+        reason = (
+            f"not asked: at worst it costs {usd(costs[number].worst())} (its answer read by the concluding call "
+            f"costs more), which would take the request over its cost cap of {usd(cap)}"
+        )
+        shaped[asked[number]] = Member(members[number].llm, [], skipped=reason, skipped_kind="cost_cap")
+    return dataclasses.replace(plan, members=tuple(shaped), concluders=tuple(concluders))
+
+
+@dataclass(frozen=True, slots=True)
+class Room:
+    """What a capped plan leaves a concluding call: the output ceiling it is sent with, or why it is not made."""
+
+    tokens: int
+    refused: str | None = None
+
+
+def room(
+    plan: Plan,
+    candidate: Concluder,
+    messages: list[dict[str, Any]],
+    spent: Decimal,
+    prices: Prices | None,
+    count: Counter = count_request,
+) -> Room | None:
+    """Under a cap (None without one): the concluding call's output ceiling from what is left once what was spent
+    and what this call reads (our count) are paid, at most its own ceiling; refused when that is fewer than
+    MIN_ANSWER_TOKENS (or its whole ceiling, when smaller)."""
+    cap = plan.max_cost_usd
+    if cap is None or candidate.ceiling is None or prices is None:
+        return None
+    left = cap - spent - count(candidate.llm.model, messages, plan.tools) * prices.input
+    price = output_price(prices)
+    if price > 0:
+        affordable = int((left / price).to_integral_value(rounding=ROUND_FLOOR)) if left > 0 else 0
+    else:
+        affordable = candidate.ceiling if left >= 0 else 0
+    tokens = min(candidate.ceiling, affordable)
+    if tokens >= min(MIN_ANSWER_TOKENS, candidate.ceiling) and tokens > 0:
+        return Room(tokens)
+    why = (
+        f"of the cost cap of {usd(cap)}, {usd(spent)} was spent and {usd(max(left, ZERO))} is left once its input "
+        f"is paid: {tokens} token(s) of answer, too few"
+    )
+    return Room(tokens, why)

@@ -103,12 +103,18 @@ class Answer:
     mom: dict[str, Any]
 
 
-def ask(service: Service, surface: str, model: str) -> Answer:
-    """One question through a surface's official client, answered whole."""
+def ask(
+    service: Service, surface: str, model: str, *, controls: dict[str, Any] | None = None, text: str = QUESTION
+) -> Answer:
+    """One question through a surface's official client, answered whole; `controls` as the `mom` field."""
+    extra = {"mom": controls} if controls is not None else None
     if surface == "messages":
         client = anthropic.Anthropic(base_url=service.url, api_key=TOKEN, max_retries=0, timeout=30)
         raw_message = client.messages.with_raw_response.create(
-            model=model, max_tokens=CLIENT_MAX_TOKENS, messages=[{"role": "user", "content": QUESTION}]
+            model=model,
+            max_tokens=CLIENT_MAX_TOKENS,
+            messages=[{"role": "user", "content": text}],
+            extra_body=extra,
         )
         message = raw_message.parse()
         block = message.content[0]
@@ -116,22 +122,22 @@ def ask(service: Service, surface: str, model: str) -> Answer:
         return Answer(raw_message.headers["x-request-id"], text, (message.model_extra or {})["mom"])
     sdk = openai.OpenAI(base_url=service.base_url, api_key=TOKEN, max_retries=0, timeout=30)
     if surface == "responses":
-        raw_response = sdk.responses.with_raw_response.create(model=model, input=QUESTION)
+        raw_response = sdk.responses.with_raw_response.create(model=model, input=text, extra_body=extra)
         response = raw_response.parse()
         return Answer(raw_response.headers["x-request-id"], response.output_text, (response.model_extra or {})["mom"])
     raw_completion = sdk.chat.completions.with_raw_response.create(
-        model=model, messages=[{"role": "user", "content": QUESTION}]
+        model=model, messages=[{"role": "user", "content": text}], extra_body=extra
     )
     completion = raw_completion.parse()
     text = completion.choices[0].message.content or ""
     return Answer(raw_completion.headers["x-request-id"], text, (completion.model_extra or {})["mom"])
 
 
-def refusal(service: Service, surface: str, model: str) -> tuple[str, str]:
+def refusal(service: Service, surface: str, model: str, **asked: Any) -> tuple[str, str]:
     """A request the service must refuse with a 400 in the surface's shape: its (code or type, message)."""
     errors = (anthropic.BadRequestError, openai.BadRequestError)
     with pytest.raises(errors) as caught:
-        ask(service, surface, model)
+        ask(service, surface, model, **asked)
     assert caught.value.status_code == 400
     body = caught.value.response.json()
     if surface == "messages":  # Anthropic's shape has no code: the message says it all
@@ -305,3 +311,35 @@ def test_without_a_cap_nothing_is_dropped_or_limited(capped: Service, fake: Fake
     assert set(bodies) == {"cap_a", "cap_b", "cap_j"}
     # each call carries only its LLM's own configured limit
     assert [bodies[name]["max_tokens"] for name in ("cap_a", "cap_b", "cap_j")] == [100, 100, 200]
+
+
+# ------------------------------------------------------------------------------- the caller's cap (issue 17)
+
+
+@pytest.mark.parametrize("surface", SURFACES)
+def test_the_callers_cap_in_the_body_drops_a_member(capped: Service, fake: FakeUpstream, surface: str) -> None:
+    # "uncapped" has no cap of its own: the caller's $0.01 drops cap_b (100 x $1000/M = $0.1 of output at worst)
+    answer = ask(capped, surface, "uncapped", controls={"max_cost_usd": 0.01})
+    members = {m["name"]: m for m in answer.mom["members"]}
+    assert (members["cap_b"]["status"], members["cap_b"]["reason"]) == ("skipped", "cost_cap")
+    assert set(sent(fake)) == {"cap_a", "cap_j"}
+    assert answer.mom["overrides"] == {"max_cost_usd": "0.01"}
+    assert 0 < recorded_cost(capped, answer.request_id) <= Decimal("0.01")
+
+
+@pytest.mark.parametrize("surface", SURFACES)
+def test_the_callers_cap_in_a_directive_refuses_before_any_call(
+    capped: Service, fake: FakeUpstream, surface: str
+) -> None:
+    text = f"<<SYSTEM>>max_cost_usd: 0.000001<</SYSTEM>>{QUESTION}"
+    kind, message = refusal(capped, surface, "uncapped", text=text)
+    assert kind == ("invalid_request_error" if surface == "messages" else "cost_cap_exceeded")
+    assert "over its cost cap of $0.000001 (max_cost_usd)" in message
+    assert fake.log() == []
+
+
+def test_the_callers_cap_replaces_the_models(capped: Service, fake: FakeUpstream) -> None:
+    # capped-drop's own $0.01 drops cap_b; the caller's $1 keeps the whole panel
+    answer = ask(capped, "chat", "capped-drop", controls={"max_cost_usd": "1"})
+    assert [m["status"] for m in answer.mom["members"]] == ["ok", "ok", "ok"]
+    assert set(sent(fake)) == {"cap_a", "cap_b", "cap_c", "cap_j"}

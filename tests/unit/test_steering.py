@@ -92,3 +92,15 @@ def test_a_cap_that_cannot_be_read_is_refused(value: Any) -> None:
 def test_allowed_llms_must_exist() -> None:
     with pytest.raises(ConfigError, match=re.escape("overrides.allowed_llms': unknown LLM 'nope'")):
         config(overrides={"allowed_llms": ["nope"]})
+
+
+def test_a_tiers_llms_are_the_models_own() -> None:
+    cfg = config(tiers={"low": {"llms_to_query": ["a"], "concluding_llm": "x"}})
+    configured = cfg.models[0]
+    tier = configured.model_copy(update={"llms_to_query": ["a"]})  # the tier chosen: its panel only
+    steered, _, steering = steer(cfg, tier, {"include": ["b", "x"]}, user("Q"), configured)
+    assert steered.llms_to_query == ["a", "b", "x"]  # x concludes the low tier: one of the model's own
+    assert steering.applied == {"include": ["b", "x"]}
+    with pytest.raises(InvalidRequest) as refused:
+        steer(cfg, tier, {"include": ["b"]}, user("Q"))  # without the model as configured, b (not in the tier) is not
+    assert refused.value.code == "llm_not_allowed"

@@ -1,14 +1,17 @@
-"""`mom-service serve` and `mom-service check-config [PATH]`."""
+"""`mom-service serve`, `mom-service mcp` (the MCP server over stdio) and `mom-service check-config [PATH]`."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 from types import FrameType
 
-from mom_service.config import load_config, resolve_config
+from mom_service.config import MoMConfig, load_config, resolve_config
 from mom_service.errors import ConfigError
 from mom_service.settings import Settings
 
@@ -70,18 +73,73 @@ def _serve(settings: Settings, host: str | None, port: int | None) -> int:
     return 0 if server.started else STARTUP_FAILED
 
 
+MCP_OFF = 2  # `mom-service mcp` while MOM_MCP_ENABLED is not true
+
+
+def _mcp(settings: Settings) -> int:
+    """The MCP server over stdio: the same state as `serve` builds (config, usage database, writer, cache), no HTTP
+    server. stdout carries MCP's messages; the logs go to stderr."""
+    if not settings.mom_mcp_enabled:
+        print("The MCP server is off: set MOM_MCP_ENABLED=true to run `mom-service mcp`.", file=sys.stderr)
+        return MCP_OFF
+    try:
+        config, path = resolve_config(settings)
+    except ConfigError as exc:
+        print(f"Invalid config, not starting:\n{exc}", file=sys.stderr)
+        return 1
+    from mom_service.api.app import log_config
+    from mom_service.observability.logs import setup_logging
+    from mom_service.observability.redaction import Redactor
+
+    setup_logging(Redactor())
+    log_config(config, path)
+    return asyncio.run(_serve_mcp_stdio(settings, config, path))
+
+
+async def _serve_mcp_stdio(settings: Settings, config: MoMConfig, path: str | None) -> int:
+    """Until the client closes stdin, or SIGTERM: then the calls still running are cancelled and the records
+    written before the process ends."""
+    from mom_service.api.app import StartupFailed, close_state, open_state
+    from mom_service.api.mcp import build_server, stdio_caller
+
+    try:
+        state = await open_state(settings, config, path)
+    except StartupFailed:
+        return 1
+    server = build_server(lambda: state, stdio_caller(settings))
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    serving = asyncio.ensure_future(server.run_stdio_async())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        serving.cancel()  # on SIGTERM: the tool calls running end (their outcomes recorded as cancelled)
+        await close_state(state)
+    if not stop.is_set():
+        serving.result()  # the client closed stdin; an error of the server's is raised
+        return 0
+    # The SDK reads stdin in a thread that nothing interrupts: the records written, leave without waiting for it.
+    logging.shutdown()
+    os._exit(0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mom-service", description="MoM Service: a Mixture-of-Models gateway")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="start the service (HOST and PORT from the environment)")
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
+    commands.add_parser("mcp", help="the MCP server over stdio (MOM_MCP_ENABLED=true)")
     check = commands.add_parser("check-config", help="validate a config file and print what is wrong")
     check.add_argument("path", nargs="?", default=None, help="default: MOM_CONFIG, else ./config.yaml")
     args = parser.parse_args(argv)
     settings = Settings()
     if args.command == "check-config":
         return _check_config(args.path, settings)
+    if args.command == "mcp":
+        return _mcp(settings)
     return _serve(settings, args.host, args.port)
 
 

@@ -39,7 +39,7 @@ CLIENT_CLOSED = 499
 KEEP_TRACEBACK = "keep_traceback"
 WITH_TRACEBACK = {KEEP_TRACEBACK: True}
 
-ErrorShape = Literal["openai", "anthropic"]
+ErrorShape = Literal["openai", "anthropic", "mcp"]
 # Anthropic's error types by HTTP status (https://docs.anthropic.com/en/api/errors); any other 5xx is `api_error`
 ANTHROPIC_TYPES = {
     400: "invalid_request_error",
@@ -57,11 +57,17 @@ ANTHROPIC_PATH = "/v1/messages"
 
 
 OPENAI_PATHS = ("/v1/chat/", "/v1/responses")
+MCP_PATH = "/mcp"
+# JSON-RPC's error codes, for what /mcp refuses before MCP sees the request (a client error, or ours)
+JSONRPC_INVALID_REQUEST, JSONRPC_INTERNAL_ERROR = -32600, -32603
 
 
 def error_shape(path: str, anthropic_client: bool = False) -> ErrorShape:
     """The shape errors on this path are answered in: Anthropic's under /v1/messages, and on the shared endpoints
-    (`/v1/models`, ...) for a client that says it is Anthropic's (an `anthropic-version` header); OpenAI's else."""
+    (`/v1/models`, ...) for a client that says it is Anthropic's (an `anthropic-version` header); a JSON-RPC error
+    (MCP's) at /mcp; OpenAI's else."""
+    if path == MCP_PATH:
+        return "mcp"
     if path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/"):
         return "anthropic"
     return "anthropic" if anthropic_client and not path.startswith(OPENAI_PATHS) else "openai"
@@ -108,11 +114,20 @@ class MoMError(Exception):
         kind = ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
         return {"type": "error", "error": {"type": kind, "message": self.message}}
 
+    def to_mcp_dict(self) -> dict[str, Any]:
+        """A JSON-RPC error, as MCP's clients read one at any HTTP status: the request's id unknown (null), our
+        error object as its data."""
+        code = JSONRPC_INTERNAL_ERROR if self.status_code >= 500 else JSONRPC_INVALID_REQUEST
+        error = {"code": code, "message": self.message, "data": self.to_dict()["error"]}
+        return {"jsonrpc": "2.0", "id": None, "error": error}
+
     def status_for(self, shape: ErrorShape) -> int:
         """The HTTP status in this shape: Anthropic's clients know capacity refusals as 529."""
         return OVERLOADED if shape == "anthropic" and self.code == "over_capacity" else self.status_code
 
     def body(self, shape: ErrorShape) -> bytes:
+        if shape == "mcp":
+            return orjson.dumps(self.to_mcp_dict())
         return orjson.dumps(self.to_anthropic_dict()) if shape == "anthropic" else self.to_json()
 
 

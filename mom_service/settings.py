@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     mom_responses_ttl_days: int = Field(default=30, ge=1)  # stored Responses (store: true) are kept this long
     # the key of thinking blocks' signatures (Anthropic's Messages surface); unset: derived from API_TOKEN
     mom_signing_key: SecretStr | None = None
+    mom_mcp_enabled: bool = False  # the MCP server: /mcp (streamable HTTP) and `mom-service mcp` (stdio)
+    # `mom-service mcp` (stdio): whose requests they are (cache, rate limit); unset: the first of API_TOKEN
+    mom_mcp_token: SecretStr | None = None
     metrics_public: bool = False
     log_format: Literal["text", "json"] = "text"
     log_content: bool = False  # log the last user message (truncated); off: no message content in any log

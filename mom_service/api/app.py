@@ -8,7 +8,8 @@ import gc
 import logging
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI
@@ -37,6 +38,9 @@ from mom_service.usage.responses_store import ResponseStore
 from mom_service.usage.schema import SCHEMA_VERSION
 from mom_service.usage.writer import UsageWriter
 
+if TYPE_CHECKING:
+    from mcp.server.mcpserver import MCPServer
+
 logger = logging.getLogger(LOGGER_NAME)
 
 DEMO_BANNER = (
@@ -52,7 +56,7 @@ def build_state(settings: Settings, config: MoMConfig, config_path: str | None) 
     secrets = [*(t.decode() for t in settings.api_tokens)]
     secrets += [env[d.api_key_env] for d in config.llm_definitions if d.api_key_env and env.get(d.api_key_env)]
     secrets += [s for s in (settings.langfuse_secret_key, settings.langfuse_public_key) if s]
-    secrets += [settings.mom_signing_key.get_secret_value()] if settings.mom_signing_key else []
+    secrets += [key.get_secret_value() for key in (settings.mom_signing_key, settings.mom_mcp_token) if key]
     secrets += [s for s in (url_password(settings.database_url), _redis_password(settings.redis_url)) if s]
     redactor = Redactor(secrets)
     usage = UsageDatabase(settings.database_url)
@@ -140,11 +144,13 @@ SETTLE_TIMEOUT_S = 5.0
 CACHE_STORES_TIMEOUT_S = 2.0
 
 
-async def _close(app: FastAPI, state: AppState) -> None:
-    """The end of the lifespan: no new requests, the last outcomes recorded, records written, traces flushed."""
+async def close_state(state: AppState, app: FastAPI | None = None) -> None:
+    """The end of the lifespan (or of `mom-service mcp`): no new requests, the last outcomes recorded, records
+    written, traces flushed."""
     state.admission.draining = True
     await state.engine.active.wait_idle(SETTLE_TIMEOUT_S)
-    app.state.mom = None
+    if app is not None:
+        app.state.mom = None
     await state.usage_writer.close()
     logger.info("Usage records written: %d, dropped: %d", state.usage_writer.written, state.usage_writer.dropped)
     await state.engine.caller.aclose()
@@ -155,9 +161,9 @@ async def _close(app: FastAPI, state: AppState) -> None:
     await state.usage.dispose()
 
 
-async def _open(settings: Settings, config: MoMConfig | None, config_path: str | None) -> AppState:
-    """The start of the lifespan: the config (unless the CLI loaded it), the state, the usage database migrated
-    (or, when it does not answer, records queued until it does), the writer started."""
+async def open_state(settings: Settings, config: MoMConfig | None, config_path: str | None) -> AppState:
+    """The start of the lifespan (or of `mom-service mcp`): the config (unless the CLI loaded it), the state, the
+    usage database migrated (or, when it does not answer, records queued until it does), the writer started."""
     setup_logging(Redactor(), log_format=settings.log_format)
     try:
         if config is None:
@@ -196,10 +202,11 @@ def create_app(
     `config` is given when the caller (the CLI) has already loaded and announced it.
     """
     settings = settings or Settings()
+    mcp: MCPServer | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = await _open(settings, config, config_path)
+        state = await open_state(settings, config, config_path)
         app.state.mom = state
         # Everything loaded so far (LiteLLM's tables, the config, the app) lives as long as the process: moved out
         # of the garbage collector's sight, so that a full collection does not walk it again and again, pausing
@@ -207,9 +214,10 @@ def create_app(
         gc.collect()
         gc.freeze()
         try:
-            yield
+            async with mcp.session_manager.run() if mcp is not None else nullcontext():
+                yield
         finally:
-            await _close(app, state)
+            await close_state(state, app)
 
     app = FastAPI(
         title="MoM Service", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
@@ -218,6 +226,10 @@ def create_app(
     routers = (openai_chat.router, anthropic.router, responses.router, models.router, usage.router, metrics.router)
     for router in (*routers, health.router):
         app.include_router(router)
+    if settings.mom_mcp_enabled:
+        from mom_service.api.mcp import add_mcp  # the MCP SDK is imported only when the server is on
+
+        mcp = add_mcp(app, settings)
     _add_middleware(app, settings)
     return app
 
@@ -238,6 +250,7 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
             allow_headers=[
                 *("Authorization", "Content-Type", "Cache-Control", "X-Request-ID"),
                 *("X-Api-Key", "Anthropic-Version", "Anthropic-Beta"),  # Anthropic's clients
+                *("Mcp-Protocol-Version", "Mcp-Session-Id", "Last-Event-ID"),  # MCP's clients (/mcp)
             ],
             allow_credentials=False,
             expose_headers=["X-Request-ID"],

@@ -38,14 +38,19 @@ async def _wait_for_disconnect(receive: Receive) -> None:
             return
 
 
-async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T], stop: asyncio.Event | None = None) -> T:
+async def unless_disconnected(
+    request: Request | None, work: Coroutine[Any, Any, T], stop: asyncio.Event | None = None
+) -> T:
     """Run `work`; if the client disconnects first, cancel it (and what it started) and raise ClientGone; if
-    `stop` is set first, the same, with ServerStopping.
+    `stop` is set first, the same, with ServerStopping. Without a request (its transport watches the client
+    itself, as MCP's does), only `stop` is watched.
 
     The request body must already have been read: the watcher reads the next ASGI message.
     """
     task = asyncio.ensure_future(work)
-    watchers: set[asyncio.Future[Any]] = {asyncio.ensure_future(_wait_for_disconnect(request.receive))}
+    watchers: set[asyncio.Future[Any]] = set()
+    if request is not None:
+        watchers.add(asyncio.ensure_future(_wait_for_disconnect(request.receive)))
     stopper = asyncio.ensure_future(stop.wait()) if stop is not None else None
     if stopper is not None:
         watchers.add(stopper)

@@ -11,8 +11,8 @@ from mom_service.providers.tokens import Usage as Usage  # re-exported: the even
 
 MemberStatus = Literal["ok", "error", "skipped", "cancelled"]
 Turn = Literal["ensemble", "relay", "vote"]
-# The protocol a request came in by: Chat Completions, Anthropic Messages or OpenAI Responses
-Surface = Literal["chat", "messages", "responses"]
+# The protocol a request came in by: Chat Completions, Anthropic Messages, OpenAI Responses or MCP's `consult` tool
+Surface = Literal["chat", "messages", "responses", "mcp"]
 
 
 @dataclass(slots=True)

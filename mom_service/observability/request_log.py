@@ -38,8 +38,9 @@ logger = logging.getLogger("mom_service.requests")
 
 HEADER = b"x-request-id"
 VALID_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# The endpoints that ask the engine for an answer (admitted, counted in flight, their content loggable)
-ANSWER_PATHS = frozenset({"/v1/chat/completions", "/v1/messages", "/v1/responses"})
+# The endpoints that ask the engine for an answer (admitted, counted in flight, their content loggable); /mcp's
+# POSTs carry MCP's messages, `consult` among them
+ANSWER_PATHS = frozenset({"/v1/chat/completions", "/v1/messages", "/v1/responses", "/mcp"})
 CONTENT_LIMIT = 500  # characters of the last user message, with LOG_CONTENT=true
 TEXT_PARTS = ("text", "input_text")  # a text part of a message, in each surface's words
 MAX_PATH = 256
@@ -116,6 +117,8 @@ def _error_code(body: bytes) -> str | None:
     except orjson.JSONDecodeError:
         return None
     error = parsed.get("error") if isinstance(parsed, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("data"), dict):
+        error = error["data"]  # a JSON-RPC error (MCP's, at /mcp) carries ours as its data
     if not isinstance(error, dict):
         return None
     code = error.get("code") or error.get("type")

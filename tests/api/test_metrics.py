@@ -176,7 +176,7 @@ def test_labels_are_only_configured_names(metered: Service, fake: FakeUpstream) 
         | {"ok", "error", "cancelled", "skipped", "member", "concluding", "hit", "miss"}
         | {"prompt", "completion", "reasoning", "cached"}
         | {"closed", "open", "half_open"}  # circuit breaker states
-        | {"chat", "messages", "responses"}  # surfaces
+        | {"chat", "messages", "responses", "mcp"}  # surfaces
     )
     bucket_bounds = {value for (name, labels) in after.samples for key, value in labels if key == "le"}
     assert after.label_values() - bucket_bounds <= allowed

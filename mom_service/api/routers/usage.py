@@ -10,7 +10,7 @@ from typing import Any, cast, get_args
 from fastapi import APIRouter
 
 from mom_service.api.auth import Authorized
-from mom_service.api.state import StateDep
+from mom_service.api.state import AppState, StateDep
 from mom_service.errors import InvalidRequest, ServiceUnavailable
 from mom_service.usage.database import UsageUnavailable
 from mom_service.usage.report import GroupBy
@@ -76,6 +76,19 @@ async def usage(
     llm: str | None = None,
     group_by: str | None = None,
 ) -> dict[str, Any]:
+    return await usage_report(state, start=start, end=end, model=model, llm=llm, group_by=group_by)
+
+
+async def usage_report(
+    state: AppState,
+    *,
+    start: str | None = None,
+    end: str | None = None,
+    model: str | None = None,
+    llm: str | None = None,
+    group_by: str | None = None,
+) -> dict[str, Any]:
+    """The usage report of the query's parameters (the usage API's, and the MCP server's `usage` tool's)."""
     end_s = parse_time(end, "end") if end is not None else time.time()
     start_s = parse_time(start, "start") if start is not None else end_s - DEFAULT_PERIOD_S
     if end_s < start_s:

@@ -239,6 +239,7 @@ class Tools:
 
     async def usage(
         self,
+        ctx: Context,
         start: Annotated[str | None, Field(description="ISO 8601 or unix seconds; default: 24 h before end")] = None,
         end: Annotated[str | None, Field(description="ISO 8601 or unix seconds; default: now")] = None,
         model: Annotated[str | None, Field(description="only this MoM model")] = None,
@@ -246,7 +247,9 @@ class Tools:
         group_by: Annotated[str | None, Field(description="model, llm, surface, day or hour")] = None,
     ) -> dict[str, Any]:
         try:
-            return await usage_report(self.state(), start=start, end=end, model=model, llm=llm, group_by=group_by)
+            caller = self._caller(ctx).id  # the caller's own requests only
+            query = {"start": start, "end": end, "model": model, "llm": llm, "group_by": group_by}
+            return await usage_report(self.state(), **query, caller=caller)
         except MoMError as exc:
             raise ToolError(_error_text(exc)) from None
 
@@ -291,8 +294,8 @@ def build_server(state: StateSource, caller: CallerSource) -> MCPServer:
     server.add_tool(
         tools.usage,
         name="usage",
-        description="The usage report (requests, tokens, cost, latency) over a time range, as GET /v1/metrics/usage "
-        "gives it: totals, per-MoM-model and per-LLM figures, optionally grouped.",
+        description="Your usage report (requests, tokens, cost, latency) over a time range, as GET /v1/metrics/usage "
+        "gives it, of your own requests only: totals, per-MoM-model and per-LLM figures, optionally grouped.",
         annotations=read_only,
     )
     return server

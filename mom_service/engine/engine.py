@@ -93,6 +93,7 @@ class Tally:
             breakdown=self.breakdown,
             surface=self.plan.surface,
             overrides=self.plan.steering.applied,
+            caller=self.plan.caller,
         )
 
 

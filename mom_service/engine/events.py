@@ -189,3 +189,4 @@ class RequestOutcome:
     breakdown: Breakdown
     surface: Surface = "chat"
     overrides: dict[str, Any] = field(default_factory=dict)  # the caller's controls applied (records, logs, traces)
+    caller: str = ""  # who asked: the hash of its token (its usage is its own)

@@ -117,6 +117,7 @@ class Plan:
     surface: Surface = "chat"
     max_cost_usd: Decimal | None = None  # the request's cost cap (the caller's, else the MoM model's), USD
     steering: Steering = NO_STEERING  # what the caller's controls changed (`mom` is the model as steered)
+    caller: str = ""  # who asks (the hash of its token): its usage records are its own
     tier: str | None = None  # the effort tier chosen (engine/tiers.py)
     efforts: tuple[str | None, str | None] = (None, None)  # the members' and the concluding effort, as asked
 
@@ -270,6 +271,7 @@ def make_plan(
         surface=surface,
         max_cost_usd=steering.max_cost_usd if steering.max_cost_usd is not None else mom.max_cost_usd,
         steering=steering,
+        caller=caller,
         tier=tiered.tier,
         efforts=(tiered.member_effort, tiered.concluding_effort),
     )

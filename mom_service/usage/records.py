@@ -74,6 +74,7 @@ def rows_for(outcome: RequestOutcome) -> tuple[dict[str, Any], list[dict[str, An
         "turn": breakdown.turn,
         "surface": outcome.surface,
         "overrides": orjson.dumps(outcome.overrides).decode() if outcome.overrides else None,
+        "caller": outcome.caller or None,
     }
     return request, calls
 

@@ -191,9 +191,11 @@ async def usage_report(
     model: str | None,
     llm: str | None,
     group_by: GroupBy | None,
+    caller: str | None = None,
 ) -> dict[str, Any]:
     """Totals and groups over [start, end). Per request, unless an LLM is named (filter or grouping): then per
-    upstream call of those LLMs, with `requests` counting the distinct requests they served."""
+    upstream call of those LLMs, with `requests` counting the distinct requests they served. With `caller`, only
+    that caller's requests (and their calls)."""
     per_call = llm is not None or group_by == "llm"
     table = calls_table if per_call else requests_table
     c = table.c
@@ -203,6 +205,10 @@ async def usage_report(
         conditions.append(c.mom_model == model)
     if llm is not None:
         conditions.append(c.llm == llm)
+    if caller is not None:
+        r = requests_table.c
+        mine = r.caller == caller
+        conditions.append(mine if not per_call else c.request_id.in_(select(r.id).where(mine)))
     async with engine.connect() as conn:
         rows = (await conn.execute(_aggregate(table, key, conditions, per_call))).all()
         latencies = await _latency_percentiles(conn, key, c.latency_ms, conditions)

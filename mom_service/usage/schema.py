@@ -60,6 +60,7 @@ requests_table = Table(
     Column("turn", String(16), nullable=False, server_default="ensemble"),  # ensemble | relay | vote; migration 4
     Column("surface", String(16), nullable=False, server_default="chat"),  # chat | messages | responses | mcp; mig. 5
     Column("overrides", Text),  # the caller's controls applied (JSON), null when none; migration 6
+    Column("caller", String(64), index=True),  # who asked: the hash of its token (null before); migration 6
 )
 
 calls_table = Table(
@@ -158,11 +159,16 @@ async def _migration_5(conn: AsyncConnection) -> None:
 
 
 async def _migration_6(conn: AsyncConnection) -> None:
-    """mom_requests.overrides: the caller's controls applied to a request (JSON; null before they existed)."""
+    """mom_requests.overrides: the caller's controls applied to a request (JSON; null before they existed);
+    mom_requests.caller: who asked (the hash of its token; null before), indexed: a caller reads its own usage."""
 
     def add(sync: Connection) -> None:
-        if "overrides" not in {c["name"] for c in inspect(sync).get_columns("mom_requests")}:
+        columns = {c["name"] for c in inspect(sync).get_columns("mom_requests")}
+        if "overrides" not in columns:
             sync.execute(text("ALTER TABLE mom_requests ADD COLUMN overrides TEXT"))
+        if "caller" not in columns:
+            sync.execute(text("ALTER TABLE mom_requests ADD COLUMN caller VARCHAR(64)"))
+            sync.execute(text("CREATE INDEX ix_mom_requests_caller ON mom_requests (caller)"))
 
     await conn.run_sync(add)
 

@@ -30,6 +30,7 @@ from mcp.shared.exceptions import MCPError
 from tests.conftest import FAKE_KEY, TOKEN, Service, StartService, llm
 from tests.fake_upstream import FakeUpstream
 
+OTHER_TOKEN = "another-teams-token-654321"
 PRICE = {"input_per_million": "2", "output_per_million": "8"}
 MEMBERS = ["ma", "mb", "mc"]
 QUESTION = "What is 2 + 2?"
@@ -349,3 +350,27 @@ def test_stdio_ends_on_sigterm_with_its_records_written(fake: FakeUpstream, tmp_
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
     assert "Usage records written: 0, dropped: 0" in (tmp_path / "stderr.log").read_text()
+
+
+async def test_usage_is_the_callers_own(fake_server: FakeUpstream, start_service: StartService) -> None:
+    """Two tokens: each one's `usage` counts its own requests (made on any surface), never the other's."""
+    service = start_service(mcp_config(fake_server), {"MOM_MCP_ENABLED": "true", "API_TOKEN": f"{TOKEN},{OTHER_TOKEN}"})
+    mine, theirs = service.headers(), service.headers(OTHER_TOKEN)
+    for headers in (mine, theirs, theirs):  # one chat request of mine, two of theirs
+        body = {"model": "duo", "messages": [{"role": "user", "content": QUESTION}]}
+        assert httpx.post(f"{service.base_url}/chat/completions", headers=headers, json=body, timeout=30).is_success
+
+    async def requests_of(headers: dict[str, str]) -> int:
+        async with session_of(service, headers) as session:
+            result = await session.call_tool("usage", {})
+        assert not result.is_error and result.structured_content is not None
+        count: int = result.structured_content["totals"]["requests"]
+        return count
+
+    async def recorded() -> bool:
+        return (await requests_of(mine), await requests_of(theirs)) == (1, 2)
+
+    await eventually(recorded)
+    with sqlite3.connect(service.workdir / "data" / "mom.db") as db:
+        callers = [row[0] for row in db.execute("SELECT caller FROM mom_requests")]
+    assert len(set(callers)) == 2 and all(len(c) == 32 and TOKEN not in c and OTHER_TOKEN not in c for c in callers)

@@ -87,8 +87,10 @@ async def usage_report(
     model: str | None = None,
     llm: str | None = None,
     group_by: str | None = None,
+    caller: str | None = None,
 ) -> dict[str, Any]:
-    """The usage report of the query's parameters (the usage API's, and the MCP server's `usage` tool's)."""
+    """The usage report of the query's parameters (the usage API's, and the MCP server's `usage` tool's: `caller`
+    limits it to that caller's requests)."""
     end_s = parse_time(end, "end") if end is not None else time.time()
     start_s = parse_time(start, "start") if start is not None else end_s - DEFAULT_PERIOD_S
     if end_s < start_s:
@@ -108,6 +110,7 @@ async def usage_report(
             model=model,
             llm=llm,
             group_by=cast(GroupBy | None, group_by),  # checked against GroupBy's values above
+            caller=caller,
         )
     except UsageUnavailable as exc:
         logger.error("usage query failed: %s", exc)

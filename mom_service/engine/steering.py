@@ -184,8 +184,8 @@ def _choose(reader: _Reader, panel: _Panel, mom: str) -> None:
     if exclude is not None:
         for name in [n for n in exclude if n not in panel.members]:
             reader.notice("exclude", f"'{name}' is not asked; ignored.{suggestion(name, panel.members)}")
+        panel.applied["exclude"] = [n for n in exclude if n in panel.members]
         panel.members = [n for n in panel.members if n not in exclude]
-        panel.applied["exclude"] = [n for n in exclude if n not in panel.members]
     include = reader.names("include")
     added = []
     for name in include or ():

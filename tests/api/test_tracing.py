@@ -186,6 +186,20 @@ def test_generations_show_tool_calls_and_the_trace_its_turn(
     assert sorted(x["name"] for x in spans if x["trace_id"] == relay["trace_id"]) == ["judge", "mom"]
 
 
+def test_the_trace_records_the_callers_overrides_and_notices(
+    fake_server: FakeUpstream, start_service: StartService, capture: CaptureServer
+) -> None:
+    service = traced_service(start_service, fake_server, capture)
+    fake_server.reset()
+    steered = service.chat("mom", messages=QUESTION, mom={"exclude": ["gamma", "betta"]})
+    assert steered.status_code == 200
+    spans = capture.wait_for(lambda s: {"mom", "alpha", "beta", "judge"} <= {x["name"] for x in s})
+    root = next(s for s in spans if s["name"] == "mom")
+    assert observation(root, "metadata.overrides") == {"exclude": ["gamma"]}
+    assert observation(root, "metadata.notices") == ["mom.exclude: 'betta' is not asked; ignored. Did you mean 'beta'?"]
+    assert "gamma" not in {s["name"] for s in spans}
+
+
 @pytest.mark.parametrize("mode", ["fail", "hang"])
 def test_a_broken_langfuse_never_slows_or_fails_an_answer(
     fake_server: FakeUpstream, start_service: StartService, capture: CaptureServer, mode: str

@@ -104,3 +104,11 @@ def test_a_tiers_llms_are_the_models_own() -> None:
     with pytest.raises(InvalidRequest) as refused:
         steer(cfg, tier, {"include": ["b"]}, user("Q"))  # without the model as configured, b (not in the tier) is not
     assert refused.value.code == "llm_not_allowed"
+
+
+def test_only_the_members_excluded_are_applied() -> None:
+    cfg = config()
+    steered, _, steering = steer(cfg, cfg.models[0], {"exclude": ["c", "zz"]}, user("Q"))
+    assert steered.llms_to_query == ["a", "b"]
+    assert steering.applied == {"exclude": ["c"]}
+    assert steering.notices == ("mom.exclude: 'zz' is not asked; ignored.",)

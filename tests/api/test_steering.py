@@ -128,7 +128,8 @@ def test_concluding_chooses_who_concludes(steered: Service, fake: FakeUpstream) 
 def test_thinking_turns_the_thinking_context_on_and_off(steered: Service, fake: FakeUpstream) -> None:
     fake.configure({"qj": {"text": "Four."}})
     tags = ask(steered, {"thinking": "think_tags"}).choices[0].message
-    assert tags.content.startswith("<think>\nModel: qa") and tags.content.endswith("Four.")
+    assert tags.content.startswith("<think>\nModel: q") and tags.content.endswith("</think>\n\nFour.")
+    assert all(f"Model: {member}" in tags.content for member in MEMBERS)  # in the order they answered
     reasoning = ask(steered, {"thinking": "reasoning_content"}).choices[0].message
     assert reasoning.content == "Four."
     assert "Model: qb" in reasoning.model_extra["reasoning_content"]
@@ -275,8 +276,9 @@ def test_notices_head_the_thinking_context(steered: Service, fake: FakeUpstream)
     text = f"<<SYSTEM>>\nqourum: 2\n<</SYSTEM>>\n{QUESTION}"
     content = ask(steered, model="steer-think", text=text).choices[0].message.content
     assert content.startswith(
-        "<think>\nNotices:\n- <<SYSTEM>> qourum: unknown key; ignored. Did you mean 'quorum'?\n---\nModel: qa"
-    )
+        "<think>\nNotices:\n- <<SYSTEM>> qourum: unknown key; ignored. Did you mean 'quorum'?\n---\nModel: q"
+    )  # then the members' blocks, in the order they answered
+    assert content.count("Notices:") == 1
 
 
 def test_a_line_that_is_no_key_starts_the_instruction(steered: Service, fake: FakeUpstream) -> None:

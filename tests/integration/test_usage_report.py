@@ -262,7 +262,7 @@ async def test_usage_estimated_counts_requests_or_calls(engine: AsyncEngine) -> 
     assert (await report(engine, llm="alpha"))["totals"]["usage_estimated"] == 0
 
 
-async def test_migrations_3_to_5_add_usage_estimated_turn_and_surface_to_a_version_2_database(
+async def test_migrations_3_to_6_add_usage_estimated_turn_surface_overrides_and_caller_to_a_version_2_database(
     engine: AsyncEngine,
 ) -> None:
     # a database as version 2 left it: mom_requests without usage_estimated, one request in it
@@ -272,15 +272,20 @@ async def test_migrations_3_to_5_add_usage_estimated_turn_and_surface_to_a_versi
     old.pop("usage_estimated", None)  # not a column yet
     old.pop("turn", None)  # nor this one (migration 4)
     old.pop("surface", None)  # nor this one (migration 5)
+    old.pop("overrides", None)  # nor these (migration 6)
+    old.pop("caller", None)
     async with engine.begin() as conn:
         await conn.execute(text("ALTER TABLE mom_requests DROP COLUMN usage_estimated"))
         await conn.execute(text("ALTER TABLE mom_requests DROP COLUMN turn"))
         await conn.execute(text("ALTER TABLE mom_requests DROP COLUMN surface"))
+        await conn.execute(text("DROP INDEX ix_mom_requests_caller"))
+        await conn.execute(text("ALTER TABLE mom_requests DROP COLUMN caller"))
+        await conn.execute(text("ALTER TABLE mom_requests DROP COLUMN overrides"))
         await conn.execute(text("DROP TABLE mom_responses"))
         await conn.execute(versions_table.delete().where(versions_table.c.version > 2))
         await conn.execute(requests_table.insert().values(**old))
     assert await migrate(engine) == 2
-    assert await migrate(engine) == SCHEMA_VERSION == 5
+    assert await migrate(engine) == SCHEMA_VERSION == 6
     async with engine.connect() as conn:
         columns = await conn.run_sync(lambda sync: {c["name"]: c for c in inspect(sync).get_columns("mom_requests")})
         kept = (
@@ -290,16 +295,21 @@ async def test_migrations_3_to_5_add_usage_estimated_turn_and_surface_to_a_versi
                     requests_table.c.usage_estimated,
                     requests_table.c.turn,
                     requests_table.c.surface,
+                    requests_table.c.overrides,
+                    requests_table.c.caller,
                 )
             )
         ).all()
         tables = await conn.run_sync(lambda sync: set(inspect(sync).get_table_names()))
+        indexes = await conn.run_sync(lambda sync: {i["name"] for i in inspect(sync).get_indexes("mom_requests")})
     assert columns["usage_estimated"]["nullable"] is False
     assert columns["turn"]["nullable"] is False
     assert columns["surface"]["nullable"] is False
     assert "mom_responses" in tables
-    # the old row is kept, with nothing estimated, counted as the only kind of turn and surface there was
-    assert [tuple(row) for row in kept] == [("old", False, "ensemble", "chat")]
+    assert "ix_mom_requests_caller" in indexes  # a caller reads its own usage
+    # the old row is kept, with nothing estimated, counted as the only kind of turn and surface there was, with no
+    # overrides and no caller known
+    assert [tuple(row) for row in kept] == [("old", False, "ensemble", "chat", None, None)]
 
     await write(engine, estimated_sample())
     result = await report(engine, group_by="model")

@@ -269,9 +269,31 @@ StartService = Callable[..., Service]
 
 
 @pytest.fixture(scope="session")
-def start_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartService]:
-    """Start a service process with a config and environment; every one is stopped at the end of the session."""
-    started: list[Service] = []
+def started_services() -> Iterator[list[tuple[Service, bool]]]:
+    """Every service started in the session, and whether it is shared by every module; all stopped at its end."""
+    started: list[tuple[Service, bool]] = []
+    yield started
+    for service, _ in started:
+        service.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def stop_module_services(started_services: list[tuple[Service, bool]]) -> Iterator[None]:
+    """The services a test module started (its own fixtures' and its tests'), stopped when the module ends: a
+    process each (about 270 MB), they would otherwise add up over the whole suite."""
+    before = len(started_services)
+    yield
+    for service, shared in started_services[before:]:
+        if not shared:
+            service.stop()
+
+
+@pytest.fixture(scope="session")
+def start_service(
+    tmp_path_factory: pytest.TempPathFactory, started_services: list[tuple[Service, bool]]
+) -> StartService:
+    """Start a service process with a config and environment; stopped when the test module that started it ends
+    (`shared`: at the end of the session)."""
 
     def start(
         config: dict[str, Any] | None,
@@ -279,6 +301,7 @@ def start_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartSer
         *,
         token: str | None = TOKEN,
         patch: str | None = None,
+        shared: bool = False,
     ) -> Service:
         # The shared services see one test's requests after another's: circuit breakers and the response cache
         # are off unless a test turns them on (test_circuit_breaker.py, test_cache.py), so that no test depends
@@ -288,13 +311,11 @@ def start_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartSer
             environment["API_TOKEN"] = token
         environment.update(env or {})
         service = Service(tmp_path_factory.mktemp("service"), config, environment, patch=patch)
-        started.append(service)
+        started_services.append((service, shared))
         service.start()
         return service
 
-    yield start
-    for service in started:
-        service.stop()
+    return start
 
 
 @dataclass(frozen=True)
@@ -324,4 +345,4 @@ def call_path(request: pytest.FixtureRequest) -> CallPath:
 @pytest.fixture(scope="session")
 def service(fake_server: FakeUpstream, start_service: StartService, call_path: CallPath) -> Service:
     """One live service over the standard test panel, shared by the API tests (one per call path)."""
-    return start_service(panel_config(fake_server), call_path.env)
+    return start_service(panel_config(fake_server), call_path.env, shared=True)

@@ -127,6 +127,9 @@ async def _serve_mcp_stdio(settings: Settings, config: MoMConfig, path: str | No
     os._exit(0)
 
 
+INTERRUPTED = 130  # Ctrl-C, as a shell reports it
+
+
 def _eval(settings: Settings, args: argparse.Namespace) -> int:
     """A dataset run against MoM models and single LLMs through the engine, as `serve` would answer them."""
     try:
@@ -143,6 +146,9 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
     except EvalError as exc:
         print(f"mom-service eval: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("mom-service eval: interrupted. What finished is in the results file: the same command resumes.")
+        return INTERRUPTED
 
 
 def _eval_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

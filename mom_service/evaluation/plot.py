@@ -42,7 +42,8 @@ def plot(report: Report, path: Path) -> bool:
     axes.set_ylabel("win rate against " + str(report.baseline) if judged else "exact-match score")
     axes.set_xlabel("mean cost per item (USD)")
     axes.set_ylim(-0.05, 1.05)
-    axes.set_title(f"{report.dataset}: quality against cost (95% intervals)")
+    axes.set_xlim(left=0)  # costs from nothing, so that their ratios show
+    axes.set_title(f"{Path(report.dataset).stem}: quality against cost (95% intervals)")
     axes.grid(True, alpha=0.3)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

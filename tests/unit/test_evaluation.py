@@ -209,3 +209,20 @@ def test_a_broken_line_in_the_middle_is_an_error(tmp_path: Path) -> None:
     path.write_text('garbage\n{"kind": "answer"}\n')
     with pytest.raises(EvalError, match=r"results.jsonl:1: not a results line"):
         ResultsFile(path)
+
+
+def test_without_matplotlib_the_report_says_how_to_get_the_plot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rich.console import Console
+
+    from mom_service.evaluation import command, plot
+    from mom_service.evaluation.report import Report
+
+    monkeypatch.setattr(plot, "available", lambda: False)
+    report = Report("basic.jsonl", "r.jsonl", 0, None, None, False, 0.0, None, None)
+    console = Console(record=True, width=200)
+    command._write(report, tmp_path / "r.json", tmp_path / "r.png", console)
+    assert json.loads((tmp_path / "r.json").read_text())["dataset"] == "basic.jsonl"
+    assert not (tmp_path / "r.png").exists()
+    assert "No plot: matplotlib is not installed. Install it (pip install matplotlib" in console.export_text()

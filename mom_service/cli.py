@@ -1,4 +1,5 @@
-"""`mom-service serve`, `mom-service mcp` (the MCP server over stdio) and `mom-service check-config [PATH]`."""
+"""`mom-service serve`, `mom-service mcp` (the MCP server over stdio), `mom-service eval DATASET` (the evaluation
+harness) and `mom-service check-config [PATH]`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from types import FrameType
 
 from mom_service.config import MoMConfig, load_config, resolve_config
@@ -125,6 +127,49 @@ async def _serve_mcp_stdio(settings: Settings, config: MoMConfig, path: str | No
     os._exit(0)
 
 
+INTERRUPTED = 130  # Ctrl-C, as a shell reports it
+
+
+def _eval(settings: Settings, args: argparse.Namespace) -> int:
+    """A dataset run against MoM models and single LLMs through the engine, as `serve` would answer them."""
+    try:
+        config, path = resolve_config(settings)
+    except ConfigError as exc:
+        print(f"Invalid config, not starting:\n{exc}", file=sys.stderr)
+        return 1
+    from mom_service.evaluation.command import Options, evaluate
+    from mom_service.evaluation.errors import EvalError
+
+    options = Options(**{f.name: getattr(args, f.name) for f in fields(Options)})  # the flags' names are its fields
+    try:
+        return asyncio.run(evaluate(settings, config, path, options))
+    except EvalError as exc:
+        print(f"mom-service eval: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("mom-service eval: interrupted. What finished is in the results file: the same command resumes.")
+        return INTERRUPTED
+
+
+def _eval_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    run = commands.add_parser(
+        "eval", help="run a JSONL dataset against MoM models and single LLMs, score it, report quality and cost"
+    )
+    run.add_argument("dataset", help="a JSONL file (`messages` or `question`, optional `answer`), or `basic`")
+    run.add_argument("--targets", required=True, help="comma-separated MoM models and LLMs, e.g. mom,mom-rank,gpt4o")
+    run.add_argument("--judge", help="the LLM judging items without an answer (pairwise, both orders)")
+    run.add_argument("--baseline", help="the target the others are judged against (default: the first target)")
+    run.add_argument(
+        "--answer-pattern",
+        help="a regex whose first group is the final answer (default: the last 'Answer: X' line, else the last line)",
+    )
+    run.add_argument("--concurrency", type=int, default=4, help="pieces of work at once (default 4)")
+    run.add_argument("--max-cost-usd", help="stop starting work that could take this run's spending over it")
+    run.add_argument("--results", help="the results file (JSONL) a rerun resumes from (default: DATASET.results.jsonl)")
+    run.add_argument("--out", help="a .json file for the report (the PNG plot beside it), or a directory for both")
+    run.add_argument("--limit", type=int, help="only the first N items")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mom-service", description="MoM Service: a Mixture-of-Models gateway")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
     commands.add_parser("mcp", help="the MCP server over stdio (MOM_MCP_ENABLED=true)")
+    _eval_parser(commands)
     check = commands.add_parser("check-config", help="validate a config file and print what is wrong")
     check.add_argument("path", nargs="?", default=None, help="default: MOM_CONFIG, else ./config.yaml")
     args = parser.parse_args(argv)
@@ -140,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(args.path, settings)
     if args.command == "mcp":
         return _mcp(settings)
+    if args.command == "eval":
+        return _eval(settings, args)
     return _serve(settings, args.host, args.port)
 
 

@@ -138,16 +138,10 @@ def _refuse_over(plan: Plan, cap: Decimal, total: Decimal, asked: int) -> None:
     )
 
 
-def capped(plan: Plan, prices: PriceBook, ceilings: Mapping[str, int], count: Counter = count_request) -> Plan:
-    """The plan under its cost cap (the plan itself without one): the most expensive members dropped (skipped,
-    `cost_cap`) while min_successful can still be met, every call's output ceiling set; a 400 when an LLM it would
-    call has no price, or when even the cheapest plan could cost more than the cap. No upstream call is made."""
-    cap = plan.max_cost_usd
-    if cap is None:
-        return plan
-    asked = [i for i, m in enumerate(plan.members) if m.skipped is None]
-    members = [plan.members[i] for i in asked]
-    priced = _prices_of(plan, members, prices, cap)
+def _call_costs(
+    plan: Plan, members: Sequence[Member], priced: Mapping[str, Prices], ceilings: Mapping[str, int], count: Counter
+) -> tuple[list[CallCost], list[Concluder], list[CallCost]]:
+    """Each asked member's worst case, the concluders with their output ceilings, and each concluder's worst case."""
     costs = [
         CallCost(tokens, ceiling_of(m.llm.name, ceilings, m.params), priced[m.llm.name])
         for m, tokens in zip(members, _members_input(members, count), strict=True)
@@ -158,6 +152,36 @@ def capped(plan: Plan, prices: PriceBook, ceilings: Mapping[str, int], count: Co
     concluding = [
         CallCost(_concluding_input(plan, c, members, count), c.ceiling or 0, priced[c.llm.name]) for c in concluders
     ]
+    return costs, concluders, concluding
+
+
+def worst_case(
+    plan: Plan, prices: PriceBook, ceilings: Mapping[str, int], count: Counter = count_request
+) -> Decimal | None:
+    """A plan's worst case as the cost cap computes it (every member asked, the dearest concluding call reading
+    every answer at its ceiling); None when an LLM it may call has no price. For callers that keep their own
+    budget (the evaluation's `--max-cost-usd`)."""
+    members = [m for m in plan.members if m.skipped is None]
+    names = [m.llm.name for m in members] + [c.llm.name for c in plan.concluders]
+    found = {name: prices.get(name) for name in names}
+    priced = {name: price for name, price in found.items() if price is not None}
+    if len(priced) < len(found):
+        return None
+    costs, _, concluding = _call_costs(plan, members, priced, ceilings, count)
+    return estimate(costs, concluding)
+
+
+def capped(plan: Plan, prices: PriceBook, ceilings: Mapping[str, int], count: Counter = count_request) -> Plan:
+    """The plan under its cost cap (the plan itself without one): the most expensive members dropped (skipped,
+    `cost_cap`) while min_successful can still be met, every call's output ceiling set; a 400 when an LLM it would
+    call has no price, or when even the cheapest plan could cost more than the cap. No upstream call is made."""
+    cap = plan.max_cost_usd
+    if cap is None:
+        return plan
+    asked = [i for i, m in enumerate(plan.members) if m.skipped is None]
+    members = [plan.members[i] for i in asked]
+    priced = _prices_of(plan, members, prices, cap)
+    costs, concluders, concluding = _call_costs(plan, members, priced, ceilings, count)
     dropped, total = fit(costs, concluding, cap, plan.mom.min_successful)
     if total > cap:
         _refuse_over(plan, cap, total, len(members) - len(dropped))

@@ -141,6 +141,10 @@ class Engine:
         """Who is told each request's outcome (usage records, metrics, the request log), once it has ended."""
         self._recorders = (*self._recorders, *recorders)
 
+    def record(self, outcome: RequestOutcome) -> None:
+        """An outcome made outside `run` (the evaluation's direct calls to one LLM), told to the same recorders."""
+        self._emit(outcome)
+
     @property
     def caller(self) -> LLMCaller:
         return self.calls.caller

@@ -11,8 +11,9 @@ from mom_service.providers.tokens import Usage as Usage  # re-exported: the even
 
 MemberStatus = Literal["ok", "error", "skipped", "cancelled"]
 Turn = Literal["ensemble", "relay", "vote"]
-# The protocol a request came in by: Chat Completions, Anthropic Messages, OpenAI Responses or MCP's `consult` tool
-Surface = Literal["chat", "messages", "responses", "mcp"]
+# The protocol a request came in by: Chat Completions, Anthropic Messages, OpenAI Responses, MCP's `consult` tool,
+# or `mom-service eval` (its MoM models' requests and its direct calls to single LLMs and the judge)
+Surface = Literal["chat", "messages", "responses", "mcp", "eval"]
 
 
 @dataclass(slots=True)

@@ -58,7 +58,7 @@ requests_table = Table(
     # any call's usage counted by us (none reported, or the call was cut off); migration 3
     Column("usage_estimated", Boolean, nullable=False, server_default=false()),
     Column("turn", String(16), nullable=False, server_default="ensemble"),  # ensemble | relay | vote; migration 4
-    Column("surface", String(16), nullable=False, server_default="chat"),  # chat | messages | responses | mcp; mig. 5
+    Column("surface", String(16), nullable=False, server_default="chat"),  # chat|messages|responses|mcp|eval; mig. 5
     Column("overrides", Text),  # the caller's controls applied (JSON), null when none; migration 6
     Column("caller", String(64), index=True),  # who asked: the hash of its token (null before); migration 6
 )

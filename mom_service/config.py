@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
@@ -131,6 +132,10 @@ class TierConfig(_Strict):
     concluding_effort: TierEffort = "client"  # the concluding call's, likewise
 
 
+Strategy = Literal["synthesize", "rank", "best_of", "vote"]
+STRATEGIES: tuple[str, ...] = ("synthesize", "rank", "best_of", "vote")
+
+
 class MoMModelConfig(_Strict):
     name: Name
     description: str | None = None
@@ -150,6 +155,22 @@ class MoMModelConfig(_Strict):
     overrides: OverridesConfig = Field(default_factory=OverridesConfig)
     # Effort tiers: the request's reasoning effort picks one (the nearest level); none: the effort is passed on.
     tiers: dict[Level, TierConfig] | None = Field(default=None, min_length=1)
+    # What follows the panel's answers (docs/strategies): synthesize (one concluding answer), rank (peer rankings,
+    # then a synthesis in ranked order), best_of (the concluding LLM picks one answer, returned verbatim), vote
+    # (the most common final answer wins; ties go to best_of).
+    strategy: Strategy = "synthesize"
+    rankers: list[Name] | None = Field(default=None, min_length=1)  # rank: who ranks (default: the members)
+    vote_pattern: str | None = None  # vote: a regex whose first group (or whole match) is an answer's final answer
+
+    @field_validator("vote_pattern")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression ({exc})") from None
+        return value
 
     def own_llms(self) -> list[str]:
         """Its own LLMs: its panel, its concluding chain, and its tiers'."""
@@ -277,6 +298,9 @@ def _check_references(source: str, config: MoMConfig) -> list[str]:
                 problems.append(
                     f"{entry}: field 'overrides.allowed_llms': unknown LLM '{allowed}' (not in llm_definitions)"
                 )
+        for ranker in model.rankers or ():
+            if ranker not in llms:
+                problems.append(f"{entry}: field 'rankers': unknown LLM '{ranker}' (not in llm_definitions)")
         if model.concluding_prompt is not None and model.concluding_prompt not in prompts:
             problems.append(
                 f"{entry}: field 'concluding_prompt': unknown prompt '{model.concluding_prompt}' "

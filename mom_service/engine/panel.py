@@ -36,7 +36,12 @@ def new_breakdown(plan: Plan, not_answered: str) -> Breakdown:
         members.append(report)
     first = plan.concluders[0]
     concluding = CallReport(
-        name=first.llm.name, model=first.llm.model, role="concluding", status="skipped", images=first.images
+        name=first.llm.name,
+        model=first.llm.model,
+        role="concluding",
+        stage="conclude",
+        status="skipped",
+        images=first.images,
     )
     concluding.cost = ZERO
     steering = plan.steering
@@ -46,6 +51,7 @@ def new_breakdown(plan: Plan, not_answered: str) -> Breakdown:
         notices=list(steering.notices),
         overrides=steering.applied,
         tier=plan.tier,
+        strategy=plan.strategy,
     )
 
 

@@ -132,8 +132,8 @@ class TierConfig(_Strict):
     concluding_effort: TierEffort = "client"  # the concluding call's, likewise
 
 
-Strategy = Literal["synthesize", "rank", "best_of", "vote"]
-STRATEGIES: tuple[str, ...] = ("synthesize", "rank", "best_of", "vote")
+Strategy = Literal["synthesize", "rank", "best_of", "vote", "layers"]
+STRATEGIES: tuple[str, ...] = ("synthesize", "rank", "best_of", "vote", "layers")
 
 
 class MoMModelConfig(_Strict):
@@ -157,10 +157,12 @@ class MoMModelConfig(_Strict):
     tiers: dict[Level, TierConfig] | None = Field(default=None, min_length=1)
     # What follows the panel's answers (docs/strategies): synthesize (one concluding answer), rank (peer rankings,
     # then a synthesis in ranked order), best_of (the concluding LLM picks one answer, returned verbatim), vote
-    # (the most common final answer wins; ties go to best_of).
+    # (the most common final answer wins; ties go to best_of), layers (the panel answers again, `layers` rounds, each
+    # with the round before's answers as references).
     strategy: Strategy = "synthesize"
     rankers: list[Name] | None = Field(default=None, min_length=1)  # rank: who ranks (default: the members)
     vote_pattern: str | None = None  # vote: a regex whose first group (or whole match) is an answer's final answer
+    layers: int = Field(default=2, ge=1)  # layers: how many rounds the panel answers (Mixture-of-Agents)
 
     @field_validator("vote_pattern")
     @classmethod

@@ -290,7 +290,7 @@ def _strategy(
 ) -> tuple[str, Steering]:
     """The strategy this request runs: the MoM model's (as steered), but `synthesize` for a tool loop's relay turn,
     and, with a notice, for a request with tools or a JSON answer (only a concluding call can keep those)."""
-    if mom.strategy == "synthesize" or turn == "relay":
+    if mom.strategy == "synthesize" or turn == "relay" or (mom.strategy == "layers" and mom.layers < 2):
         return "synthesize", steering
     why = (
         "tools" if tools else "a JSON response format" if isinstance(form, dict) and form.get("type") != "text" else ""

@@ -111,8 +111,9 @@ def thought(event: MemberFinished | StageDone) -> CallReport | str:
 
 def thinking_block(report: CallReport) -> str:
     """One member's block in the thinking context, in the format the original MoM service used."""
+    name = report.name if report.stage == "answer" else f"{report.name} ({report.stage})"
     if report.status == "ok":
         calls = proposal_calls(report)
         proposed = f"\nTool calls: {calls}" if calls else ""
-        return f"Model: {report.name}\nContent: {report.text}{proposed}\n---\n"
-    return f"Model: {report.name}\nStatus: {report.status}\nError: {report.error or report.status}\n---\n"
+        return f"Model: {name}\nContent: {report.text}{proposed}\n---\n"
+    return f"Model: {name}\nStatus: {report.status}\nError: {report.error or report.status}\n---\n"

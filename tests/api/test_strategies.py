@@ -35,6 +35,8 @@ def strategic(fake_server: FakeUpstream, start_service: StartService) -> Service
             {"name": "best", **panel, "strategy": "best_of"},
             {"name": "voted", **panel, "strategy": "vote"},
             {"name": "voted-pattern", **panel, "strategy": "vote", "vote_pattern": r"ANSWER:\s*(\S+)"},
+            {"name": "layered", **panel, "strategy": "layers", "include_thinking_context": True},
+            {"name": "layered-3", **panel, "strategy": "layers", "layers": 3, "quorum": 2},
         ],
     }
     return start_service(config, {})
@@ -296,3 +298,62 @@ def test_the_stage_of_each_call_in_the_usage_records(strategic: Service, fake: F
             ("s-judge", "concluding", "conclude"),
         ]
     )
+
+
+def references_in(entry: dict[str, Any]) -> str | None:
+    """The references a member got (the system message it reads last), if any."""
+    last = entry["body"]["messages"][-1]
+    return last["content"] if last["role"] == "system" and "as references" in last["content"] else None
+
+
+def test_layers_the_second_round_sees_the_first_rounds_answers(strategic: Service, fake: FakeUpstream) -> None:
+    fake.configure(
+        {name: {"texts": [f"{name} first.", f"{name} second."]} for name in MEMBERS} | {"s-judge": {"text": "Done."}}
+    )
+    reply = client(strategic).chat.completions.create(model="layered", messages=QUESTION)  # type: ignore[arg-type]
+    log = fake.log()
+    for name in MEMBERS:
+        first, second = [e for e in log if e["model"] == name]  # (a member's second call waits for every first)
+        assert references_in(first) is None
+        seen = references_in(second)
+        assert seen is not None and all(f"{other} first." in seen for other in MEMBERS)
+    concluding = last_user(next(e for e in log if e["model"] == "s-judge"))
+    assert all(f"{name} second." in concluding and f"{name} first." not in concluding for name in MEMBERS)
+    mom = reply.model_extra["mom"]  # type: ignore[index]
+    assert mom["strategy"] == "layers"
+    assert sorted((m["name"], m["stage"], m["status"]) for m in mom["members"]) == [
+        (name, "round-2", "ok") for name in MEMBERS
+    ]
+    assert sorted((c["name"], c["stage"]) for c in mom["stage_calls"]) == [(name, "answer") for name in MEMBERS]
+    calls = [*mom["members"], *mom["stage_calls"], mom["concluding"]]
+    assert Decimal(str(mom["cost"])) == sum((Decimal(str(c["cost"])) for c in calls), Decimal(0))
+    content = reply.choices[0].message.content or ""
+    assert "Model: m-alpha (round-2)\nContent: m-alpha second." in content and content.endswith("Done.")
+
+
+def test_layers_apply_the_panel_rules_each_round(strategic: Service, fake: FakeUpstream) -> None:
+    fake.configure(
+        {
+            "m-alpha": {"texts": ["A1", "A2", "A3"]},
+            "m-beta": {"texts": ["B1", "B2", "B3"]},
+            "m-gamma": {"hang": True},  # cut off by the quorum of 2 in every round
+            "s-judge": {"text": "Done."},
+        }
+    )
+    reply = client(strategic).chat.completions.create(model="layered-3", messages=QUESTION)  # type: ignore[arg-type]
+    log = fake.log()
+    alpha = [e for e in log if e["model"] == "m-alpha"]
+    assert len(alpha) == 3  # (m-gamma's calls may be cut before they reach the fake: not counted)
+    third = references_in(alpha[2])
+    assert third is not None and "A2" in third and "B2" in third and "A1" not in third
+    mom = reply.model_extra["mom"]  # type: ignore[index]
+    rounds = sorted((c["name"], c["stage"], c["status"]) for c in [*mom["members"], *mom["stage_calls"]])
+    assert rounds == sorted(
+        (name, stage, "cancelled" if name == "m-gamma" else "ok")
+        for name in MEMBERS
+        for stage in ("answer", "round-2", "round-3")
+    )
+    assert all("quorum of 2" in m["error"] for m in [*mom["members"], *mom["stage_calls"]] if m["name"] == "m-gamma")
+    with sqlite3.connect(strategic.workdir / "data" / "mom.db") as db:
+        query = "SELECT count(*) FROM mom_calls WHERE stage = 'round-3' AND llm = 'm-alpha'"
+        wait_until(lambda: db.execute(query).fetchone()[0] >= 1)

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic_core.core_schema import ValidatorFunctionWrapHandler
 
 from mom_service.errors import ConfigError
 from mom_service.settings import Settings
@@ -23,6 +24,8 @@ RESERVED_PARAMS = frozenset(
 )
 
 Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*$")]
+# a panel member: an LLM's name, or one of its samples (NAME#1, NAME#2, ...: an entry with `samples`)
+MemberName = Annotated[str, Field(min_length=1, max_length=140, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*(#[0-9]+)?$")]
 
 # A reasoning effort, on OpenAI's scale (`reasoning_effort`), from the least to the most.
 Level = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
@@ -132,6 +135,31 @@ class TierConfig(_Strict):
     concluding_effort: TierEffort = "client"  # the concluding call's, likewise
 
 
+class SampleConfig(_Strict):
+    """An entry of llms_to_query that samples one LLM several times (Self-MoA): members NAME#1 ... NAME#N."""
+
+    llm: Name
+    samples: int = Field(default=1, ge=1, le=32)
+    temperature: float | None = Field(default=None, ge=0, le=2)  # each sample's call's (None: the request's)
+
+
+def expand_samples(entries: Any) -> tuple[Any, dict[str, float | None]]:
+    """llms_to_query with each `{llm, samples, temperature}` entry as its members' names, and their temperatures."""
+    if not isinstance(entries, list):
+        return entries, {}
+    names: list[Any] = []
+    temperatures: dict[str, float | None] = {}
+    for entry in entries:
+        if not isinstance(entry, dict):
+            names.append(entry)
+            continue
+        spec = SampleConfig.model_validate(entry)
+        for number in range(1, spec.samples + 1):
+            names.append(f"{spec.llm}#{number}")
+            temperatures[f"{spec.llm}#{number}"] = spec.temperature
+    return names, temperatures
+
+
 Strategy = Literal["synthesize", "rank", "best_of", "vote", "layers"]
 STRATEGIES: tuple[str, ...] = ("synthesize", "rank", "best_of", "vote", "layers")
 
@@ -139,7 +167,8 @@ STRATEGIES: tuple[str, ...] = ("synthesize", "rank", "best_of", "vote", "layers"
 class MoMModelConfig(_Strict):
     name: Name
     description: str | None = None
-    llms_to_query: list[Name] = Field(min_length=1)
+    # LLM names, or {llm: NAME, samples: N, temperature: T} entries (members NAME#1 ... NAME#N)
+    llms_to_query: list[MemberName] = Field(min_length=1)
     concluding_llm: Name
     concluding_prompt: Name | None = None
     include_thinking_context: bool = False
@@ -163,6 +192,24 @@ class MoMModelConfig(_Strict):
     rankers: list[Name] | None = Field(default=None, min_length=1)  # rank: who ranks (default: the members)
     vote_pattern: str | None = None  # vote: a regex whose first group (or whole match) is an answer's final answer
     layers: int = Field(default=2, ge=1)  # layers: how many rounds the panel answers (Mixture-of-Agents)
+
+    _temperatures: dict[str, float | None] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _sampled(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        temperatures: dict[str, float | None] = {}
+        if isinstance(data, dict) and "llms_to_query" in data:
+            names, temperatures = expand_samples(data["llms_to_query"])
+            data = {**data, "llms_to_query": names}
+        model = handler(data)
+        if temperatures:
+            model._temperatures = temperatures
+        return model
+
+    def temperature_of(self, member: str) -> float | None:
+        """A sample's own temperature (None: the request's)."""
+        return self._temperatures.get(member)
 
     @field_validator("vote_pattern")
     @classmethod
@@ -193,6 +240,12 @@ class MoMConfig(_Strict):
 
     def model_post_init(self, context: Any, /) -> None:
         self._llms = {d.name: d for d in self.llm_definitions}
+        for model in self.models:  # each sample (NAME#2) is an LLM of its own: its NAME's definition, renamed
+            for name in model.own_llms():
+                base = name.partition("#")[0]
+                if "#" in name and name not in self._llms and base in self._llms:
+                    self._llms[name] = self._llms[base].model_copy(update={"name": name})
+                    self.llm_definitions.append(self._llms[name])
         self._prompts = {p.name: p for p in self.prompt_definitions}
         self._models = {m.name: m for m in self.models}
 

@@ -376,6 +376,9 @@ def _members(
         mode = _tools_mode(tools, history, can_call.get(name, True))
         conversation = shapes.of(llm, True, mode, member=True)
         member_params = dict(params)
+        temperature = mom.temperature_of(name)
+        if temperature is not None:  # a sample's own (Self-MoA)
+            member_params["temperature"] = temperature
         if mode == "native" and tools:
             member_params["tools"] = tools
             member_params["tool_choice"] = (

@@ -35,6 +35,12 @@ def strategic(fake_server: FakeUpstream, start_service: StartService) -> Service
             {"name": "best", **panel, "strategy": "best_of"},
             {"name": "voted", **panel, "strategy": "vote"},
             {"name": "voted-pattern", **panel, "strategy": "vote", "vote_pattern": r"ANSWER:\s*(\S+)"},
+            {
+                "name": "sampled",
+                "llms_to_query": [{"llm": "m-alpha", "samples": 3, "temperature": 0.7}, "m-beta"],
+                "concluding_llm": "s-judge",
+                "strategy": "vote",
+            },
             {"name": "layered", **panel, "strategy": "layers", "include_thinking_context": True},
             {"name": "layered-3", **panel, "strategy": "layers", "layers": 3, "quorum": 2},
         ],
@@ -357,3 +363,21 @@ def test_layers_apply_the_panel_rules_each_round(strategic: Service, fake: FakeU
     with sqlite3.connect(strategic.workdir / "data" / "mom.db") as db:
         query = "SELECT count(*) FROM mom_calls WHERE stage = 'round-3' AND llm = 'm-alpha'"
         wait_until(lambda: db.execute(query).fetchone()[0] >= 1)
+
+
+def test_one_llm_sampled_n_times_is_a_panel(strategic: Service, fake: FakeUpstream) -> None:
+    fake.configure({"m-alpha": {"texts": ["x\n12", "y\n12", "z\n13"]}, "m-beta": {"text": "13"}})
+    reply = client(strategic).chat.completions.create(
+        model="sampled",
+        messages=QUESTION,
+        temperature=0.2,  # type: ignore[arg-type]
+    )
+    log = fake.log()
+    alpha = [e for e in log if e["model"] == "m-alpha"]
+    assert len(alpha) == 3 and all(e["body"]["temperature"] == 0.7 for e in alpha)  # each sample: its temperature
+    assert [e["body"]["temperature"] for e in log if e["model"] == "m-beta"] == [0.2]  # the others: the request's
+    mom = reply.model_extra["mom"]  # type: ignore[index]
+    assert [m["name"] for m in mom["members"]] == ["m-alpha#1", "m-alpha#2", "m-alpha#3", "m-beta"]
+    assert all(m["status"] == "ok" and m["stage"] == "answer" and m["cost"] > 0 for m in mom["members"])
+    # which sample got which text depends on the order the calls arrived in: the vote is 12 (2) against 13 (2)
+    assert sorted((v["answer"], v["count"]) for v in mom["votes"]) == [("12", 2), ("13", 2)]

@@ -155,3 +155,37 @@ def test_count_votes() -> None:
     ]
     votes = count_votes(reports, r"(\d+(?:\.\d+)?)\s*$")
     assert votes[0] == {"answer": "42", "count": 2, "members": ["x", "z"]}
+
+
+def test_samples_in_the_config_are_members_of_their_own() -> None:
+    from mom_service.cache.keys import member_key
+    from mom_service.config import ConfigError, parse_config
+
+    raw = {
+        "llm_definitions": [{"name": "big", "model": "openai/big"}, {"name": "j", "model": "openai/j"}],
+        "models": [
+            {
+                "name": "m",
+                "llms_to_query": [{"llm": "big", "samples": 3, "temperature": 0.9}, "j"],
+                "concluding_llm": "j",
+                "strategy": "layers",
+                "layers": 3,
+            }
+        ],
+    }
+    config = parse_config(raw, "test")
+    model = config.mom_model("m")
+    assert model is not None and model.llms_to_query == ["big#1", "big#2", "big#3", "j"]
+    assert (model.temperature_of("big#2"), model.temperature_of("j")) == (0.9, None)
+    assert config.llm("big#3").model == "openai/big"
+    messages = [{"role": "user", "content": "q"}]
+    keys = {member_key(config.llm(n), messages, {}, owner="") for n in ("big", "big#1", "big#2")}
+    assert len(keys) == 3  # a sample's cached answer is its own
+    for entry, problem in (
+        ({"llm": "nope", "samples": 2}, "unknown LLM 'nope#1'"),
+        ({"llm": "big", "samples": 0}, "greater than or equal to 1"),
+        ({"llm": "big", "samples": 2, "temp": 1}, "unknown field"),
+    ):
+        bad = {**raw, "models": [{"name": "m", "llms_to_query": [entry], "concluding_llm": "j"}]}
+        with pytest.raises(ConfigError, match=problem):
+            parse_config(bad, "test")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic_core.core_schema import ValidatorFunctionWrapHandler
 
 from mom_service.errors import ConfigError
 from mom_service.settings import Settings
@@ -22,6 +24,8 @@ RESERVED_PARAMS = frozenset(
 )
 
 Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*$")]
+# a panel member: an LLM's name, or one of its samples (NAME#1, NAME#2, ...: an entry with `samples`)
+MemberName = Annotated[str, Field(min_length=1, max_length=140, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*(#[0-9]+)?$")]
 
 # A reasoning effort, on OpenAI's scale (`reasoning_effort`), from the least to the most.
 Level = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
@@ -131,10 +135,40 @@ class TierConfig(_Strict):
     concluding_effort: TierEffort = "client"  # the concluding call's, likewise
 
 
+class SampleConfig(_Strict):
+    """An entry of llms_to_query that samples one LLM several times (Self-MoA): members NAME#1 ... NAME#N."""
+
+    llm: Name
+    samples: int = Field(default=1, ge=1, le=32)
+    temperature: float | None = Field(default=None, ge=0, le=2)  # each sample's call's (None: the request's)
+
+
+def expand_samples(entries: Any) -> tuple[Any, dict[str, float | None]]:
+    """llms_to_query with each `{llm, samples, temperature}` entry as its members' names, and their temperatures."""
+    if not isinstance(entries, list):
+        return entries, {}
+    names: list[Any] = []
+    temperatures: dict[str, float | None] = {}
+    for entry in entries:
+        if not isinstance(entry, dict):
+            names.append(entry)
+            continue
+        spec = SampleConfig.model_validate(entry)
+        for number in range(1, spec.samples + 1):
+            names.append(f"{spec.llm}#{number}")
+            temperatures[f"{spec.llm}#{number}"] = spec.temperature
+    return names, temperatures
+
+
+Strategy = Literal["synthesize", "rank", "best_of", "vote", "layers"]
+STRATEGIES: tuple[str, ...] = ("synthesize", "rank", "best_of", "vote", "layers")
+
+
 class MoMModelConfig(_Strict):
     name: Name
     description: str | None = None
-    llms_to_query: list[Name] = Field(min_length=1)
+    # LLM names, or {llm: NAME, samples: N, temperature: T} entries (members NAME#1 ... NAME#N)
+    llms_to_query: list[MemberName] = Field(min_length=1)
     concluding_llm: Name
     concluding_prompt: Name | None = None
     include_thinking_context: bool = False
@@ -150,6 +184,42 @@ class MoMModelConfig(_Strict):
     overrides: OverridesConfig = Field(default_factory=OverridesConfig)
     # Effort tiers: the request's reasoning effort picks one (the nearest level); none: the effort is passed on.
     tiers: dict[Level, TierConfig] | None = Field(default=None, min_length=1)
+    # What follows the panel's answers (docs/strategies): synthesize (one concluding answer), rank (peer rankings,
+    # then a synthesis in ranked order), best_of (the concluding LLM picks one answer, returned verbatim), vote
+    # (the most common final answer wins; ties go to best_of), layers (the panel answers again, `layers` rounds, each
+    # with the round before's answers as references).
+    strategy: Strategy = "synthesize"
+    rankers: list[Name] | None = Field(default=None, min_length=1)  # rank: who ranks (default: the members)
+    vote_pattern: str | None = None  # vote: a regex whose first group (or whole match) is an answer's final answer
+    layers: int = Field(default=2, ge=1)  # layers: how many rounds the panel answers (Mixture-of-Agents)
+
+    _temperatures: dict[str, float | None] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _sampled(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        temperatures: dict[str, float | None] = {}
+        if isinstance(data, dict) and "llms_to_query" in data:
+            names, temperatures = expand_samples(data["llms_to_query"])
+            data = {**data, "llms_to_query": names}
+        model = handler(data)
+        if temperatures:
+            model._temperatures = temperatures
+        return model
+
+    def temperature_of(self, member: str) -> float | None:
+        """A sample's own temperature (None: the request's)."""
+        return self._temperatures.get(member)
+
+    @field_validator("vote_pattern")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression ({exc})") from None
+        return value
 
     def own_llms(self) -> list[str]:
         """Its own LLMs: its panel, its concluding chain, and its tiers'."""
@@ -170,6 +240,12 @@ class MoMConfig(_Strict):
 
     def model_post_init(self, context: Any, /) -> None:
         self._llms = {d.name: d for d in self.llm_definitions}
+        for model in self.models:  # each sample (NAME#2) is an LLM of its own: its NAME's definition, renamed
+            for name in model.own_llms():
+                base = name.partition("#")[0]
+                if "#" in name and name not in self._llms and base in self._llms:
+                    self._llms[name] = self._llms[base].model_copy(update={"name": name})
+                    self.llm_definitions.append(self._llms[name])
         self._prompts = {p.name: p for p in self.prompt_definitions}
         self._models = {m.name: m for m in self.models}
 
@@ -277,6 +353,9 @@ def _check_references(source: str, config: MoMConfig) -> list[str]:
                 problems.append(
                     f"{entry}: field 'overrides.allowed_llms': unknown LLM '{allowed}' (not in llm_definitions)"
                 )
+        for ranker in model.rankers or ():
+            if ranker not in llms:
+                problems.append(f"{entry}: field 'rankers': unknown LLM '{ranker}' (not in llm_definitions)")
         if model.concluding_prompt is not None and model.concluding_prompt not in prompts:
             problems.append(
                 f"{entry}: field 'concluding_prompt': unknown prompt '{model.concluding_prompt}' "

@@ -99,6 +99,11 @@ optional, see :data:`BEHAVIOUR_FIELDS`):
 ``reset_connection``   close the TCP connection (RST) without any response.
 ``reasoning_text``     streamed token by token in ``delta.reasoning_content`` (Anthropic: a thinking block)
                        before the content; non-streaming: ``message.reasoning_content`` (a thinking block).
+``ranking``            labels, best first (e.g. ``["B", "A", "C"]``): a request whose last user message asks for a
+                       ranking (it holds ``RANKING:``) is answered with a line of reasons, then
+                       ``RANKING: Response B, Response A, Response C``; other requests answer as usual.
+``pick``               a label (e.g. ``"B"``): a request whose last user message asks for the best answer (it
+                       holds ``BEST:``) is answered with a line of reasons, then ``BEST: Response B``.
 ``reasoning_tokens``, ``cached_tokens``, ``prompt_tokens``  usage numbers (``prompt_tokens`` includes the cached
                        ones; ``reasoning_tokens`` are added to the completion/output tokens).
 
@@ -159,6 +164,9 @@ CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 ANTHROPIC_PATHS = frozenset({"/v1/messages", "/v1/v1/messages"})
 UPSTREAM_PATHS: dict[str, str] = dict.fromkeys(CHAT_PATHS, "openai") | dict.fromkeys(ANTHROPIC_PATHS, "anthropic")
 POLL_INTERVAL_S = 0.02
+# what the service's ranking and judging prompts ask a ranking and a pick to follow (engine/strategies)
+RANKING_MARK = "RANKING:"
+PICK_MARK = "BEST:"
 
 LogEntry = dict[str, Any]
 
@@ -190,6 +198,8 @@ BEHAVIOUR_FIELDS: dict[str, str] = {
     "cached_tokens": "int",
     "prompt_tokens": "int",
     "reasoning_text": "str",
+    "ranking": "texts",
+    "pick": "str",
 }
 
 TOOL_CALL_KEYS = frozenset({"name", "arguments", "id"})
@@ -256,6 +266,8 @@ class Behaviour:
     cached_tokens: int = 0
     prompt_tokens: int | None = None
     reasoning_text: str | None = None
+    ranking: tuple[str, ...] | None = None
+    pick: str | None = None
 
     @classmethod
     def parse(cls, raw: object) -> Behaviour:
@@ -1080,6 +1092,12 @@ class FakeState:
         body = encoder.body
         if behaviour.after_tool_text is not None and _tool_results(body) is not None:
             return _Answer(_fill(behaviour.after_tool_text, body), behaviour.reasoning_text)
+        asked = _last_user_text(body)
+        if behaviour.ranking is not None and RANKING_MARK in asked:
+            labels = ", ".join(f"Response {label}" for label in behaviour.ranking)
+            return _Answer(f"Some are better than others.\n{RANKING_MARK} {labels}", behaviour.reasoning_text)
+        if behaviour.pick is not None and PICK_MARK in asked:
+            return _Answer(f"One stands out.\n{PICK_MARK} Response {behaviour.pick}", behaviour.reasoning_text)
         template = behaviour.scripted_text(counter.requests)
         calls: list[_ToolCall] = []
         for spec in behaviour.tool_calls if encoder.speaks_tool_calls else ():

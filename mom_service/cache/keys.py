@@ -31,13 +31,16 @@ def _digest(kind: str, payload: dict[str, Any]) -> str:
 
 def _llm_identity(llm: LLMDefinition) -> dict[str, Any]:
     """What about an LLM decides its answers (not its key's variable, timeout, retries or price)."""
-    return {
+    identity = {
         "model": llm.model,
         "api_base": llm.api_base,
         "params": llm.params,
         "multimodal": llm.multimodal,
         "capabilities": llm.capabilities.model_dump(),  # who calls tools: who concludes, what members read
     }
+    if "#" in llm.name:  # a sample (NAME#2): its own answer, never another sample's
+        identity["sample"] = llm.name.partition("#")[2]
+    return identity
 
 
 def _params(params: dict[str, Any]) -> dict[str, Any]:

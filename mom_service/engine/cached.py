@@ -40,6 +40,7 @@ def cached_copy(report: CallReport) -> CallReport:
         text=report.text,
         tool_calls=report.tool_calls,
         role=report.role,
+        stage=report.stage,
         images=report.images,
     )
 
@@ -66,10 +67,10 @@ class CachedMember:
 
 
 def cacheable(breakdown: Breakdown) -> bool:
-    """A whole answer: no member failed or was skipped by its circuit (cut off by design by a quorum or deadline
-    is fine), the concluding call answered."""
-    if breakdown.structured_output == "invalid":
-        return False
+    """A whole answer of the synthesize strategy: no member failed or was skipped by its circuit (cut off by
+    design by a quorum or deadline is fine), the concluding call answered."""
+    if breakdown.structured_output == "invalid" or breakdown.strategy != "synthesize":
+        return False  # (another strategy's stages and results are not part of what is stored)
     return breakdown.concluding.status in ("ok", "skipped") and not any(
         m.status == "error" or m.error_type == "circuit_open" for m in breakdown.members
     )
@@ -141,6 +142,7 @@ class ResponseCache:
             "text": report.text,
             "tool_calls": report.tool_calls,
             "role": report.role,
+            "stage": report.stage,
             "images": report.images,
             "cost": _cost(_paid(report)),
         }
@@ -156,6 +158,7 @@ class ResponseCache:
             text=data["text"],
             tool_calls=data["tool_calls"],
             role=data["role"],
+            stage=data.get("stage", "conclude" if data["role"] == "concluding" else "answer"),
             images=data["images"],
             cost=None if data["cost"] is None else Decimal(data["cost"]),
         )
@@ -172,6 +175,11 @@ def as_hit(breakdown: Breakdown, *, answered: bool = True) -> Breakdown:
         turn=breakdown.turn,
         structured_output=breakdown.structured_output,
         tier=breakdown.tier,
+        strategy=breakdown.strategy,
+        stage_calls=[cached_copy(r) for r in breakdown.stage_calls],
+        ranking=breakdown.ranking,
+        selected=breakdown.selected,
+        votes=breakdown.votes,
     )
     if not answered:
         for report in hit.calls:

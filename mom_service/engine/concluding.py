@@ -56,7 +56,7 @@ def _messages(plan: Plan, candidate: Concluder, breakdown: Breakdown) -> list[di
         told = [{"role": "system", "content": f"{INSTRUCTION_HEAD}\n{instruction}"}] if instruction else []
         return [*told, *candidate.conversation]
     answered = [r for r in breakdown.members if r.status != "skipped"]
-    return concluding_messages(plan.prompt, candidate.conversation, answered)
+    return concluding_messages(plan.prompt, candidate.conversation, answered, breakdown.ranking)
 
 
 async def conclude(
@@ -134,7 +134,7 @@ def _params(plan: Plan, candidate: Concluder, space: Room | None) -> dict[str, A
 
 def _report(candidate: Concluder) -> CallReport:
     llm = candidate.llm
-    return CallReport(name=llm.name, model=llm.model, role="concluding", images=candidate.images)
+    return CallReport(name=llm.name, model=llm.model, role="concluding", stage="conclude", images=candidate.images)
 
 
 async def _checked(

@@ -216,20 +216,46 @@ def room(
     """Under a cap (None without one): the concluding call's output ceiling from what is left once what was spent
     and what this call reads (our count) are paid, at most its own ceiling; refused when that is fewer than
     MIN_ANSWER_TOKENS (or its whole ceiling, when smaller)."""
-    cap = plan.max_cost_usd
-    if cap is None or candidate.ceiling is None or prices is None:
+    if candidate.ceiling is None or prices is None:
         return None
-    left = cap - spent - count(candidate.llm.model, messages, plan.tools) * prices.input
+    return stage_room(plan, candidate.llm.model, candidate.ceiling, messages, spent, prices, plan.tools, count)
+
+
+def stage_room(
+    plan: Plan,
+    model: str,
+    ceiling: int,
+    messages: list[dict[str, Any]],
+    spent: Decimal,
+    prices: Prices | None,
+    tools: list[dict[str, Any]] | None = None,
+    count: Counter = count_request,
+) -> Room | None:
+    """Under a cap (None without one): any call's output ceiling from what is left (`room`, for a strategy's
+    stages too: a ranking, a judgement); an unpriced LLM is refused."""
+    cap = plan.max_cost_usd
+    if cap is None:
+        return None
+    if prices is None:
+        return Room(0, f"under the cost cap of {usd(cap)}, an LLM without a known price is not asked")
+    left = cap - spent - count(model, messages, tools) * prices.input
     price = output_price(prices)
     if price > 0:
         affordable = int((left / price).to_integral_value(rounding=ROUND_FLOOR)) if left > 0 else 0
     else:
-        affordable = candidate.ceiling if left >= 0 else 0
-    tokens = min(candidate.ceiling, affordable)
-    if tokens >= min(MIN_ANSWER_TOKENS, candidate.ceiling) and tokens > 0:
+        affordable = ceiling if left >= 0 else 0
+    tokens = min(ceiling, affordable)
+    if tokens >= min(MIN_ANSWER_TOKENS, ceiling) and tokens > 0:
         return Room(tokens)
     why = (
         f"of the cost cap of {usd(cap)}, {usd(spent)} was spent and {usd(max(left, ZERO))} is left once its input "
         f"is paid: {tokens} token(s) of answer, too few"
     )
     return Room(tokens, why)
+
+
+def worst_of(
+    tokens: int, messages: list[dict[str, Any]], model: str, prices: Prices, count: Counter = count_request
+) -> Decimal:
+    """A call's worst case: what it reads (our count) and `tokens` of answer."""
+    return count(model, messages, None) * prices.input + tokens * output_price(prices)

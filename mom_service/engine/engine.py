@@ -28,6 +28,7 @@ from mom_service.engine.events import (
     PanelDone,
     RequestOutcome,
     RequestStatus,
+    StageDone,
     ToolCallDelta,
     Usage,
 )
@@ -36,6 +37,7 @@ from mom_service.engine.panel import cancel_members, fan_out, new_breakdown, wai
 from mom_service.engine.plan import DEFAULT_IMAGES, ImagePolicy, Plan, Request, prepare
 from mom_service.engine.single_flight import Flight, Flights
 from mom_service.engine.steering import Steering
+from mom_service.engine.strategies import strategy_of
 from mom_service.engine.tools import CallAssembler, as_deltas, vote
 from mom_service.engine.tracing import NO_TRACE, Trace, TraceStarter
 from mom_service.errors import WITH_TRACEBACK, InternalError
@@ -266,7 +268,13 @@ class Engine:
         """The events of an identical request's run, as a cache hit: this request pays nothing."""
         first = plan.concluders[0].llm  # until the run says more: no call of this request's own was made
         placeholder = CallReport(
-            name=first.name, model=first.model, role="concluding", status="skipped", cost=ZERO, cached=True
+            name=first.name,
+            model=first.model,
+            role="concluding",
+            stage="conclude",
+            status="skipped",
+            cost=ZERO,
+            cached=True,
         )
         steering = plan.steering
         breakdown = Breakdown(
@@ -337,8 +345,8 @@ class Engine:
             async with aclosing(wait_for_panel(calls, plan, breakdown.members, tasks, tally.started)) as settling:
                 async for event in settling:
                     yield event
-            yield PanelDone(breakdown.members)
             if plan.turn != "relay" and breakdown.answered < plan.mom.min_successful:
+                yield PanelDone(breakdown.members)
                 yield too_few_answered(plan, breakdown)
                 return
             agreed = (
@@ -348,11 +356,15 @@ class Engine:
                 if plan.vote_threshold
                 else None
             )
-            stages = (
-                self._voted(breakdown, agreed, concluded)
-                if agreed
-                else conclude(calls, plan, breakdown, trace, concluded)
-            )
+            if agreed or plan.strategy == "synthesize":  # the concluding stage itself: no layer between
+                yield PanelDone(breakdown.members)
+                stages = (
+                    self._voted(breakdown, agreed, concluded)
+                    if agreed
+                    else conclude(calls, plan, breakdown, trace, concluded)
+                )
+            else:  # the strategy's stages, then its PanelDone and answer
+                stages = strategy_of(plan)(calls, plan, breakdown, trace, concluded)
             async with aclosing(stages) as concluding:
                 async for event in concluding:
                     yield event
@@ -402,7 +414,7 @@ async def _followed(flight: Flight, steering: Steering) -> AsyncGenerator[Event]
                 yield MemberFinished(cached_copy(event.report))
             elif isinstance(event, PanelDone):
                 yield PanelDone([cached_copy(r) for r in event.reports])
-            elif isinstance(event, ContentDelta | ToolCallDelta):
+            elif isinstance(event, ContentDelta | ToolCallDelta | StageDone):
                 yield event
             elif isinstance(event, Completed):
                 hit = _steered(as_hit(event.breakdown), steering)

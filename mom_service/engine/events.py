@@ -14,6 +14,8 @@ Turn = Literal["ensemble", "relay", "vote"]
 # The protocol a request came in by: Chat Completions, Anthropic Messages, OpenAI Responses, MCP's `consult` tool,
 # or `mom-service eval` (its MoM models' requests and its direct calls to single LLMs and the judge)
 Surface = Literal["chat", "messages", "responses", "mcp", "eval"]
+# a panel member, a ranker (rank), the concluding LLM (concluding, or judging for best_of and vote)
+Role = Literal["member", "ranker", "concluding"]
 
 
 @dataclass(slots=True)
@@ -32,11 +34,16 @@ class CallReport:
     cached: bool = False
     text: str = ""
     tool_calls: list[dict[str, Any]] | None = None  # what it proposed to call, in OpenAI's shape (members)
-    role: Literal["member", "concluding"] = "member"
+    role: Role = "member"
+    stage: str = ""  # the strategy's stage: answer, rank, conclude, judge (docs/strategies); "": its role's
     images: Literal["sent", "placeholders"] | None = None  # how the request's images reached this call
     estimated: bool = False  # usage counted by us (a cancelled call, or none reported), not by the provider
     saved: Decimal | None = None  # a cached answer: what the call that produced it cost (not paid again)
     sent: bool = False  # the request left for the provider (a call cancelled before that made no call)
+
+    def __post_init__(self) -> None:
+        if not self.stage:  # a member answers, the concluding call concludes, unless a strategy says otherwise
+            self.stage = "conclude" if self.role == "concluding" else "rank" if self.role == "ranker" else "answer"
 
     # The states a call goes through: each a method, so its fields change together.
     def answered(self, text: str, tool_calls: list[dict[str, Any]] | None = None) -> None:
@@ -78,6 +85,11 @@ class Breakdown:
     notices: list[str] = field(default_factory=list)  # the caller's controls that were ignored, and why
     overrides: dict[str, Any] = field(default_factory=dict)  # the caller's controls that were applied
     tier: str | None = None  # the MoM model's effort tier the request's effort chose (engine/tiers.py)
+    strategy: str = "synthesize"  # what followed the panel's answers (engine/strategies)
+    stage_calls: list[CallReport] = field(default_factory=list)  # the strategy's calls besides members, concluding
+    ranking: list[dict[str, Any]] | None = None  # rank: each member's Borda score and rank, best first
+    selected: str | None = None  # best_of, vote: the member whose answer is returned verbatim
+    votes: list[dict[str, Any]] | None = None  # vote: each final answer (normalized), its count and its members
 
     @property
     def answered(self) -> int:
@@ -94,7 +106,7 @@ class Breakdown:
 
     @property
     def calls(self) -> tuple[CallReport, ...]:
-        return (*self.members, *self.concluding_failed, self.concluding)
+        return (*self.members, *self.stage_calls, *self.concluding_failed, self.concluding)
 
     def usage(self) -> Usage:
         total = Usage()
@@ -134,6 +146,14 @@ class MemberFinished:
 
 
 @dataclass(slots=True)
+class StageDone:
+    """A stage of the strategy ended (the rankings, a vote): its summary, a block of the thinking context."""
+
+    stage: str
+    summary: str
+
+
+@dataclass(slots=True)
 class PanelDone:
     """Every member is settled; the concluding call starts."""
 
@@ -170,7 +190,7 @@ class Failed:
     breakdown: Breakdown
 
 
-Event = MemberFinished | PanelDone | ContentDelta | ToolCallDelta | Completed | Failed
+Event = MemberFinished | StageDone | PanelDone | ContentDelta | ToolCallDelta | Completed | Failed
 
 RequestStatus = Literal["ok", "error", "cancelled"]
 

@@ -23,20 +23,31 @@ logger = logging.getLogger("mom_service")
 MemberTasks = dict[asyncio.Task[CallReport], int]  # each member's call, and its index in the plan
 
 
-def new_breakdown(plan: Plan, not_answered: str) -> Breakdown:
-    """Every call of the plan before it is made: members not answered yet (or skipped), nobody concluding."""
+def member_reports(plan: Plan, not_answered: str, stage: str = "answer") -> list[CallReport]:
+    """The members' calls of a round before they are made: not answered yet, or skipped."""
     members = []
     for member in plan.members:
-        report = CallReport(name=member.llm.name, model=member.llm.model, cost=ZERO)
+        report = CallReport(name=member.llm.name, model=member.llm.model, cost=ZERO, stage=stage)
         if member.skipped is not None:
             report.skipped(member.skipped_kind, member.skipped)
         else:
             report.cancelled(not_answered)
             report.images = "sent" if plan.has_images else None
         members.append(report)
+    return members
+
+
+def new_breakdown(plan: Plan, not_answered: str) -> Breakdown:
+    """Every call of the plan before it is made: members not answered yet (or skipped), nobody concluding."""
+    members = member_reports(plan, not_answered)
     first = plan.concluders[0]
     concluding = CallReport(
-        name=first.llm.name, model=first.llm.model, role="concluding", status="skipped", images=first.images
+        name=first.llm.name,
+        model=first.llm.model,
+        role="concluding",
+        stage="conclude",
+        status="skipped",
+        images=first.images,
     )
     concluding.cost = ZERO
     steering = plan.steering
@@ -46,6 +57,7 @@ def new_breakdown(plan: Plan, not_answered: str) -> Breakdown:
         notices=list(steering.notices),
         overrides=steering.applied,
         tier=plan.tier,
+        strategy=plan.strategy,
     )
 
 

@@ -120,6 +120,8 @@ class Plan:
     caller: str = ""  # who asks (the hash of its token): its usage records are its own
     tier: str | None = None  # the effort tier chosen (engine/tiers.py)
     efforts: tuple[str | None, str | None] = (None, None)  # the members' and the concluding effort, as asked
+    strategy: str = "synthesize"  # what follows the panel's answers (engine/strategies), as this request runs it
+    rankers: tuple[Concluder, ...] = ()  # rank: who ranks, as each would be asked (empty: the members who answered)
 
     @property
     def concluding_params(self) -> dict[str, Any]:
@@ -152,6 +154,8 @@ class Plan:
         dropped = [m.llm.name for m in self.members if m.skipped_kind == "cost_cap"]
         if dropped:  # an answer without them is not the panel's answer to an uncapped request
             key["cost_cap_dropped"] = dropped
+        if self.strategy != "synthesize":
+            key["strategy"] = self.strategy
         return key
 
 
@@ -251,6 +255,8 @@ def make_plan(
     tiered = tiered or Tiered(mom)
     members, concluders = _with_efforts(members, concluders, tiered, reasoning_ok or {})
     voting = tools is not None and mom.tools.strategy == "vote" and turn == "ensemble"
+    strategy, steering = _strategy(mom, tools, form, turn, steering)
+    rankers = _rankers(config, mom, shapes, vision, has_images, history, members) if strategy == "rank" else ()
     return Plan(
         request_id=request_id,
         mom=mom,
@@ -274,7 +280,46 @@ def make_plan(
         caller=caller,
         tier=tiered.tier,
         efforts=(tiered.member_effort, tiered.concluding_effort),
+        strategy=strategy,
+        rankers=rankers,
     )
+
+
+def _strategy(
+    mom: MoMModelConfig, tools: list[dict[str, Any]] | None, form: Any, turn: str, steering: Steering
+) -> tuple[str, Steering]:
+    """The strategy this request runs: the MoM model's (as steered), but `synthesize` for a tool loop's relay turn,
+    and, with a notice, for a request with tools or a JSON answer (only a concluding call can keep those)."""
+    if mom.strategy == "synthesize" or turn == "relay" or (mom.strategy == "layers" and mom.layers < 2):
+        return "synthesize", steering
+    why = (
+        "tools" if tools else "a JSON response format" if isinstance(form, dict) and form.get("type") != "text" else ""
+    )
+    if not why:
+        return mom.strategy, steering
+    notice = f"strategy: '{mom.strategy}' does not apply to a request with {why}; the answer is synthesized."
+    return "synthesize", replace(steering, notices=(*steering.notices, notice))
+
+
+def _rankers(
+    config: MoMConfig,
+    mom: MoMModelConfig,
+    shapes: _Shapes,
+    vision: Mapping[str, bool],
+    has_images: bool,
+    history: bool,
+    members: list[Member],
+) -> tuple[Concluder, ...]:
+    """The configured rankers, as each is asked (the conversation in its shapes); none configured: the members."""
+    names = mom.rankers if mom.rankers is not None else [m.llm.name for m in members if m.skipped is None]
+    out = []
+    for name in dict.fromkeys(names):
+        llm = config.llm(name)
+        sees = vision[llm.name]
+        images: Literal["sent", "placeholders"] | None = ("sent" if sees else "placeholders") if has_images else None
+        conversation = tuple(shapes.of(llm, sees, _tools_mode(None, history, True), member=False))
+        out.append(Concluder(llm, conversation, images))
+    return tuple(out)
 
 
 def _cached(mom: MoMModelConfig, final_params: dict[str, Any], steering: Steering) -> bool:
@@ -331,6 +376,9 @@ def _members(
         mode = _tools_mode(tools, history, can_call.get(name, True))
         conversation = shapes.of(llm, True, mode, member=True)
         member_params = dict(params)
+        temperature = mom.temperature_of(name)
+        if temperature is not None:  # a sample's own (Self-MoA)
+            member_params["temperature"] = temperature
         if mode == "native" and tools:
             member_params["tools"] = tools
             member_params["tool_choice"] = (

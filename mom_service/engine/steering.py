@@ -1,8 +1,8 @@
 """The caller steers one request, within the operator's limits: the `mom` body field and the in-message directive
 (the body wins for a key both set) choose who is asked (`only`, `exclude`, `include`, in that order), who concludes,
-the thinking context, the panel rules, a cost cap and the cache. A mistake costs nothing and hides nothing: an
-unknown key, name or value is ignored and reported as a notice (with the closest valid one); what cannot run is a
-400 before any upstream call."""
+the thinking context, the panel rules, the strategy, a cost cap and the cache. A mistake costs nothing and hides
+nothing: an unknown key, name or value is ignored and reported as a notice (with the closest valid one); what cannot
+run is a 400 before any upstream call."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
-from mom_service.config import MoMConfig, MoMModelConfig
+from mom_service.config import STRATEGIES, MoMConfig, MoMModelConfig
 from mom_service.engine.directives import extract
 from mom_service.errors import InvalidRequest
 
@@ -27,6 +27,7 @@ KEYS = (
     "member_deadline_ms",
     "max_cost_usd",
     "cache",
+    "strategy",
 )
 THINKING = ("off", "think_tags", "reasoning_content")
 CACHE = ("on", "off")
@@ -222,6 +223,9 @@ def _rules(reader: _Reader, mom: MoMModelConfig, members: int, applied: dict[str
         if thinking != "off":
             update["thinking_format"] = thinking
         applied["thinking"] = thinking
+    strategy = reader.choice("strategy", STRATEGIES)
+    if strategy is not None:
+        update["strategy"] = applied["strategy"] = strategy
     for key, minimum in (("min_successful", 1), ("quorum", 1), ("member_deadline_ms", 1)):
         value = reader.integer(key, minimum)
         if value is not None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mom_service.engine.events import CallReport
+from mom_service.engine.events import CallReport, MemberFinished, StageDone
 from mom_service.engine.tools import proposal_calls
 
 _TAG = "panel_answer"
@@ -33,11 +33,24 @@ def _attr(value: str) -> str:
     return value.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def panel_block(reports: Sequence[CallReport]) -> str:
-    """The members' answers, each labelled and delimited; failed members are named with their failure."""
-    parts = [UNTRUSTED_NOTICE, ""]
+RANKED_NOTICE = (
+    "The panel members ranked each other's answers (a Borda count, their own answers excluded): the answers come "
+    "best first, each with its rank and score (higher is better). Weigh them accordingly."
+)
+
+
+def panel_block(reports: Sequence[CallReport], ranking: Sequence[Mapping[str, Any]] | None = None) -> str:
+    """The members' answers, each labelled and delimited; failed members are named with their failure. With a
+    ranking (the rank strategy): the ranked answers first, best first, each with its rank and score."""
+    places = {entry["name"]: entry for entry in ranking or ()}
+    if ranking is not None:
+        order = {entry["name"]: number for number, entry in enumerate(ranking)}
+        reports = sorted(reports, key=lambda r: order.get(r.name, len(order)))
+    parts = [UNTRUSTED_NOTICE, *([RANKED_NOTICE] if ranking is not None else []), ""]
     for index, report in enumerate(reports, start=1):
         attrs = f'index="{index}" name="{_attr(report.name)}" status="{report.status}"'
+        if report.name in places:
+            attrs += f' rank="{places[report.name]["rank"]}" score="{places[report.name]["score"]}"'
         if report.status == "ok":
             calls = proposal_calls(report)
             proposed = f"\n<proposed_tool_calls>{_neutralise(calls)}</proposed_tool_calls>" if calls else ""
@@ -52,13 +65,17 @@ def panel_block(reports: Sequence[CallReport]) -> str:
 
 
 def concluding_messages(
-    prompt: str, conversation: Sequence[dict[str, Any]], reports: Sequence[CallReport]
+    prompt: str,
+    conversation: Sequence[dict[str, Any]],
+    reports: Sequence[CallReport],
+    ranking: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """The concluding prompt as system message, the original conversation, then the panel's answers."""
+    """The concluding prompt as system message, the original conversation, then the panel's answers (in ranked
+    order, with their scores, after a ranking)."""
     return [
         {"role": "system", "content": prompt},
         *conversation,
-        {"role": "user", "content": panel_block(reports)},
+        {"role": "user", "content": panel_block(reports, ranking)},
     ]
 
 
@@ -79,17 +96,24 @@ class ThinkingBlocks:
     def __init__(self, notices: Sequence[str] = ()) -> None:
         self._pending = notices_block(notices) if notices else ""
 
-    def of(self, report: CallReport) -> str:
-        block = thinking_block(report)
+    def of(self, report: CallReport | str) -> str:
+        """A member's block, or a strategy stage's summary (StageDone), the notices before the first."""
+        block = report if isinstance(report, str) else thinking_block(report)
         if self._pending:
             block, self._pending = self._pending + block, ""
         return block
 
 
+def thought(event: MemberFinished | StageDone) -> CallReport | str:
+    """What an event adds to the thinking context: a member's answer, or a strategy stage's summary."""
+    return event.report if isinstance(event, MemberFinished) else event.summary
+
+
 def thinking_block(report: CallReport) -> str:
     """One member's block in the thinking context, in the format the original MoM service used."""
+    name = report.name if report.stage == "answer" else f"{report.name} ({report.stage})"
     if report.status == "ok":
         calls = proposal_calls(report)
         proposed = f"\nTool calls: {calls}" if calls else ""
-        return f"Model: {report.name}\nContent: {report.text}{proposed}\n---\n"
-    return f"Model: {report.name}\nStatus: {report.status}\nError: {report.error or report.status}\n---\n"
+        return f"Model: {name}\nContent: {report.text}{proposed}\n---\n"
+    return f"Model: {name}\nStatus: {report.status}\nError: {report.error or report.status}\n---\n"

@@ -103,8 +103,8 @@ class Metrics:
         )
         self.upstream_calls = Counter(
             "mom_upstream_calls",
-            "Upstream LLM calls (panel members and concluding calls), by status.",
-            ["llm", "role", "status"],
+            "Upstream LLM calls (panel members, rankers and concluding calls), by stage and status.",
+            ["llm", "role", "stage", "status"],
             registry=r,
         )
         self.upstream_duration = Histogram(
@@ -153,11 +153,12 @@ class Metrics:
             self.request_duration.labels(model.name)
             self.ttft.labels(model.name)
             self.saved.labels(model.name)
-            roles = [(name, "member") for name in model.llms_to_query] + [(model.concluding_llm, "concluding")]
-            for llm, role in roles:
+            roles = [(name, "member", "answer") for name in model.llms_to_query]
+            roles.append((model.concluding_llm, "concluding", "conclude"))
+            for llm, role, stage in roles:
                 self.upstream_duration.labels(llm, role)
                 for status in get_args(MemberStatus):
-                    self.upstream_calls.labels(llm, role, status)
+                    self.upstream_calls.labels(llm, role, stage, status)
         for llm in self._llms:
             for kind in TOKEN_KINDS:
                 self.tokens.labels(llm, kind)
@@ -194,7 +195,7 @@ class Metrics:
         if report.error_type == "relay":
             return  # a member a tool loop's relayed turn does not ask by design: not a call, nor a skipped one
         llm = self._llm(report.name)
-        self.upstream_calls.labels(llm, report.role, report.status).inc()
+        self.upstream_calls.labels(llm, report.role, report.stage, report.status).inc()
         if report.status == "skipped":
             return
         if report.latency_ms is not None:

@@ -107,7 +107,7 @@ class _LangfuseTrace:
                     model=report.model,
                     input=messages,
                     model_parameters={k: v for k, v in params.items() if isinstance(v, str | int | float | bool)},
-                    metadata={"role": report.role, "tools": _tool_names(params)},
+                    metadata={"role": report.role, "stage": report.stage, "tools": _tool_names(params)},
                 )
 
         observation = _guard("starting a generation", start)

@@ -25,6 +25,7 @@ def _call_row(request: RequestOutcome, report: CallReport, created_ms: int) -> d
         "llm": report.name,
         "model": report.model,
         "role": report.role,
+        "stage": report.stage,
         "status": report.status,
         "error_type": report.error_type,
         "error": report.error[:300] if report.error else None,

@@ -72,7 +72,9 @@ calls_table = Table(
     Column("mom_model", String(128), nullable=False),
     Column("llm", String(128), nullable=False, index=True),
     Column("model", String(256), nullable=False),
-    Column("role", String(16), nullable=False),  # member | concluding
+    Column("role", String(16), nullable=False),  # member | ranker | concluding
+    # the strategy's stage: answer, rank, conclude, judge (docs/strategies); migration 7
+    Column("stage", String(16), nullable=False, server_default="answer"),
     Column("status", String(16), nullable=False),  # ok | error | cancelled
     Column("error_type", String(32)),  # timeout, rate_limited, http_error, connection, cancelled, ...
     Column("error", String(300)),  # the (redacted) message
@@ -173,6 +175,18 @@ async def _migration_6(conn: AsyncConnection) -> None:
     await conn.run_sync(add)
 
 
+async def _migration_7(conn: AsyncConnection) -> None:
+    """mom_calls.stage: the strategy's stage of a call (before strategies: `conclude` for the concluding calls,
+    `answer` for the members')."""
+
+    def add(sync: Connection) -> None:
+        if "stage" not in {c["name"] for c in inspect(sync).get_columns("mom_calls")}:
+            sync.execute(text("ALTER TABLE mom_calls ADD COLUMN stage VARCHAR(16) NOT NULL DEFAULT 'answer'"))
+            sync.execute(text("UPDATE mom_calls SET stage = 'conclude' WHERE role = 'concluding'"))
+
+    await conn.run_sync(add)
+
+
 MIGRATIONS: Sequence[Callable[[AsyncConnection], Any]] = (
     _migration_1,
     _migration_2,
@@ -180,6 +194,7 @@ MIGRATIONS: Sequence[Callable[[AsyncConnection], Any]] = (
     _migration_4,
     _migration_5,
     _migration_6,
+    _migration_7,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _PG_MIGRATION_LOCK = 0x4D6F4D5F  # "MoM_": replicas starting together migrate one at a time

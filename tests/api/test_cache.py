@@ -710,7 +710,7 @@ def test_hits_are_recorded_and_counted_as_savings(cached: Service, fake: FakeUps
     assert delta("mom_requests_total", model="cmom-acct", surface="chat", outcome="ok") == 3
     assert delta("mom_cost_saved_usd_total", model="cmom-acct") == pytest.approx(2 * first.mom["cost"], rel=1e-12)
     for name in MEMBERS:  # a hit is no upstream call
-        assert delta("mom_upstream_calls_total", llm=name, role="member", status="ok") == 1
+        assert delta("mom_upstream_calls_total", llm=name, role="member", stage="answer", status="ok") == 1
 
     health = httpx.get(f"{cached.url}/health/detailed", headers=cached.headers(), timeout=10).json()
     component, earlier = health["components"]["cache"], health_before["components"]["cache"]

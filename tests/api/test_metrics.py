@@ -102,11 +102,11 @@ def test_counters_move_by_exactly_what_the_requests_did(metered: Service, fake: 
     assert delta("mom_cache_total", result="miss") == ok + 1
     assert delta("mom_cache_total", result="hit") == 0
     for name in MEMBERS:
-        assert delta("mom_upstream_calls_total", llm=name, role="member", status="ok") == ok
-        assert delta("mom_upstream_calls_total", llm=name, role="member", status="error") == 1
+        assert delta("mom_upstream_calls_total", llm=name, role="member", stage="answer", status="ok") == ok
+        assert delta("mom_upstream_calls_total", llm=name, role="member", stage="answer", status="error") == 1
         assert delta("mom_upstream_call_duration_seconds_count", llm=name, role="member") == ok + 1
-    assert delta("mom_upstream_calls_total", llm="judge", role="concluding", status="ok") == ok
-    assert delta("mom_upstream_calls_total", llm="judge", role="concluding", status="skipped") == 1
+    assert delta("mom_upstream_calls_total", llm="judge", role="concluding", stage="conclude", status="ok") == ok
+    assert delta("mom_upstream_calls_total", llm="judge", role="concluding", stage="conclude", status="skipped") == 1
     assert delta("mom_upstream_call_duration_seconds_count", llm="judge", role="concluding") == ok
 
     def reports(llm: str) -> list[dict[str, Any]]:
@@ -143,10 +143,10 @@ def test_skipped_members_are_counted_as_skipped(metered: Service, fake: FakeUpst
     response = metered.chat(messages=image_question())
     assert response.status_code == 200
     delta = grew(before, scrape(metered))
-    assert delta("mom_upstream_calls_total", llm="alpha", role="member", status="ok") == 1
+    assert delta("mom_upstream_calls_total", llm="alpha", role="member", stage="answer", status="ok") == 1
     for name in ("beta", "gamma"):
-        assert delta("mom_upstream_calls_total", llm=name, role="member", status="skipped") == 1
-        assert delta("mom_upstream_calls_total", llm=name, role="member", status="ok") == 0
+        assert delta("mom_upstream_calls_total", llm=name, role="member", stage="answer", status="skipped") == 1
+        assert delta("mom_upstream_calls_total", llm=name, role="member", stage="answer", status="ok") == 0
         assert delta("mom_upstream_call_duration_seconds_count", llm=name, role="member") == 0
         assert delta("mom_tokens_total", llm=name, kind="prompt") == 0
 
@@ -174,6 +174,7 @@ def test_labels_are_only_configured_names(metered: Service, fake: FakeUpstream) 
         {m["name"] for m in config["models"]}
         | {d["name"] for d in config["llm_definitions"]}
         | {"ok", "error", "cancelled", "skipped", "member", "concluding", "hit", "miss"}
+        | {"answer", "conclude"}  # stages (the default strategy's)
         | {"prompt", "completion", "reasoning", "cached"}
         | {"closed", "open", "half_open"}  # circuit breaker states
         | {"chat", "messages", "responses", "mcp"}  # surfaces
@@ -251,7 +252,7 @@ def test_in_flight_gauge_follows_requests_being_answered(metered: Service, fake:
     delta = grew(before, scrape(metered))
     assert delta("mom_requests_total", model="mom", surface="chat", outcome="cancelled") == 3
     for name in MEMBERS:
-        assert delta("mom_upstream_calls_total", llm=name, role="member", status="cancelled") == 3
+        assert delta("mom_upstream_calls_total", llm=name, role="member", stage="answer", status="cancelled") == 3
 
 
 def test_usage_queue_depth_and_drops_are_read_from_the_writer(
@@ -331,8 +332,9 @@ def test_names_outside_the_config_are_one_label(fake_server: FakeUpstream) -> No
     metrics.record(_outcome("not-configured", ("rogue",)))
     scraped = Scrape(metrics.exposition().decode())
     assert scraped.value("mom_requests_total", model="other", surface="chat", outcome="ok") == 1
-    assert scraped.value("mom_upstream_calls_total", llm="other", role="member", status="ok") == 0  # cached
-    assert scraped.value("mom_upstream_calls_total", llm="judge", role="concluding", status="ok") == 1
+    member = {"llm": "other", "role": "member", "stage": "answer"}
+    assert scraped.value("mom_upstream_calls_total", **member, status="ok") == 0  # cached
+    assert scraped.value("mom_upstream_calls_total", llm="judge", role="concluding", stage="conclude", status="ok") == 1
     assert scraped.value("mom_unpriced_calls_total", llm="judge") == 1
     assert not {"not-configured", "rogue"} & scraped.label_values()
 

@@ -643,9 +643,9 @@ def test_relay_tool_results_go_to_the_concluding_llm_alone(tooled: Service, fake
     reply = ask(tooled, "tools-synth", LOOP, stream=stream, tools=TOOLS, tool_choice="auto", parallel_tool_calls=True)
     assert reply.status == 200, reply.body
     delta = grew(before, scrape(tooled))
-    assert delta("mom_upstream_calls_total", llm="tt-judge", role="concluding", status="ok") == 1
+    assert delta("mom_upstream_calls_total", llm="tt-judge", role="concluding", stage="conclude", status="ok") == 1
     for name in ("tt-a", "tt-b", "tt-mute"):  # members a relay turn does not ask are not counted as skipped
-        assert delta("mom_upstream_calls_total", llm=name, role="member", status="skipped") == 0
+        assert delta("mom_upstream_calls_total", llm=name, role="member", stage="answer", status="skipped") == 0
     assert reply.content == "In Paris: 18 C and sunny."
     assert reply.tool_calls is None and reply.finish_reason == "stop"
     assert reply.mom["turn"] == "relay"

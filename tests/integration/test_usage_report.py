@@ -285,7 +285,7 @@ async def test_migrations_3_to_6_add_usage_estimated_turn_surface_overrides_and_
         await conn.execute(versions_table.delete().where(versions_table.c.version > 2))
         await conn.execute(requests_table.insert().values(**old))
     assert await migrate(engine) == 2
-    assert await migrate(engine) == SCHEMA_VERSION == 6
+    assert await migrate(engine) == SCHEMA_VERSION == 7
     async with engine.connect() as conn:
         columns = await conn.run_sync(lambda sync: {c["name"]: c for c in inspect(sync).get_columns("mom_requests")})
         kept = (

@@ -152,10 +152,10 @@ async def test_migrate_is_idempotent(bare_engine: AsyncEngine) -> None:
     writer = UsageWriter(bare_engine)
     writer.submit(simple("r1"))
     await writer.close()
-    assert await migrate(bare_engine) == SCHEMA_VERSION == 6
-    assert await migrate(bare_engine) == 6
+    assert await migrate(bare_engine) == SCHEMA_VERSION == 7
+    assert await migrate(bare_engine) == 7
     assert await table_names(bare_engine) == tables
-    assert await count(bare_engine, versions_table) == 6
+    assert await count(bare_engine, versions_table) == 7
     assert await count(bare_engine, requests_table) == 1  # data survives a second migration
     assert await count(bare_engine, calls_table) == 2
 
@@ -179,6 +179,22 @@ async def test_migration_2_adds_cost_saved_to_a_version_1_database(bare_engine: 
         rows = (await conn.execute(text("SELECT id, cost_saved_pico FROM mom_requests"))).all()
     assert {"cost_saved_pico", "usage_estimated", "turn", "surface"} <= names
     assert [tuple(r) for r in rows] == [("old", None)]  # the old row is kept, with nothing saved
+
+
+async def test_migration_7_adds_the_stage_of_each_call(bare_engine: AsyncEngine) -> None:
+    # a database as version 6 left it: mom_calls without stage, a member's and a concluding call's rows in it
+    async with bare_engine.begin() as conn:
+        await conn.run_sync(lambda sync: versions_table.create(sync))
+        for version in range(1, 7):
+            await conn.execute(versions_table.insert().values(version=version, applied_ms=0))
+        await conn.run_sync(lambda sync: requests_table.create(sync))
+        columns = ", ".join(f"{c.name} TEXT" for c in calls_table.columns if c.name != "stage")
+        await conn.execute(text(f"CREATE TABLE mom_calls ({columns})"))
+        await conn.execute(text("INSERT INTO mom_calls (id, role) VALUES ('m', 'member'), ('c', 'concluding')"))
+    assert await migrate(bare_engine) == 6
+    async with bare_engine.connect() as conn:
+        rows = (await conn.execute(text("SELECT id, stage FROM mom_calls ORDER BY id"))).all()
+    assert [tuple(r) for r in rows] == [("c", "conclude"), ("m", "answer")]
 
 
 async def test_migrate_on_a_new_engine_for_the_same_file(tmp_path: Path) -> None:

@@ -282,6 +282,7 @@ def test_completion_body() -> None:
         "cost": None,
         "cached": False,
         "images": None,
+        "stage": "answer",
     }
     assert breakdown_["usage_estimated"] is False
     assert (breakdown_["turn"], breakdown_["structured_output"]) == ("ensemble", None)

@@ -24,10 +24,11 @@ from mom_service.engine.events import (
     Failed,
     MemberFinished,
     PanelDone,
+    StageDone,
     ToolCallDelta,
     Usage,
 )
-from mom_service.engine.synthesis import ThinkingBlocks
+from mom_service.engine.synthesis import ThinkingBlocks, thought
 from mom_service.engine.tools import CallAssembler
 from mom_service.errors import MoMError
 
@@ -87,9 +88,9 @@ class MessageCollector:
             self._text.append(event.text)
         elif isinstance(event, ToolCallDelta):
             self._calls.add(event)
-        elif isinstance(event, MemberFinished):
+        elif isinstance(event, MemberFinished | StageDone):
             if self._thinking is not None:
-                self._thinking.append(self._blocks.of(event.report))
+                self._thinking.append(self._blocks.of(thought(event)))
         elif isinstance(event, Failed):
             raise event.error
         elif isinstance(event, Completed):
@@ -191,12 +192,12 @@ class MessageStreamEncoder:
             if event.arguments:
                 out += self._head + orjson.dumps(event.arguments) + b"}}\n\n"
             return out
-        if isinstance(event, MemberFinished):
+        if isinstance(event, MemberFinished | StageDone):
             if not self._show_thinking:  # the panel is working: a ping keeps the connection alive
-                if event.report.status != "ok" and not self._started:
+                if isinstance(event, MemberFinished) and event.report.status != "ok" and not self._started:
                     return b""  # nothing is sent before a member answers: a panel that all fails is an HTTP error
                 return self._start() + PING
-            text = self._blocks.of(event.report)
+            text = self._blocks.of(thought(event))
             self._thinking.append(text)
             out = b"" if self._open == THINKING else self._block(THINKING, {"type": "thinking", "thinking": ""})
             return out + self._head + orjson.dumps(text) + b"}}\n\n"

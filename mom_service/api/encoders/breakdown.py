@@ -37,6 +37,7 @@ def _report_dict(report: CallReport) -> dict[str, Any]:
         "cost": usd(report.cost),
         "cached": report.cached,
         "images": report.images,
+        "stage": report.stage,
     }
 
 
@@ -59,4 +60,9 @@ def breakdown_dict(breakdown: Breakdown) -> dict[str, Any]:
         "structured_output": breakdown.structured_output,
         "notices": breakdown.notices,
         "overrides": breakdown.overrides or None,
+        "strategy": breakdown.strategy,
+        "stage_calls": [_report_dict(r) for r in breakdown.stage_calls],
+        "ranking": breakdown.ranking,
+        "selected": breakdown.selected,
+        "votes": breakdown.votes,
     }

@@ -24,10 +24,11 @@ from mom_service.engine.events import (
     Failed,
     MemberFinished,
     PanelDone,
+    StageDone,
     ToolCallDelta,
     Usage,
 )
-from mom_service.engine.synthesis import THINK_CLOSE, THINK_OPEN, ThinkingBlocks
+from mom_service.engine.synthesis import THINK_CLOSE, THINK_OPEN, ThinkingBlocks, thought
 from mom_service.engine.tools import CallAssembler
 from mom_service.errors import MoMError
 
@@ -57,8 +58,8 @@ class ThinkingRouter:
             return [(CONTENT, event.text)]
         if not self.enabled:
             return []
-        if isinstance(event, MemberFinished):
-            block = self._blocks.of(event.report)
+        if isinstance(event, MemberFinished | StageDone):
+            block = self._blocks.of(thought(event))
             if not self._tags:
                 return [(REASONING, block)]
             if not self._opened:

@@ -23,10 +23,11 @@ from mom_service.engine.events import (
     Event,
     Failed,
     MemberFinished,
+    StageDone,
     ToolCallDelta,
     Usage,
 )
-from mom_service.engine.synthesis import ThinkingBlocks
+from mom_service.engine.synthesis import ThinkingBlocks, thought
 from mom_service.engine.tools import CallAssembler
 from mom_service.errors import MoMError
 from mom_service.usage.money import usd
@@ -152,9 +153,9 @@ class ResponseCollector:
             self._text.append(event.text)
         elif isinstance(event, ToolCallDelta):
             self._calls.add(event)
-        elif isinstance(event, MemberFinished):
+        elif isinstance(event, MemberFinished | StageDone):
             if self.shape.thinking:
-                self._reasoning.append(self._blocks.of(event.report))
+                self._reasoning.append(self._blocks.of(thought(event)))
         elif isinstance(event, Failed):
             raise event.error
         elif isinstance(event, Completed):

@@ -28,8 +28,17 @@ from mom_service.api.encoders.responses import (
     reasoning_item,
 )
 from mom_service.api.schemas.responses_input import new_id
-from mom_service.engine.events import Completed, ContentDelta, Event, Failed, MemberFinished, PanelDone, ToolCallDelta
-from mom_service.engine.synthesis import ThinkingBlocks
+from mom_service.engine.events import (
+    Completed,
+    ContentDelta,
+    Event,
+    Failed,
+    MemberFinished,
+    PanelDone,
+    StageDone,
+    ToolCallDelta,
+)
+from mom_service.engine.synthesis import ThinkingBlocks, thought
 from mom_service.errors import MoMError
 
 _SUMMARY_PART = {"type": "summary_text", "text": ""}
@@ -93,11 +102,11 @@ class ResponseStreamEncoder:
             return out + self._frame("response.output_text.delta", self._text_head + orjson.dumps(event.text))
         if isinstance(event, ToolCallDelta):
             return self._call_piece(event)
-        if isinstance(event, MemberFinished):
+        if isinstance(event, MemberFinished | StageDone):
             if not self.shape.thinking:
                 return b""
             out = b"" if self._open is not None and self._open.kind == "reasoning" else self._switch("reasoning")
-            block = self._blocks.of(event.report)
+            block = self._blocks.of(thought(event))
             self._open.pieces.append(block)  # type: ignore[union-attr]
             return out + self._event(
                 "response.reasoning_summary_text.delta", **self._at(), summary_index=0, delta=block

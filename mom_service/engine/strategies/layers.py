@@ -1,0 +1,89 @@
+"""layers: Mixture-of-Agents. `layers: N` rounds (default 2): from the second on, every member gets the conversation
+with the previous round's answers as references and answers again, under the panel rules (quorum, deadline,
+min_successful) each round; the concluding LLM synthesizes the last round."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+from decimal import Decimal
+from typing import Any
+
+from mom_service.engine.calls import NOT_ANSWERED, Calls
+from mom_service.engine.concluding import Concluded, conclude, too_few_answered
+from mom_service.engine.cost_cap import stage_room, worst_of
+from mom_service.engine.events import Breakdown, CallReport, Event, PanelDone
+from mom_service.engine.panel import cancel_members, fan_out, member_reports, wait_for_panel
+from mom_service.engine.plan import Member, Plan
+from mom_service.engine.synthesis import UNTRUSTED_NOTICE
+from mom_service.engine.tracing import Trace
+from mom_service.providers.pricing import ZERO
+
+REFERENCES_HEAD = (
+    "Other assistants answered the user's last message too; their answers follow as references. Use them to write "
+    "a better answer of your own: keep what is right, correct what is wrong, add what is missing. Answer the user "
+    "directly; do not mention the references."
+)
+
+
+def references(reports: Sequence[CallReport]) -> dict[str, Any]:
+    """The previous round's answers, as the system message a member reads last."""
+    notice = UNTRUSTED_NOTICE.replace("panel_answer", "reference")
+    blocks = [
+        f'<reference index="{number}">\n{report.text.replace("<reference", "&lt;reference")}\n</reference>'
+        for number, report in enumerate((r for r in reports if r.status == "ok"), start=1)
+    ]
+    return {"role": "system", "content": "\n\n".join([REFERENCES_HEAD, notice, *blocks])}
+
+
+def _round(plan: Plan, note: dict[str, Any], spent: Decimal, prices: Any) -> Plan:
+    """The plan of a round: every member asked again with the references; under a cost cap, each within what is
+    left once the ones before it are reserved (else skipped, `cost_cap`)."""
+    members: list[Member] = []
+    reserved = spent
+    for member in plan.members:
+        if member.skipped is not None:
+            members.append(member)
+            continue
+        messages = [*member.messages, note]
+        params = member.params
+        ceiling = params.get("max_tokens")
+        price = prices.get(member.llm.name)
+        space = stage_room(plan, member.llm.model, ceiling, messages, reserved, price) if ceiling else None
+        if space is not None and (space.refused is not None or price is None):
+            members.append(Member(member.llm, [], skipped=f"not asked: {space.refused}", skipped_kind="cost_cap"))
+            continue
+        if space is not None and price is not None:
+            params = {**params, "max_tokens": space.tokens}
+            reserved += worst_of(space.tokens, messages, member.llm.model, price)
+        members.append(dataclasses.replace(member, messages=messages, encoded=None, params=params))
+    return dataclasses.replace(plan, members=tuple(members))
+
+
+async def layers(
+    calls: Calls, plan: Plan, breakdown: Breakdown, trace: Trace, concluded: Concluded
+) -> AsyncGenerator[Event]:
+    for number in range(2, plan.mom.layers + 1):
+        note = references(breakdown.members)
+        again = _round(plan, note, breakdown.cost or ZERO, calls.prices)
+        reports = member_reports(again, NOT_ANSWERED, f"round-{number}")
+        breakdown.stage_calls.extend(breakdown.members)  # the rounds before: calls of the request all the same
+        breakdown.members = reports
+        started = time.perf_counter()
+        tasks = fan_out(calls, again, reports, trace)
+        try:
+            async with aclosing(wait_for_panel(calls, again, reports, tasks, started)) as settling:
+                async for event in settling:
+                    yield event
+        finally:
+            cancel_members(calls, again, reports, tasks, NOT_ANSWERED, started)
+        if breakdown.answered < plan.mom.min_successful:
+            yield PanelDone(breakdown.members)
+            yield too_few_answered(plan, breakdown)
+            return
+    yield PanelDone(breakdown.members)
+    async with aclosing(conclude(calls, plan, breakdown, trace, concluded)) as events:
+        async for event in events:
+            yield event

@@ -1,0 +1,105 @@
+"""One call of a strategy's stage (a ranking, a judgement): asked whole, not streamed, through the circuit
+breaker; under a cost cap with its output ceiling from what is left (or not made); accounted like any call."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from decimal import Decimal
+from typing import Any
+
+from mom_service.engine.calls import NOT_ANSWERED, Calls, ms_since
+from mom_service.engine.cost_cap import stage_room, worst_of
+from mom_service.engine.events import CallReport, Role
+from mom_service.engine.plan import Concluder, Plan
+from mom_service.engine.tracing import NO_GENERATION, Trace
+from mom_service.errors import WITH_TRACEBACK
+from mom_service.providers.circuit_breaker import Result
+from mom_service.providers.errors import LLMCallError, is_transient
+from mom_service.providers.pricing import ZERO
+
+logger = logging.getLogger("mom_service")
+
+# A stage call's output ceiling under a cost cap when its LLM's is not known to the plan (a ranking is short).
+STAGE_CEILING = 1024
+
+
+def stage_report(who: Concluder, role: Role, stage: str) -> CallReport:
+    """A stage call before it is made: not answered yet."""
+    report = CallReport(name=who.llm.name, model=who.llm.model, role=role, stage=stage, images=who.images)
+    report.cancelled(NOT_ANSWERED)
+    return report
+
+
+def stage_params(plan: Plan, who: Concluder) -> dict[str, Any]:
+    """A stage call's parameters: the request's sampling, its role's reasoning effort (no tools, no format)."""
+    params = dict(plan.params)
+    if who.effort is not None:
+        params["reasoning_effort"] = who.effort
+    return params
+
+
+def reserve(
+    calls: Calls, plan: Plan, who: Concluder, report: CallReport, messages: list[dict[str, Any]], spent: Decimal
+) -> tuple[dict[str, Any] | None, Decimal]:
+    """Under a cost cap: the call's parameters with its output ceiling from what is left after `spent`, and its
+    worst case (to reserve before the next call made at the same time); None when too little is left (the report
+    says so). Without a cap: its parameters, and nothing reserved."""
+    params = stage_params(plan, who)
+    prices = calls.prices.get(who.llm.name)
+    space = stage_room(plan, who.llm.model, who.ceiling or STAGE_CEILING, messages, spent, prices)
+    if space is None:
+        return params, ZERO
+    if space.refused is not None or prices is None:
+        report.skipped("cost_cap", f"not asked: {space.refused}")
+        return None, ZERO
+    return {**params, "max_tokens": space.tokens}, worst_of(space.tokens, messages, who.llm.model, prices)
+
+
+async def ask(
+    calls: Calls,
+    who: Concluder,
+    report: CallReport,
+    messages: list[dict[str, Any]],
+    params: dict[str, Any],
+    trace: Trace,
+) -> CallReport:
+    """One stage call, its `report` filled in place: answered, failed, skipped by its open circuit, or cancelled
+    (the request ended first: what it read is paid, as our estimate)."""
+    llm = who.llm
+    permit = calls.breakers.allow(llm.name)
+    if permit is None:
+        report.skipped("circuit_open", calls.breakers.reason(llm.name))
+        trace.generation(report, [], params).finish(report, "")
+        return report
+    started = time.perf_counter()
+    verdict: Result = "abandoned"
+    generation = NO_GENERATION
+    try:
+        generation = trace.generation(report, messages, params)
+        report.sent = True
+        result = await calls.caller.complete(llm, messages, params)
+    except LLMCallError as exc:
+        verdict = "failure" if is_transient(exc) else "abandoned"
+        calls.failed(llm, report, exc, messages, "")
+    except asyncio.CancelledError:
+        calls.cut(llm, messages, report, "cancelled: the request ended first", started)
+        generation.finish(report, "")
+        raise
+    except Exception as exc:  # a bug in an adapter: this call failed, the request goes on
+        logger.error("%s call %s failed unexpectedly", report.stage, llm.name, exc_info=exc, extra=WITH_TRACEBACK)
+        report.failed("error", f"failed: {type(exc).__name__}")
+    else:
+        verdict = "success"
+        if result.text.strip():
+            report.answered(result.text)
+        else:
+            report.failed("empty_answer", "the LLM answered with no content")
+        report.usage = result.usage
+        calls.charge(llm, report, messages, result.text)
+    finally:
+        calls.breakers.record(permit, verdict)
+    report.latency_ms = ms_since(started)
+    generation.finish(report, report.text)
+    return report

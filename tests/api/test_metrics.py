@@ -177,7 +177,7 @@ def test_labels_are_only_configured_names(metered: Service, fake: FakeUpstream) 
         | {"answer", "conclude"}  # stages (the default strategy's)
         | {"prompt", "completion", "reasoning", "cached"}
         | {"closed", "open", "half_open"}  # circuit breaker states
-        | {"chat", "messages", "responses", "mcp"}  # surfaces
+        | {"chat", "messages", "responses", "mcp", "eval"}  # surfaces
     )
     bucket_bounds = {value for (name, labels) in after.samples for key, value in labels if key == "le"}
     assert after.label_values() - bucket_bounds <= allowed

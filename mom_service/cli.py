@@ -42,22 +42,33 @@ def _after_graceful_shutdown(signum: int, frame: FrameType | None) -> None:
     """Installed as the pre-uvicorn handler: the shutdown it asked for has already happened."""
 
 
-def _serve(settings: Settings, host: str | None, port: int | None) -> int:
-    # Validate before the server starts, so a wrong config is one clear message and exit 1.
+def _started(settings: Settings) -> tuple[MoMConfig, str | None] | None:
+    """The config to run, validated before anything starts (a wrong one is one clear message: None), and the
+    logging set up with it logged; shared by `serve` and `mcp`."""
     try:
         config, path = resolve_config(settings)
     except ConfigError as exc:
         print(f"Invalid config, not starting:\n{exc}", file=sys.stderr)
-        return 1
-    import uvicorn
-
-    from mom_service.api.app import create_app, log_config
-    from mom_service.api.server import DrainingServer
+        return None
+    from mom_service.api.app import log_config
     from mom_service.observability.logs import setup_logging
     from mom_service.observability.redaction import Redactor
 
     setup_logging(Redactor())
     log_config(config, path)
+    return config, path
+
+
+def _serve(settings: Settings, host: str | None, port: int | None) -> int:
+    started = _started(settings)
+    if started is None:
+        return 1
+    config, path = started
+    import uvicorn
+
+    from mom_service.api.app import create_app
+    from mom_service.api.server import DrainingServer
+
     app = create_app(settings, config, path)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler that was there
     # before it: make that one a no-op, so a graceful shutdown (records drained) exits with status 0.
@@ -84,17 +95,10 @@ def _mcp(settings: Settings) -> int:
     if not settings.mom_mcp_enabled:
         print("The MCP server is off: set MOM_MCP_ENABLED=true to run `mom-service mcp`.", file=sys.stderr)
         return MCP_OFF
-    try:
-        config, path = resolve_config(settings)
-    except ConfigError as exc:
-        print(f"Invalid config, not starting:\n{exc}", file=sys.stderr)
+    started = _started(settings)
+    if started is None:
         return 1
-    from mom_service.api.app import log_config
-    from mom_service.observability.logs import setup_logging
-    from mom_service.observability.redaction import Redactor
-
-    setup_logging(Redactor())
-    log_config(config, path)
+    config, path = started
     return asyncio.run(_serve_mcp_stdio(settings, config, path))
 
 

@@ -14,9 +14,10 @@ from typing import Any
 from mom_service.config import LLMDefinition
 from mom_service.engine.cached import ResponseCache
 from mom_service.engine.events import CallReport
+from mom_service.errors import WITH_TRACEBACK
 from mom_service.providers.caller import LLMCaller
-from mom_service.providers.circuit_breaker import CircuitBreakers
-from mom_service.providers.errors import LLMCallError
+from mom_service.providers.circuit_breaker import CircuitBreakers, Result
+from mom_service.providers.errors import LLMCallError, is_transient
 from mom_service.providers.pricing import PriceBook, call_cost
 
 logger = logging.getLogger("mom_service")
@@ -43,6 +44,35 @@ class Calls:
         task = asyncio.create_task(work)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
+
+    async def whole(
+        self,
+        llm: LLMDefinition,
+        report: CallReport,
+        messages: list[dict[str, Any]],
+        params: dict[str, Any],
+        encoded: bytes | None = None,
+    ) -> Result:
+        """One call answered whole (a member's, a stage's), its `report` filled in place: answered; an empty answer
+        (no text, no tool call) failed but paid; a failure (paid when it reached the provider); a bug in an adapter
+        (failed, logged). Returns the circuit breaker's verdict; a cancellation is the caller's to settle."""
+        report.sent = True
+        try:
+            result = await self.caller.complete(llm, messages, params, encoded=encoded)
+        except LLMCallError as exc:
+            self.failed(llm, report, exc, messages, "")
+            return "failure" if is_transient(exc) else "abandoned"
+        except Exception as exc:  # a bug in an adapter: this call failed, the request goes on
+            logger.error("%s %s failed unexpectedly", report.role, llm.name, exc_info=exc, extra=WITH_TRACEBACK)
+            report.failed("error", f"failed: {type(exc).__name__}")
+            return "abandoned"
+        if result.text.strip() or result.tool_calls:
+            report.answered(result.text, result.tool_calls)
+        else:  # no content and no tool call: not an answer, but paid for
+            report.failed("empty_answer", "the LLM answered with no content")
+        report.usage = result.usage
+        self.charge(llm, report, messages, result.text)
+        return "success"  # the provider answered: it is up (even when the answer is empty)
 
     def charge(self, llm: LLMDefinition, report: CallReport, messages: list[dict[str, Any]], output: str) -> None:
         """A call's usage and cost: as its provider reported it, else our count (marked as an estimate)."""

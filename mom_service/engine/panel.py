@@ -4,7 +4,6 @@ min_successful). A member's report is filled in place as its call ends; a member
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncGenerator
 
@@ -13,12 +12,8 @@ from mom_service.engine.calls import Calls, ms_since
 from mom_service.engine.events import Breakdown, CallReport, Event, MemberFinished
 from mom_service.engine.plan import Member, Plan
 from mom_service.engine.tracing import NO_GENERATION, Trace
-from mom_service.errors import WITH_TRACEBACK
 from mom_service.providers.circuit_breaker import Permit, Result
-from mom_service.providers.errors import LLMCallError, is_transient
 from mom_service.providers.pricing import ZERO
-
-logger = logging.getLogger("mom_service")
 
 MemberTasks = dict[asyncio.Task[CallReport], int]  # each member's call, and its index in the plan
 
@@ -139,25 +134,10 @@ async def ask_member(
                 report.latency_ms = ms_since(started)
                 return report
         generation = trace.generation(report, member.messages, member.params)
-        report.sent = True
-        result = await calls.caller.complete(llm, member.messages, member.params, encoded=member.encoded)
-    except LLMCallError as exc:
-        verdict = "failure" if is_transient(exc) else "abandoned"
-        calls.failed(llm, report, exc, member.messages, "")
+        verdict = await calls.whole(llm, report, member.messages, member.params, member.encoded)
     except asyncio.CancelledError:
         generation.finish(report, "")
         raise
-    except Exception as exc:  # a bug in an adapter: this member failed, the request goes on
-        logger.error("panel member %s failed unexpectedly", llm.name, exc_info=exc, extra=WITH_TRACEBACK)
-        report.failed("error", f"failed: {type(exc).__name__}")
-    else:
-        verdict = "success"  # the provider answered: it is up (even when the answer is empty)
-        if result.text.strip() or result.tool_calls:
-            report.answered(result.text, result.tool_calls)
-        else:  # no content and no tool call: not an answer, but paid for
-            report.failed("empty_answer", "the LLM answered with no content")
-        report.usage = result.usage
-        calls.charge(llm, report, member.messages, result.text)
     finally:
         calls.breakers.record(permit, verdict)
     report.latency_ms = ms_since(started)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,20 +11,6 @@ from mom_service.api.state import AppState
 from mom_service.config import MoMConfig
 from mom_service.evaluation.errors import EvalError
 from mom_service.settings import Settings
-from mom_service.usage.writer import UsageWriter
-
-RECORDS_TIMEOUT_S = 15.0
-TICK_S = 0.05
-
-
-async def records_written(writer: UsageWriter, timeout_s: float = RECORDS_TIMEOUT_S) -> None:
-    """Until the writer has committed every record, its batch being committed included (or `timeout_s`).
-    `close_state` cancels the writer's task: a run ends with a burst of records, and a batch cut in the middle of
-    its commit can leave SQLite locked for the drain that follows."""
-    for _ in range(int(timeout_s / TICK_S)):
-        if not writer.depth:
-            return
-        await asyncio.sleep(TICK_S)
 
 
 @asynccontextmanager
@@ -36,6 +21,5 @@ async def opened(settings: Settings, config: MoMConfig, config_path: str | None)
         raise EvalError("The service's state could not be opened (see the log above).") from None
     try:
         yield state
-        await records_written(state.usage_writer)
-    finally:
+    finally:  # the usage writer commits every record before it closes
         await close_state(state)

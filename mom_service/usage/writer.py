@@ -34,6 +34,7 @@ class UsageWriter:
         self.schema_ready = False  # set once migrations ran; until then each flush tries them first
         self._pending: list[Batch] = []
         self._task: asyncio.Task[None] | None = None
+        self._flushing: asyncio.Task[None] | None = None  # the background task's commit in progress
         self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
 
     def submit(self, outcome: RequestOutcome) -> None:
@@ -63,7 +64,9 @@ class UsageWriter:
                 self._pending.append(await self.queue.get())
             self._take_waiting()
             try:
-                await self._flush()
+                # shielded: cancelling the task (close) never cuts a commit in the middle; close waits for it
+                self._flushing = asyncio.ensure_future(self._flush())
+                await asyncio.shield(self._flushing)
                 backoff = 0.5
             except asyncio.CancelledError:
                 raise
@@ -103,13 +106,16 @@ class UsageWriter:
         self.written += len(batch)
 
     async def close(self, drain_seconds: float = 15.0) -> None:
-        """Stop the background task, then write every record still queued or pending."""
+        """Stop the background task (its commit in progress ends first), then write every record still queued or
+        pending, within `drain_seconds` in all."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
         with anyio.CancelScope(shield=True), anyio.move_on_after(drain_seconds) as scope:
+            if self._flushing is not None:  # a failed commit keeps its rows pending: the drain retries them
+                await asyncio.wait({self._flushing})
             while self._pending or not self.queue.empty():
                 self._take_waiting()
                 try:
@@ -117,5 +123,7 @@ class UsageWriter:
                 except Exception as exc:
                     logger.error("usage database write failed at shutdown (%s); retrying", type(exc).__name__)
                     await asyncio.sleep(0.5)
+        if self._flushing is not None and not self._flushing.done():  # the deadline passed during that commit
+            self._flushing.cancel()
         if scope.cancelled_caught:
             logger.error("usage records not written at shutdown: %d (the database did not answer)", self.depth)

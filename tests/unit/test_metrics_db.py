@@ -417,6 +417,39 @@ async def test_writer_migrates_a_database_that_was_down_at_start(
     assert await request_ids(bare_engine) == ["r0"]
 
 
+async def test_writer_close_lets_a_commit_in_progress_finish(engine: AsyncEngine) -> None:
+    """Closing never cuts the background task's commit in the middle (with SQLite, a transaction cut short can
+    leave the file locked for the drain after it): that commit ends, then the rest is drained."""
+    writer = UsageWriter(engine)
+    flush = writer._flush
+    entered, release = asyncio.Event(), asyncio.Event()
+    outcomes: list[str] = []
+
+    async def slow_flush() -> None:
+        try:
+            entered.set()
+            await release.wait()  # the commit is in progress when close begins
+            await flush()
+            outcomes.append("committed")
+        except asyncio.CancelledError:
+            outcomes.append("cut")
+            raise
+
+    writer._flush = slow_flush  # type: ignore[method-assign]
+    writer.start()
+    writer.submit(simple("r0"))
+    await entered.wait()
+    writer.submit(simple("r1"))  # queued behind the commit in progress
+    closing = asyncio.create_task(writer.close())
+    await asyncio.sleep(0.05)
+    assert not closing.done()  # waiting for the commit, not cutting it
+    release.set()
+    await closing
+    assert outcomes[0] == "committed" and "cut" not in outcomes
+    assert await request_ids(engine) == ["r0", "r1"]
+    assert writer.depth == 0
+
+
 async def test_writer_close_gives_up_after_the_drain_deadline(
     bare_engine: AsyncEngine, mom_log: pytest.LogCaptureFixture
 ) -> None:

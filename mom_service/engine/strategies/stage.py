@@ -4,7 +4,6 @@ breaker; under a cost cap with its output ceiling from what is left (or not made
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from decimal import Decimal
 from typing import Any
@@ -14,12 +13,8 @@ from mom_service.engine.cost_cap import stage_room, worst_of
 from mom_service.engine.events import CallReport, Role
 from mom_service.engine.plan import Concluder, Plan
 from mom_service.engine.tracing import NO_GENERATION, Trace
-from mom_service.errors import WITH_TRACEBACK
 from mom_service.providers.circuit_breaker import Result
-from mom_service.providers.errors import LLMCallError, is_transient
 from mom_service.providers.pricing import ZERO
-
-logger = logging.getLogger("mom_service")
 
 # A stage call's output ceiling under a cost cap when its LLM's is not known to the plan (a ranking is short).
 STAGE_CEILING = 1024
@@ -78,26 +73,11 @@ async def ask(
     generation = NO_GENERATION
     try:
         generation = trace.generation(report, messages, params)
-        report.sent = True
-        result = await calls.caller.complete(llm, messages, params)
-    except LLMCallError as exc:
-        verdict = "failure" if is_transient(exc) else "abandoned"
-        calls.failed(llm, report, exc, messages, "")
+        verdict = await calls.whole(llm, report, messages, params)
     except asyncio.CancelledError:
         calls.cut(llm, messages, report, "cancelled: the request ended first", started)
         generation.finish(report, "")
         raise
-    except Exception as exc:  # a bug in an adapter: this call failed, the request goes on
-        logger.error("%s call %s failed unexpectedly", report.stage, llm.name, exc_info=exc, extra=WITH_TRACEBACK)
-        report.failed("error", f"failed: {type(exc).__name__}")
-    else:
-        verdict = "success"
-        if result.text.strip():
-            report.answered(result.text)
-        else:
-            report.failed("empty_answer", "the LLM answered with no content")
-        report.usage = result.usage
-        calls.charge(llm, report, messages, result.text)
     finally:
         calls.breakers.record(permit, verdict)
     report.latency_ms = ms_since(started)

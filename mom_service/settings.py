@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     mom_max_image_bytes: int = Field(default=20 * 1024 * 1024, gt=0)  # each image URL the service downloads
     mom_image_fetch_timeout_seconds: float = Field(default=10.0, gt=0)  # each download, from connect to last byte
     mom_responses_ttl_days: int = Field(default=30, ge=1)  # stored Responses (store: true) are kept this long
+    # the progress stream (GET /v1/progress/{id}): a run is forgotten this long after its last event
+    mom_progress_ttl_seconds: float = Field(default=600.0, gt=0)
+    mom_progress_max_deltas: int = Field(default=1000, gt=0)  # deltas kept per run (the oldest dropped first)
+    mom_progress_max_subscribers: int = Field(default=8, gt=0)  # readers of one run at once, per replica; beyond: 429
+    mom_progress_max_runs: int = Field(default=1000, gt=0)  # runs kept in process (without REDIS_URL)
     # the key of thinking blocks' signatures (Anthropic's Messages surface); unset: derived from API_TOKEN
     mom_signing_key: SecretStr | None = None
     mom_mcp_enabled: bool = False  # the MCP server: /mcp (streamable HTTP) and `mom-service mcp` (stdio)

@@ -104,6 +104,9 @@ optional, see :data:`BEHAVIOUR_FIELDS`):
                        ``RANKING: Response B, Response A, Response C``; other requests answer as usual.
 ``pick``               a label (e.g. ``"B"``): a request whose last user message asks for the best answer (it
                        holds ``BEST:``) is answered with a line of reasons, then ``BEST: Response B``.
+``gate``               a gate's name: the request (logged on arrival) waits until the test opens that gate
+                       (``POST /_control/gates/<name>``), then behaves as configured; a client that leaves first
+                       is recorded as disconnected. Gates start closed, and close again on reset.
 ``reasoning_tokens``, ``cached_tokens``, ``prompt_tokens``  usage numbers (``prompt_tokens`` includes the cached
                        ones; ``reasoning_tokens`` are added to the completion/output tokens).
 
@@ -115,7 +118,8 @@ pieces: reasoning and text tokens, tool call heads and argument fragments.
 
 Control API (JSON): ``POST /_control/models`` ``{"<model>": {behaviour}, ...}`` (replaces the whole
 behaviour of each named model and resets its counters; unknown or wrong-typed fields, in a tool call too,
--> 400), ``POST /_control/reset``, ``GET /_control/log``, ``DELETE /_control/log``, ``GET /_control/health``.
+-> 400), ``POST /_control/gates/<name>`` (opens a gate), ``POST /_control/reset``, ``GET /_control/log``,
+``DELETE /_control/log``, ``GET /_control/health``.
 
 Log entries (one per upstream request, appended on arrival and updated in place)::
 
@@ -200,6 +204,7 @@ BEHAVIOUR_FIELDS: dict[str, str] = {
     "reasoning_text": "str",
     "ranking": "texts",
     "pick": "str",
+    "gate": "str",
 }
 
 TOOL_CALL_KEYS = frozenset({"name", "arguments", "id"})
@@ -268,6 +273,7 @@ class Behaviour:
     reasoning_text: str | None = None
     ranking: tuple[str, ...] | None = None
     pick: str | None = None
+    gate: str | None = None
 
     @classmethod
     def parse(cls, raw: object) -> Behaviour:
@@ -870,6 +876,17 @@ class _Exchange:
             return False
         return True
 
+    async def wait_for(self, event: asyncio.Event) -> bool:
+        """Wait for `event`; return False (and record it) if the client disconnected first."""
+        waiters = {asyncio.ensure_future(event.wait()), asyncio.ensure_future(self.disconnected.wait())}
+        _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in pending:
+            waiter.cancel()
+        if self.disconnected.is_set():
+            self.record_disconnect()
+            return False
+        return True
+
     async def hang(self) -> None:
         self.entry["outcome"] = "hung"
         await self.disconnected.wait()
@@ -925,6 +942,10 @@ class FakeState:
         self.counters: dict[str, _ModelCounter] = {}
         self.log: list[LogEntry] = []
         self.next_id = 1
+        self.gates: dict[str, asyncio.Event] = {}
+
+    def gate(self, name: str) -> asyncio.Event:
+        return self.gates.setdefault(name, asyncio.Event())
 
     # ----- control -----
     def configure(self, raw: object) -> list[str]:
@@ -944,6 +965,7 @@ class FakeState:
         self.behaviours.clear()
         self.counters.clear()
         self.log.clear()
+        self.gates = {}
 
     def behaviour_for(self, model: str) -> Behaviour:
         return self.behaviours.get(model) or self.behaviours.get("*") or Behaviour()
@@ -1038,6 +1060,8 @@ class FakeState:
                 await self._send_error(exchange, encoder, 400, "fake upstream: body needs 'model' and 'messages'")
                 return
             behaviour = self.behaviour_for(model)
+            if behaviour.gate is not None and not await exchange.wait_for(self.gate(behaviour.gate)):
+                return
             plan = self.plan_for(model, behaviour)
             if plan.error_status is not None:
                 if await exchange.sleep(behaviour.error_delay_ms / 1000):
@@ -1220,6 +1244,10 @@ def create_app() -> ASGIApp:
         state.reset()
         return JSONResponse({"status": "ok"})
 
+    async def open_gate(request: Request) -> JSONResponse:
+        state.gate(request.path_params["name"]).set()
+        return JSONResponse({"status": "ok"})
+
     async def get_log(request: Request) -> JSONResponse:
         return JSONResponse(state.log)
 
@@ -1236,6 +1264,7 @@ def create_app() -> ASGIApp:
             Route("/_control/health", health, methods=["GET"]),
             Route("/_control/models", configure, methods=["POST"]),
             Route("/_control/reset", reset, methods=["POST"]),
+            Route("/_control/gates/{name}", open_gate, methods=["POST"]),
             Route("/_control/log", get_log, methods=["GET"]),
             Route("/_control/log", clear_log, methods=["DELETE"]),
             Route("/v1/models", models, methods=["GET"]),
@@ -1365,6 +1394,10 @@ class FakeUpstream:
         response.raise_for_status()
         entries: list[dict[str, Any]] = response.json()
         return entries
+
+    def open_gate(self, name: str) -> None:
+        """Let the requests waiting at gate `name` (and any later ones) go on."""
+        self.client.post(f"/_control/gates/{name}").raise_for_status()
 
     def clear_log(self) -> None:
         self.client.delete("/_control/log").raise_for_status()

@@ -19,7 +19,8 @@ from mom_service import __version__
 from mom_service.api.admission import Admission, AdmissionControl
 from mom_service.api.errors import install_error_handlers
 from mom_service.api.middleware import BodySizeLimit, QuietStartupFailure
-from mom_service.api.routers import anthropic, health, metrics, models, openai_chat, responses, usage
+from mom_service.api.routers import anthropic, health, metrics, models, openai_chat, progress, responses, usage
+from mom_service.api.signing import LinkSigner
 from mom_service.api.state import AppState
 from mom_service.cache.stores import CacheStore, MemoryCache, RedisCache
 from mom_service.config import MoMConfig, resolve_config
@@ -32,6 +33,8 @@ from mom_service.observability.metrics import Metrics
 from mom_service.observability.redaction import Redactor
 from mom_service.observability.request_log import RequestLog, remember_outcome
 from mom_service.observability.tracing import Tracer
+from mom_service.progress.hub import Limits, MemoryHub, ProgressHub
+from mom_service.progress.redis_hub import RedisHub
 from mom_service.settings import Settings, environment
 from mom_service.usage.database import UsageDatabase, url_password
 from mom_service.usage.responses_store import ResponseStore
@@ -94,6 +97,8 @@ def build_state(settings: Settings, config: MoMConfig, config_path: str | None) 
         metrics=metrics,
         admission=Admission(settings.mom_max_in_flight, settings.mom_rate_limit_rpm),
         responses=ResponseStore(usage.engine, settings.mom_responses_ttl_days),
+        progress=progress_hub(settings),
+        links=LinkSigner.from_settings(settings),
     )
 
 
@@ -106,6 +111,17 @@ def cache_store(settings: Settings) -> CacheStore:
     if settings.redis_url:
         return RedisCache(settings.redis_url, settings.mom_cache_timeout_ms / 1000)
     return MemoryCache(settings.mom_cache_max_bytes)
+
+
+def progress_hub(settings: Settings) -> ProgressHub:
+    """Redis when REDIS_URL is set (every replica reads every run), else in process."""
+    limits = Limits(
+        ttl_s=settings.mom_progress_ttl_seconds,
+        max_deltas=settings.mom_progress_max_deltas,
+        max_subscribers=settings.mom_progress_max_subscribers,
+        max_runs=settings.mom_progress_max_runs,
+    )
+    return RedisHub(settings.redis_url, limits) if settings.redis_url else MemoryHub(limits)
 
 
 def log_config(config: MoMConfig, config_path: str | None) -> None:
@@ -158,6 +174,7 @@ async def close_state(state: AppState, app: FastAPI | None = None) -> None:
     if state.engine.cache is not None:
         await state.engine.aclose(CACHE_STORES_TIMEOUT_S)  # the answers being stored in the background
         await state.engine.cache.store.close()
+    await state.progress.close()
     await state.usage.dispose()
 
 
@@ -223,7 +240,10 @@ def create_app(
         title="MoM Service", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
     install_error_handlers(app)
-    routers = (openai_chat.router, anthropic.router, responses.router, models.router, usage.router, metrics.router)
+    routers = (
+        *(openai_chat.router, anthropic.router, responses.router, progress.router),
+        *(models.router, usage.router, metrics.router),
+    )
     for router in (*routers, health.router):
         app.include_router(router)
     if settings.mom_mcp_enabled:
@@ -253,7 +273,7 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
                 *("Mcp-Protocol-Version", "Mcp-Session-Id", "Last-Event-ID"),  # MCP's clients (/mcp)
             ],
             allow_credentials=False,
-            expose_headers=["X-Request-ID"],
+            expose_headers=["X-Request-ID", "X-MoM-Request-Id", "X-MoM-Progress-Url"],
             max_age=600,
         )
     app.add_middleware(QuietStartupFailure)  # the lifespan only

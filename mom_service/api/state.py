@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from mom_service.api.admission import Admission
+from mom_service.api.signing import LinkSigner
 from mom_service.config import MoMConfig
 from mom_service.engine.engine import Engine
 from mom_service.errors import ServiceUnavailable
@@ -15,6 +16,7 @@ from mom_service.observability.live_checks import LiveChecks
 from mom_service.observability.metrics import Metrics
 from mom_service.observability.redaction import Redactor
 from mom_service.observability.tracing import Tracer
+from mom_service.progress.hub import ProgressHub
 from mom_service.settings import Settings
 from mom_service.usage.database import UsageDatabase
 from mom_service.usage.responses_store import ResponseStore
@@ -34,6 +36,8 @@ class AppState:
     metrics: Metrics  # Prometheus metrics of this app (its own registry)
     admission: Admission  # in-flight limit, per-token rate limit, draining at shutdown
     responses: ResponseStore  # stored Responses (POST /v1/responses with store: true), in the usage database
+    progress: ProgressHub  # every run's progress events (GET /v1/progress/{id}), in process or in Redis
+    links: LinkSigner  # the progress streams' link tokens
     llm_checks: LiveChecks = field(default_factory=LiveChecks)  # the live calls of /health/detailed?check_llm
 
     @property

@@ -79,9 +79,13 @@ class SSEResponse(StreamingResponse):
     media_type = "text/event-stream"
 
     def __init__(
-        self, content: AsyncGenerator[bytes], stop: asyncio.Event | None = None, stop_frame: bytes = b""
+        self,
+        content: AsyncGenerator[bytes],
+        stop: asyncio.Event | None = None,
+        stop_frame: bytes = b"",
+        headers: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(content, headers=SSE_HEADERS)
+        super().__init__(content, headers={**SSE_HEADERS, **(headers or {})})
         self._source = content
         self._stop = stop
         self._stop_frame = stop_frame

@@ -2,7 +2,9 @@
 as one JSON body or as an SSE stream, the client leaving and the shutdown handled the same way everywhere.
 
 A surface brings its encoders: a `BodyCollector` (events -> the whole answer's body) and a `StreamEncoder`
-(events -> SSE bytes). The engine's events are the same for all of them.
+(events -> SSE bytes). The engine's events are the same for all of them, and every run's events are its progress
+stream's too (api/encoders/progress.py): once a request is planned, its answer, whole or streamed, and any error
+after that carry `X-MoM-Request-Id` and `X-MoM-Progress-Url`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from mom_service.api.admission import Admission
+from mom_service.api.encoders.progress import RunProgress, progress_headers
+from mom_service.api.errors import error_response_for
 from mom_service.api.state import AppState
 from mom_service.api.streaming import ClientGone, ServerStopping, SSEResponse, unless_disconnected
 from mom_service.engine.events import Completed, Event, Failed
@@ -90,50 +94,92 @@ async def answer(
     on_completed: Callable[[BodyCollector | StreamEncoder], OnCompleted] | None = None,
 ) -> Response:
     """Plan and run one request; answer it whole (`asked.stream` false) or as SSE. A failure before the first
-    byte is raised (answered with its status in the surface's shape); after it, it ends the stream."""
+    byte is answered with its status in the surface's shape; after it, it ends the stream. A failure before the
+    plan (a 4xx) is raised: there is no run, so no progress headers."""
     plan = await state.engine.prepare(asked)
+    progress = RunProgress(state.progress, plan, asked.caller)
+    headers = progress_headers(plan.request_id, state.links)
     events = state.engine.run(plan)
-    stop = state.admission.cut_off
-    if not asked.stream:
-        body = collector(plan)
-        done = on_completed(body) if on_completed is not None else None
+    try:
+        if not asked.stream:
+            return await _whole(request, state, plan, events, progress, collector(plan), on_completed, headers)
+        return await _streamed(request, state, events, progress, encoder(plan), on_completed, headers)
+    except MoMError as exc:
+        response = error_response_for(exc, request.url.path, request.headers)
+        response.headers.update(headers)
+        return response
 
-        async def collect() -> dict[str, Any]:
+
+async def _whole(
+    request: Request,
+    state: AppState,
+    plan: Plan,
+    events: AsyncGenerator[Event],
+    progress: RunProgress,
+    body: BodyCollector,
+    on_completed: Callable[[BodyCollector | StreamEncoder], OnCompleted] | None,
+    headers: dict[str, str],
+) -> Response:
+    done = on_completed(body) if on_completed is not None else None
+
+    async def collect() -> dict[str, Any]:
+        try:
             async with aclosing(events):
                 async for event in events:
+                    progress.see(event)
                     out = body.feed(event)
                     if out is not None:
                         if done is not None:
                             await done()
                         return out
-            raise RuntimeError("the engine ended without an answer")
+        finally:
+            progress.close()
+        raise RuntimeError("the engine ended without an answer")
 
-        try:
-            return ORJSONResponse(await unless_disconnected(request, collect(), stop))
-        except ClientGone:
-            return Response(status_code=CLIENT_CLOSED)
-        except ServerStopping:
-            raise Admission.cut_off_error() from None
+    try:
+        return ORJSONResponse(await unless_disconnected(request, collect(), state.admission.cut_off), headers=headers)
+    except ClientGone:
+        progress.close()  # (in case the work was cancelled before it began)
+        return Response(status_code=CLIENT_CLOSED, headers=headers)
+    except ServerStopping:
+        progress.close()
+        raise Admission.cut_off_error() from None
 
-    stream = encoder(plan)
-    frames = _sse(events, stream, on_completed(stream) if on_completed is not None else None)
+
+async def _streamed(
+    request: Request,
+    state: AppState,
+    events: AsyncGenerator[Event],
+    progress: RunProgress,
+    stream: StreamEncoder,
+    on_completed: Callable[[BodyCollector | StreamEncoder], OnCompleted] | None,
+    headers: dict[str, str],
+) -> Response:
+    stop = state.admission.cut_off
+    frames = _sse(events, stream, on_completed(stream) if on_completed is not None else None, progress)
     try:  # the first bytes worth sending; a failure before them is answered with its HTTP status
         first = await unless_disconnected(request, anext(frames, b""), stop)
     except ClientGone:
         await frames.aclose()
-        return Response(status_code=CLIENT_CLOSED)
+        progress.close()  # (in case the stream was closed before it began)
+        return Response(status_code=CLIENT_CLOSED, headers=headers)
     except ServerStopping:
         await frames.aclose()
+        progress.close()
         raise Admission.cut_off_error() from None
-    return SSEResponse(_after(first, frames), stop, stream.error(Admission.cut_off_error()))
+    return SSEResponse(_after(first, frames), stop, stream.error(Admission.cut_off_error()), headers=headers)
 
 
-async def _sse(events: AsyncGenerator[Event], stream: StreamEncoder, done: OnCompleted | None) -> AsyncGenerator[bytes]:
-    """The stream's SSE frames, the engine's events closed however it ends. A failure before the first frame is
-    raised, to be answered with its HTTP status; after it, it is the stream's last event."""
+async def _sse(
+    events: AsyncGenerator[Event], stream: StreamEncoder, done: OnCompleted | None, progress: RunProgress
+) -> AsyncGenerator[bytes]:
+    """The stream's SSE frames, the engine's events closed however it ends (and the run's progress with them). A
+    failure before the first frame is raised, to be answered with its HTTP status; after it, it is the stream's
+    last event."""
     async with aclosing(events):
         try:
             async for event in events:
+                progress.see(event)
                 if isinstance(event, Failed) and not stream.started:
                     raise event.error
                 out = stream.feed(event)
@@ -149,6 +195,8 @@ async def _sse(events: AsyncGenerator[Event], stream: StreamEncoder, done: OnCom
             if not stream.started:
                 raise error from None
             yield stream.error(error)
+        finally:
+            progress.close()
 
 
 async def _after(first: bytes, body: AsyncGenerator[bytes]) -> AsyncGenerator[bytes]:

@@ -86,24 +86,25 @@ class MemoryCache:
         self.size = 0
 
 
-class RedisCache:
-    """Shared by every replica. Each operation is bounded by `timeout_s`; a failure is a miss, never an error."""
+def redis_client(url: str, timeout_s: float) -> Any:
+    """A Redis client (redis.asyncio.Redis) whose every connect and read is bounded by `timeout_s`."""
+    import redis.asyncio as redis
 
-    backend = "redis"
+    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False)
 
-    def __init__(self, url: str, timeout_s: float) -> None:
-        import redis.asyncio as redis
 
-        self.timeout_s = timeout_s
-        self._client = redis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False
-        )
+class RedisFailures:
+    """A Redis user's failures: counted, logged at most once a minute, a back-off after each (its operations are
+    skipped for a few seconds rather than each wait on a Redis that is down), and `recent` for health."""
+
+    def __init__(self, what: str, consequence: str) -> None:
+        self._what, self._consequence = what, consequence
         self._last_error = float("-inf")
         self._last_warning = float("-inf")
         self._skip_until = float("-inf")
         self.errors = 0
 
-    def _failed(self, action: str, exc: BaseException) -> None:
+    def failed(self, action: str, exc: BaseException) -> None:
         self.errors += 1
         now = time.monotonic()
         self._last_error = now
@@ -111,10 +112,32 @@ class RedisCache:
         if now - self._last_warning >= WARN_EVERY_S:
             self._last_warning = now
             reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
-            logger.warning("response cache (redis) %s failed: %s; answering without the cache", action, reason)
+            logger.warning("%s (redis) %s failed: %s; %s", self._what, action, reason, self._consequence)
+
+    def backing_off(self) -> bool:
+        return time.monotonic() < self._skip_until
+
+    @property
+    def recent(self) -> bool:
+        """Whether Redis failed in the last 30 s."""
+        return time.monotonic() - self._last_error < UNHEALTHY_FOR_S
+
+
+class RedisCache:
+    """Shared by every replica. Each operation is bounded by `timeout_s`; a failure is a miss, never an error."""
+
+    backend = "redis"
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._client = redis_client(url, timeout_s)
+        self.failures = RedisFailures("response cache", "answering without the cache")
+
+    def _failed(self, action: str, exc: BaseException) -> None:
+        self.failures.failed(action, exc)
 
     def _backing_off(self) -> bool:
-        return time.monotonic() < self._skip_until
+        return self.failures.backing_off()
 
     async def get(self, key: str) -> bytes | None:
         if self._backing_off():
@@ -143,7 +166,7 @@ class RedisCache:
         except Exception as exc:
             self._failed("ping", exc)
             return f"no answer within {self.timeout_s * 1000:g} ms" if isinstance(exc, TimeoutError) else "unreachable"
-        if time.monotonic() - self._last_error < UNHEALTHY_FOR_S:
+        if self.failures.recent:
             return "errors in the last 30 s"
         return None
 

@@ -28,7 +28,6 @@ from mom_service.engine.events import (
     PanelDone,
     RequestOutcome,
     RequestStatus,
-    StageDone,
     ToolCallDelta,
     Usage,
 )
@@ -413,11 +412,11 @@ async def _followed(flight: Flight, steering: Steering) -> AsyncGenerator[Event]
             if isinstance(event, MemberFinished):
                 yield MemberFinished(cached_copy(event.report))
             elif isinstance(event, PanelDone):
-                yield PanelDone([cached_copy(r) for r in event.reports])
-            elif isinstance(event, ContentDelta | ToolCallDelta | StageDone):
-                yield event
+                yield PanelDone([cached_copy(r) for r in event.reports], event.selected)
             elif isinstance(event, Completed):
                 hit = _steered(as_hit(event.breakdown), steering)
                 yield Completed(finish_reason=event.finish_reason, breakdown=hit, usage=Usage())
-            else:
+            elif isinstance(event, Failed):
                 yield Failed(event.error, _steered(as_hit(event.breakdown, answered=False), steering))
+            else:  # the answer's pieces, the stages, the members starting and streaming: as they are
+                yield event

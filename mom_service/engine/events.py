@@ -146,6 +146,21 @@ class MemberFinished:
 
 
 @dataclass(slots=True)
+class MemberStarted:
+    """A member's call left for its provider: its report (name, model, stage) as it is now."""
+
+    report: CallReport
+
+
+@dataclass(slots=True)
+class MemberDelta:
+    """A piece of a member's answer, as it streams in."""
+
+    report: CallReport
+    text: str
+
+
+@dataclass(slots=True)
 class StageDone:
     """A stage of the strategy ended (the rankings, a vote): its summary, a block of the thinking context."""
 
@@ -154,10 +169,19 @@ class StageDone:
 
 
 @dataclass(slots=True)
+class StageStarted:
+    """A stage of the strategy begins (rank, judge, vote, round-2, ...): its calls are about to be made."""
+
+    stage: str
+
+
+@dataclass(slots=True)
 class PanelDone:
-    """Every member is settled; the concluding call starts."""
+    """Every member is settled; the concluding call starts (best_of, vote: a member's answer is returned verbatim,
+    `selected` names it)."""
 
     reports: list[CallReport]
+    selected: str | None = None
 
 
 @dataclass(slots=True)
@@ -190,7 +214,18 @@ class Failed:
     breakdown: Breakdown
 
 
-Event = MemberFinished | StageDone | PanelDone | ContentDelta | ToolCallDelta | Completed | Failed
+Event = (
+    MemberStarted
+    | MemberDelta
+    | MemberFinished
+    | StageStarted
+    | StageDone
+    | PanelDone
+    | ContentDelta
+    | ToolCallDelta
+    | Completed
+    | Failed
+)
 
 RequestStatus = Literal["ok", "error", "cancelled"]
 

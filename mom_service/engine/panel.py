@@ -9,7 +9,7 @@ from collections.abc import AsyncGenerator
 
 from mom_service.cache.keys import member_key
 from mom_service.engine.calls import Calls, ms_since
-from mom_service.engine.events import Breakdown, CallReport, Event, MemberFinished
+from mom_service.engine.events import Breakdown, CallReport, Event, MemberFinished, MemberStarted
 from mom_service.engine.plan import Member, Plan
 from mom_service.engine.tracing import NO_GENERATION, Trace
 from mom_service.providers.circuit_breaker import Permit, Result
@@ -75,7 +75,10 @@ def fan_out(calls: Calls, plan: Plan, members: list[CallReport], trace: Trace) -
 async def wait_for_panel(
     calls: Calls, plan: Plan, members: list[CallReport], tasks: MemberTasks, started: float
 ) -> AsyncGenerator[Event]:
-    """MemberFinished as each member settles, until all have, or the quorum or the deadline cuts the rest."""
+    """MemberStarted for each member asked (its call is on its way), then MemberFinished as each member settles,
+    until all have, or the quorum or the deadline cuts the rest."""
+    for index in tasks.values():
+        yield MemberStarted(members[index])
     mom = plan.mom
     loop = asyncio.get_running_loop()
     deadline = loop.time() + mom.member_deadline_ms / 1000 if mom.member_deadline_ms else None

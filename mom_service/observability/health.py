@@ -23,6 +23,7 @@ from mom_service.engine.engine import Engine
 from mom_service.observability.live_checks import LiveChecks, Ping, PingRun
 from mom_service.observability.redaction import Redactor
 from mom_service.observability.redaction import scrub as scrub_text
+from mom_service.progress.hub import ProgressHub
 from mom_service.providers.caller import LLMCaller
 from mom_service.providers.circuit_breaker import CircuitBreakers, CircuitView
 from mom_service.providers.errors import LLMCallError
@@ -62,6 +63,7 @@ class Sources(Protocol):
     redactor: Redactor
     usage: UsageDatabase
     usage_writer: UsageWriter
+    progress: ProgressHub
 
     @property
     def tracing_enabled(self) -> bool: ...
@@ -110,6 +112,16 @@ async def check_cache(state: Sources) -> Component:
     if isinstance(store, MemoryCache):
         details.update(entries=len(store), bytes=store.size, max_bytes=store.max_bytes)
     error = await store.check()
+    if error is not None:
+        details["error"] = error
+    return Component("degraded" if error else "ok", _elapsed_ms(started), details)
+
+
+async def check_progress(state: Sources) -> Component:
+    """The progress stream's hub: Redis is pinged (bounded), and `degraded` when down or failing lately (answers go
+    on; only progress is lost)."""
+    started = time.perf_counter()
+    details, error = await state.progress.check()
     if error is not None:
         details["error"] = error
     return Component("degraded" if error else "ok", _elapsed_ms(started), details)
@@ -225,8 +237,8 @@ async def detailed_report(state: Sources, *, live: LiveChecks | None = None) -> 
     scrub = Scrubber(state)
     config = state.engine.config
     caller = state.engine.caller
-    database, cache, run = await asyncio.gather(
-        check_database(state, scrub), check_cache(state), _live_results(state, live, scrub)
+    database, cache, progress, run = await asyncio.gather(
+        check_database(state, scrub), check_cache(state), check_progress(state), _live_results(state, live, scrub)
     )
     components: dict[str, Component] = {
         "config": Component(
@@ -242,6 +254,7 @@ async def detailed_report(state: Sources, *, live: LiveChecks | None = None) -> 
         ),
         "database": database,
         "cache": cache,
+        "progress": progress,
         "tracing": Component("ok", 0.0, {"enabled": state.tracing_enabled}),
     }
     for llm in config.llm_definitions:

@@ -6,6 +6,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -217,6 +218,26 @@ def test_disconnect_while_streaming_is_recorded(fake: FakeUpstream) -> None:
     assert entry["status"] == 200
     assert 2 <= entry["tokens_sent"] < 50
     assert entry["disconnected_at"] - closed < 0.3
+
+
+def test_a_gate_holds_requests_until_it_opens(fake: FakeUpstream, client: OpenAI) -> None:
+    fake.configure({"held": {"text": "Let through.", "gate": "g1"}, "other": {"gate": "g2"}})
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(client.chat.completions.create, model="held", messages=[{"role": "user", "content": "x"}])
+        fake.wait_for(lambda log: len(log) == 1)  # logged on arrival, and held there
+        assert not answer.done() and fake.log()[0]["finished_at"] is None
+        fake.open_gate("g2")  # another gate: still held
+        assert fake.log()[0]["finished_at"] is None and not answer.done()
+        fake.open_gate("g1")
+        assert answer.result(timeout=5).choices[0].message.content == "Let through."
+    # open from now on, until a reset closes it again
+    held = client.chat.completions.create(model="held", messages=[{"role": "user", "content": "x"}])
+    assert held.choices[0].message.content == "Let through."
+    fake.reset()
+    fake.configure({"held": {"gate": "g1"}})
+    with pytest.raises(httpx.ReadTimeout):
+        _post(fake, {"model": "held", "messages": [{"role": "user", "content": "x"}]}, timeout=0.3)
+    fake.wait_for(lambda log: log[-1]["outcome"] == "disconnected", timeout=2.0)
 
 
 def test_stop_after_tokens_breaks_the_stream(fake: FakeUpstream, client: OpenAI) -> None:

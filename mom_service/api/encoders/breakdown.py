@@ -22,7 +22,7 @@ def usage_dict(usage: Usage, cost: Decimal | None = None) -> dict[str, Any]:
     }
 
 
-def _report_dict(report: CallReport) -> dict[str, Any]:
+def report_dict(report: CallReport) -> dict[str, Any]:
     return {
         "name": report.name,
         "model": report.model,
@@ -44,9 +44,9 @@ def _report_dict(report: CallReport) -> dict[str, Any]:
 def breakdown_dict(breakdown: Breakdown) -> dict[str, Any]:
     """The `mom` object: what each member and the concluding call did."""
     return {
-        "members": [_report_dict(m) for m in breakdown.members],
-        "concluding": _report_dict(breakdown.concluding),
-        "concluding_fallbacks": [_report_dict(r) for r in breakdown.concluding_failed],
+        "members": [report_dict(m) for m in breakdown.members],
+        "concluding": report_dict(breakdown.concluding),
+        "concluding_fallbacks": [report_dict(r) for r in breakdown.concluding_failed],
         "answered": breakdown.answered,
         "asked": breakdown.asked,
         "degraded": breakdown.degraded,
@@ -61,7 +61,7 @@ def breakdown_dict(breakdown: Breakdown) -> dict[str, Any]:
         "notices": breakdown.notices,
         "overrides": breakdown.overrides or None,
         "strategy": breakdown.strategy,
-        "stage_calls": [_report_dict(r) for r in breakdown.stage_calls],
+        "stage_calls": [report_dict(r) for r in breakdown.stage_calls],
         "ranking": breakdown.ranking,
         "selected": breakdown.selected,
         "votes": breakdown.votes,

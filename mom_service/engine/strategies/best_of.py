@@ -10,7 +10,7 @@ from typing import Any
 
 from mom_service.engine.calls import Calls
 from mom_service.engine.concluding import Concluded
-from mom_service.engine.events import Breakdown, CallReport, ContentDelta, Event, PanelDone, StageDone
+from mom_service.engine.events import Breakdown, CallReport, ContentDelta, Event, PanelDone, StageDone, StageStarted
 from mom_service.engine.plan import Plan
 from mom_service.engine.strategies.ballots import PICK_MARK, Ballot, anonymize, parse_pick
 from mom_service.engine.strategies.stage import ask, reserve, stage_report
@@ -81,8 +81,9 @@ async def best_of(
     calls: Calls, plan: Plan, breakdown: Breakdown, trace: Trace, concluded: Concluded
 ) -> AsyncGenerator[Event]:
     answered = [r for r in breakdown.members if r.status == "ok"]
+    yield StageStarted("judge")
     chosen, summary = await judged(calls, plan, breakdown, trace, answered)
     yield StageDone("judge", summary)
-    yield PanelDone(breakdown.members)
+    yield PanelDone(breakdown.members, selected=chosen.name)
     async for event in returned(chosen, breakdown, concluded):
         yield event

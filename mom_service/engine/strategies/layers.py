@@ -14,7 +14,7 @@ from typing import Any
 from mom_service.engine.calls import NOT_ANSWERED, Calls
 from mom_service.engine.concluding import Concluded, conclude, too_few_answered
 from mom_service.engine.cost_cap import stage_room, worst_of
-from mom_service.engine.events import Breakdown, CallReport, Event, PanelDone
+from mom_service.engine.events import Breakdown, CallReport, Event, PanelDone, StageStarted
 from mom_service.engine.panel import cancel_members, fan_out, member_reports, wait_for_panel
 from mom_service.engine.plan import Member, Plan
 from mom_service.engine.synthesis import UNTRUSTED_NOTICE
@@ -66,6 +66,7 @@ async def layers(
     calls: Calls, plan: Plan, breakdown: Breakdown, trace: Trace, concluded: Concluded
 ) -> AsyncGenerator[Event]:
     for number in range(2, plan.mom.layers + 1):
+        yield StageStarted(f"round-{number}")
         note = references(breakdown.members)
         again = _round(plan, note, breakdown.cost or ZERO, calls.prices)
         reports = member_reports(again, NOT_ANSWERED, f"round-{number}")

@@ -12,7 +12,7 @@ from typing import Any
 
 from mom_service.engine.calls import Calls
 from mom_service.engine.concluding import Concluded, conclude
-from mom_service.engine.events import Breakdown, CallReport, Event, PanelDone, StageDone
+from mom_service.engine.events import Breakdown, CallReport, Event, PanelDone, StageDone, StageStarted
 from mom_service.engine.plan import Concluder, Plan
 from mom_service.engine.strategies.ballots import RANKING_MARK, Ballot, anonymize, borda, parse_ranking, standings
 from mom_service.engine.strategies.stage import ask, reserve, stage_report
@@ -87,6 +87,7 @@ async def rank(
     calls: Calls, plan: Plan, breakdown: Breakdown, trace: Trace, concluded: Concluded
 ) -> AsyncGenerator[Event]:
     answered = [r for r in breakdown.members if r.status == "ok"]
+    yield StageStarted("rank")
     ballot = anonymize(answered, random.Random())
     ranked = await rankings(calls, plan, breakdown, trace, ballot) if len(answered) > 1 else {}
     table = standings(borda(ranked, ballot.names), [r.name for r in answered])

@@ -9,7 +9,7 @@ from typing import Any
 
 from mom_service.engine.calls import Calls
 from mom_service.engine.concluding import Concluded
-from mom_service.engine.events import Breakdown, CallReport, Event, PanelDone, StageDone
+from mom_service.engine.events import Breakdown, CallReport, Event, PanelDone, StageDone, StageStarted
 from mom_service.engine.plan import Plan
 from mom_service.engine.strategies.ballots import final_answer, normalize
 from mom_service.engine.strategies.best_of import judged, returned
@@ -37,6 +37,7 @@ async def vote(
     calls: Calls, plan: Plan, breakdown: Breakdown, trace: Trace, concluded: Concluded
 ) -> AsyncGenerator[Event]:
     answered = [r for r in breakdown.members if r.status == "ok"]
+    yield StageStarted("vote")
     votes = breakdown.votes = count_votes(answered, plan.mom.vote_pattern)
     top = [v for v in votes if v["count"] == votes[0]["count"]] if votes else []
     by_name = {r.name: r for r in answered}
@@ -50,6 +51,6 @@ async def vote(
         chosen, decided = await judged(calls, plan, breakdown, trace, tied)
         decided = f"No majority: {decided}"
     yield StageDone("vote", _summary(votes) + decided)
-    yield PanelDone(breakdown.members)
+    yield PanelDone(breakdown.members, selected=chosen.name)
     async for event in returned(chosen, breakdown, concluded):
         yield event

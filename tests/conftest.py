@@ -123,15 +123,21 @@ class Service:
                 yield time.monotonic(), payload
 
 
-def sse_payloads(response: httpx.Response) -> Iterator[str]:
-    """The `data:` payload of each SSE frame of a streamed response, as each frame arrives."""
+def sse_frames(response: httpx.Response) -> Iterator[str]:
+    """Each SSE frame of a streamed response (its lines, without the blank line that ends it), as it arrives."""
     buffer = ""
     for text in response.iter_text():
         buffer += text
         while "\n\n" in buffer:
             frame, buffer = buffer.split("\n\n", 1)
-            assert frame.startswith("data: "), frame
-            yield frame[len("data: ") :]
+            yield frame
+
+
+def sse_payloads(response: httpx.Response) -> Iterator[str]:
+    """The `data:` payload of each SSE frame of a streamed response, as each frame arrives."""
+    for frame in sse_frames(response):
+        assert frame.startswith("data: "), frame
+        yield frame[len("data: ") :]
 
 
 def answer_of(response: httpx.Response, stream: bool) -> tuple[dict[str, Any], str]:

@@ -13,6 +13,7 @@ import logging
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
@@ -99,28 +100,38 @@ async def answer(
     plan = await state.engine.prepare(asked)
     progress = RunProgress(state.progress, plan, asked.caller)
     headers = progress_headers(plan.request_id, state.links)
-    events = state.engine.run(plan)
+    run = _Run(request, state, state.engine.run(plan), progress, headers)
     try:
         if not asked.stream:
-            return await _whole(request, state, plan, events, progress, collector(plan), on_completed, headers)
-        return await _streamed(request, state, events, progress, encoder(plan), on_completed, headers)
-    except MoMError as exc:
-        response = error_response_for(exc, request.url.path, request.headers)
+            body = collector(plan)
+            return await _whole(run, body, on_completed(body) if on_completed is not None else None)
+        stream = encoder(plan)
+        return await _streamed(run, stream, on_completed(stream) if on_completed is not None else None)
+    except ClientGone:
+        progress.close()  # (the work may have been cancelled before it began)
+        return Response(status_code=CLIENT_CLOSED, headers=headers)
+    except (MoMError, ServerStopping) as exc:
+        progress.close()
+        error = Admission.cut_off_error() if isinstance(exc, ServerStopping) else exc
+        response = error_response_for(error, request.url.path, request.headers)
         response.headers.update(headers)
         return response
 
 
-async def _whole(
-    request: Request,
-    state: AppState,
-    plan: Plan,
-    events: AsyncGenerator[Event],
-    progress: RunProgress,
-    body: BodyCollector,
-    on_completed: Callable[[BodyCollector | StreamEncoder], OnCompleted] | None,
-    headers: dict[str, str],
-) -> Response:
-    done = on_completed(body) if on_completed is not None else None
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """One planned request on its way to its answer."""
+
+    request: Request
+    state: AppState
+    events: AsyncGenerator[Event]
+    progress: RunProgress
+    headers: dict[str, str]
+
+
+async def _whole(run: _Run, body: BodyCollector, done: OnCompleted | None) -> Response:
+    """The answer as one body; raises ClientGone, ServerStopping, or the run's error."""
+    events, progress = run.events, run.progress
 
     async def collect() -> dict[str, Any]:
         try:
@@ -136,38 +147,21 @@ async def _whole(
             progress.close()
         raise RuntimeError("the engine ended without an answer")
 
-    try:
-        return ORJSONResponse(await unless_disconnected(request, collect(), state.admission.cut_off), headers=headers)
-    except ClientGone:
-        progress.close()  # (in case the work was cancelled before it began)
-        return Response(status_code=CLIENT_CLOSED, headers=headers)
-    except ServerStopping:
-        progress.close()
-        raise Admission.cut_off_error() from None
+    stop = run.state.admission.cut_off
+    return ORJSONResponse(await unless_disconnected(run.request, collect(), stop), headers=run.headers)
 
 
-async def _streamed(
-    request: Request,
-    state: AppState,
-    events: AsyncGenerator[Event],
-    progress: RunProgress,
-    stream: StreamEncoder,
-    on_completed: Callable[[BodyCollector | StreamEncoder], OnCompleted] | None,
-    headers: dict[str, str],
-) -> Response:
-    stop = state.admission.cut_off
-    frames = _sse(events, stream, on_completed(stream) if on_completed is not None else None, progress)
+async def _streamed(run: _Run, stream: StreamEncoder, done: OnCompleted | None) -> Response:
+    """The answer as SSE, once its first bytes are ready; raises ClientGone, ServerStopping, or the run's error
+    when it fails before them."""
+    stop = run.state.admission.cut_off
+    frames = _sse(run.events, stream, done, run.progress)
     try:  # the first bytes worth sending; a failure before them is answered with its HTTP status
-        first = await unless_disconnected(request, anext(frames, b""), stop)
-    except ClientGone:
+        first = await unless_disconnected(run.request, anext(frames, b""), stop)
+    except (ClientGone, ServerStopping):
         await frames.aclose()
-        progress.close()  # (in case the stream was closed before it began)
-        return Response(status_code=CLIENT_CLOSED, headers=headers)
-    except ServerStopping:
-        await frames.aclose()
-        progress.close()
-        raise Admission.cut_off_error() from None
-    return SSEResponse(_after(first, frames), stop, stream.error(Admission.cut_off_error()), headers=headers)
+        raise
+    return SSEResponse(_after(first, frames), stop, stream.error(Admission.cut_off_error()), headers=run.headers)
 
 
 async def _sse(

@@ -16,7 +16,7 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import TOKEN, Service, StartService, llm, wait_until
+from tests.conftest import TOKEN, Service, StartService, llm, sse_frames, wait_until
 from tests.fake_upstream import FakeUpstream
 
 MEMBERS = ["pg-one", "pg-two", "pg-three"]
@@ -83,15 +83,11 @@ def progress(service: Service, path: str, **headers: str) -> Iterator[Iterator[E
 
 
 def events(response: httpx.Response) -> Iterator[Event]:
-    buffer = ""
-    for text in response.iter_text():
-        buffer += text
-        while "\n\n" in buffer:
-            frame, buffer = buffer.split("\n\n", 1)
-            if frame.startswith(":"):  # a heartbeat
-                continue
-            fields = dict(line.split(": ", 1) for line in frame.split("\n"))
-            yield Event(int(fields["id"]), fields["event"], orjson.loads(fields["data"]))
+    for frame in sse_frames(response):
+        if frame.startswith(":"):  # a heartbeat
+            continue
+        fields = dict(line.split(": ", 1) for line in frame.split("\n"))
+        yield Event(int(fields["id"]), fields["event"], orjson.loads(fields["data"]))
 
 
 def read_all(service: Service, path: str, **headers: str) -> list[Event]:

@@ -18,6 +18,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
     api_token: str | None = None
+    admin_token: SecretStr | None = None  # the admin API's bearer token(s), comma-separated; unset: /admin/ is 503
     mom_config: str | None = None
     allowed_cors_origins: str = ""
     database_url: str = "sqlite+aiosqlite:///./data/mom.db"
@@ -67,6 +68,14 @@ class Settings(BaseSettings):
         if not self.api_token:
             return ()
         return tuple(t.strip().encode() for t in self.api_token.split(",") if t.strip())
+
+    @property
+    def admin_tokens(self) -> tuple[bytes, ...]:
+        """The accepted admin tokens (comma-separated, for rotation), as bytes for a constant-time compare."""
+        if self.admin_token is None:
+            return ()
+        raw = self.admin_token.get_secret_value()
+        return tuple(t.strip().encode() for t in raw.split(",") if t.strip())
 
     @property
     def cors_origins(self) -> list[str]:

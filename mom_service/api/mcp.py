@@ -45,6 +45,7 @@ from mom_service.engine.events import (
     Failed,
     MemberFinished,
     PanelDone,
+    StageDone,
 )
 from mom_service.engine.plan import CachePolicy, Plan
 from mom_service.engine.plan import Request as EngineRequest
@@ -254,17 +255,26 @@ class Tools:
             raise ToolError(_error_text(exc)) from None
 
 
+def _steps(plan: Plan) -> int:
+    """How many steps a run's progress counts: each member's call in each round (`layers`), the strategy's stage
+    (a ranking, a judgement, a vote), the answer."""
+    rounds = plan.mom.layers if plan.strategy == "layers" else 1
+    return len(plan.members) * rounds + (plan.strategy in ("rank", "best_of", "vote")) + 1
+
+
 async def _answer(plan: Plan, events: AsyncGenerator[Event], ctx: Context) -> ConsultResult:
-    """The engine's events as one result; progress (members settled, of members + the concluding call) meanwhile."""
-    total = len(plan.members) + 1
+    """The engine's events as one result; progress meanwhile: each member as it settles (in each round), the
+    strategy's stage, of those steps and the answer (`_steps`)."""
+    total = _steps(plan)
     settled = 0
     text: list[str] = []
     concluding = plan.concluders[0].llm.name if plan.concluders else plan.mom.concluding_llm
     async with aclosing(events):
         async for event in events:
-            if isinstance(event, MemberFinished):
-                settled += 1
-                await ctx.report_progress(settled, total, _settled(event.report))
+            if isinstance(event, MemberFinished | StageDone):
+                settled = min(settled + 1, total - 1)
+                done = _settled(event.report) if isinstance(event, MemberFinished) else f"{event.stage}: done"
+                await ctx.report_progress(settled, total, done)
             elif isinstance(event, PanelDone):
                 await ctx.report_progress(settled, total, f"{concluding}: concluding from the panel's answers")
             elif isinstance(event, ContentDelta):

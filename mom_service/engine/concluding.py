@@ -17,7 +17,8 @@ from mom_service.engine.cached import Piece
 from mom_service.engine.calls import Calls, ms_since
 from mom_service.engine.cost_cap import Room, room
 from mom_service.engine.events import Breakdown, CallReport, ContentDelta, Event, Failed, ToolCallDelta
-from mom_service.engine.plan import INSTRUCTION_HEAD, Concluder, Plan
+from mom_service.engine.plan import Concluder, Plan
+from mom_service.engine.planning import INSTRUCTION_HEAD
 from mom_service.engine.synthesis import concluding_messages
 from mom_service.engine.tools import CallAssembler
 from mom_service.engine.tracing import Trace

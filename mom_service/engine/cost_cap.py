@@ -1,20 +1,22 @@
 """The hard cost cap (`max_cost_usd`). Before any call: each call's worst case (the tokens it reads at the input
-price, its output ceiling at the output price, reasoning included), the most expensive members dropped while
-min_successful can still be met, else a 400 `cost_cap_exceeded` with the estimate; an LLM without a price is
-refused (a 400 `cost_cap_unpriced`), never guessed. Every call of a capped plan is sent with its ceiling as
-`max_tokens`, so the estimate holds. While it runs: before each concluding call, its output ceiling from what is
-left (`room`)."""
+price, its output ceiling at the output price, reasoning included), the strategy's stages included (the rankings,
+the later rounds), the most expensive members dropped while min_successful can still be met, else a 400
+`cost_cap_exceeded` with the estimate; an LLM without a price is refused (a 400 `cost_cap_unpriced`), never
+guessed. Every call of a capped plan is sent with its ceiling as `max_tokens`, so the estimate holds. While it
+runs: before each concluding or stage call, its output ceiling from what is left (`room`, `stage_room`)."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import ROUND_FLOOR, Decimal
 from typing import Any
 
 from mom_service.engine.events import CallReport
 from mom_service.engine.plan import Concluder, Member, Plan
+from mom_service.engine.strategies.ballots import Ballot, label
+from mom_service.engine.strategies.prompts import rank_messages, references
 from mom_service.engine.synthesis import concluding_messages
 from mom_service.errors import InvalidRequest
 from mom_service.providers.caller import configured_limit
@@ -24,6 +26,8 @@ from mom_service.providers.tokens import count_request
 # The fewest tokens a concluding answer is asked for under a cap (or its whole ceiling, when that is smaller): when
 # what is left pays for fewer, the call is not made.
 MIN_ANSWER_TOKENS = 16
+# A stage call's output ceiling (a ranking, a judgement) when its LLM's is not known to the plan: a ranking is short
+STAGE_CEILING = 1024
 
 # Our count of a call's input: (model, messages, tools) -> tokens
 Counter = Callable[[str, list[dict[str, Any]], list[dict[str, Any]] | None], int]
@@ -52,30 +56,68 @@ class CallCost:
         return (self.input_tokens + more_input) * self.prices.input + self.ceiling * output_price(self.prices)
 
 
-def estimate(members: Sequence[CallCost], concluders: Sequence[CallCost]) -> Decimal:
-    """A plan's worst case: every member's, plus the most expensive concluding call's, reading every member's
-    answer at its ceiling (the fallbacks run only when the one before failed before answering)."""
+@dataclass(frozen=True, slots=True)
+class Stages:
+    """What a strategy's stages add to a plan's worst case, each stage call reading every member's answer at its
+    ceiling. best_of's and vote's judge is the concluding LLM reading the same answers: the concluding call's worst
+    case covers it."""
+
+    later_rounds: int = 0  # layers: the rounds after the first, where every member answers again
+    rounds: tuple[CallCost, ...] = ()  # layers: each member's call in a later round (the answers aside), in order
+    rankings: tuple[CallCost, ...] = ()  # rank by the members: each member's ranking (the answers aside), in order
+    rankers: tuple[CallCost, ...] = ()  # rank by the configured rankers: each one's ranking
+
+    def keeping(self, kept: Sequence[int]) -> Stages:
+        """The stages of the members at the indices `kept` (a member dropped neither answers again nor ranks)."""
+        return replace(
+            self,
+            rounds=tuple(self.rounds[i] for i in kept) if self.rounds else (),
+            rankings=tuple(self.rankings[i] for i in kept) if self.rankings else (),
+        )
+
+    def worst(self, answers: int) -> Decimal:
+        """Their worst case, each call reading `answers` tokens of answers more."""
+        later = self.later_rounds * sum((c.worst(answers) for c in self.rounds), ZERO)
+        return later + sum((c.worst(answers) for c in (*self.rankings, *self.rankers)), ZERO)
+
+
+NO_STAGES = Stages()
+
+
+def estimate(members: Sequence[CallCost], concluders: Sequence[CallCost], stages: Stages = NO_STAGES) -> Decimal:
+    """A plan's worst case: every member's, its strategy's stages', plus the most expensive concluding call's,
+    reading every member's answer at its ceiling (the fallbacks run only when the one before failed before
+    answering)."""
     answers = sum(m.ceiling for m in members)
-    return sum((m.worst() for m in members), ZERO) + max(c.worst(answers) for c in concluders)
+    own = sum((m.worst() for m in members), ZERO) + stages.worst(answers)
+    return own + max(c.worst(answers) for c in concluders)
 
 
 def fit(
-    members: Sequence[CallCost], concluders: Sequence[CallCost], cap: Decimal, keep: int
+    members: Sequence[CallCost],
+    concluders: Sequence[CallCost],
+    cap: Decimal,
+    keep: int,
+    stages: Stages = NO_STAGES,
 ) -> tuple[list[int], Decimal]:
     """Which members to drop (their indices) so that the plan's worst case fits under `cap`, keeping `keep` at
-    least: the most expensive first (a member's own worst case plus its answer read by the concluding call; of
-    two alike, the later one), one at a time while the plan is over the cap. Returns them and the estimate of what
-    is left, which is still over the cap when even `keep` members are too many."""
-    read = max(c.prices.input for c in concluders)
-    order = sorted(range(len(members)), key=lambda i: (members[i].worst() + members[i].ceiling * read, i))
-    kept = set(range(len(members)))
+    least: the most expensive first (the one whose absence lowers the worst case most: its own call, its answer
+    read by the concluding call and the stages, its stage calls; of two alike, the later one), one at a time while
+    the plan is over the cap. Returns them and the estimate of what is left, which is still over the cap when even
+    `keep` members are too many."""
+
+    def total_of(indices: Sequence[int]) -> Decimal:
+        return estimate([members[i] for i in indices], concluders, stages.keeping(indices))
+
+    kept = list(range(len(members)))
     dropped: list[int] = []
-    total = estimate(members, concluders)
-    while total > cap and len(kept) > keep and order:
-        index = order.pop()
-        kept.discard(index)
+    total = total_of(kept)
+    while total > cap and len(kept) > keep:
+        saving = {i: total - total_of([k for k in kept if k != i]) for i in kept}
+        index = max(kept, key=lambda i: (saving[i], i))
+        kept.remove(index)
         dropped.append(index)
-        total = estimate([members[i] for i in sorted(kept)], concluders)
+        total = total_of(kept)
     return dropped, total
 
 
@@ -109,10 +151,38 @@ def _concluding_input(plan: Plan, candidate: Concluder, asked: Sequence[Member],
     return count(candidate.llm.model, concluding_messages(plan.prompt, candidate.conversation, empty), plan.tools)
 
 
+def _called(plan: Plan, asked: Sequence[Member]) -> list[str]:
+    """The LLMs a plan may call: its members asked, its concluding LLMs, its rankers."""
+    return [m.llm.name for m in asked] + [c.llm.name for c in (*plan.concluders, *plan.rankers)]
+
+
+def _stages(
+    plan: Plan, members: Sequence[Member], costs: Sequence[CallCost], priced: Mapping[str, Prices], count: Counter
+) -> Stages:
+    """The worst case of the plan's strategy's stages: each member's later rounds (layers), each ranking (rank);
+    the rankers' calls are sent with their ceilings (`plan.rankers`, set by `capped`)."""
+    if plan.strategy == "layers":
+        empty = [CallReport(name=m.llm.name, model=m.llm.model) for m in members]
+        frame = [count(m.llm.model, [references(empty)], None) for m in members]
+        rounds = tuple(replace(c, input_tokens=c.input_tokens + f) for c, f in zip(costs, frame, strict=True))
+        return Stages(later_rounds=plan.mom.layers - 1, rounds=rounds)
+    if plan.strategy != "rank":
+        return NO_STAGES
+    ballot = Ballot(tuple((label(i), CallReport(name=m.llm.name, model=m.llm.model)) for i, m in enumerate(members)))
+    ranking = {
+        r.llm.name: CallCost(
+            count(r.llm.model, rank_messages(r.conversation, ballot), None), r.ceiling or 0, priced[r.llm.name]
+        )
+        for r in plan.rankers
+    }
+    if plan.mom.rankers is not None:
+        return Stages(rankers=tuple(ranking.values()))
+    return Stages(rankings=tuple(ranking[m.llm.name] for m in members))
+
+
 def _prices_of(plan: Plan, asked: Sequence[Member], prices: PriceBook, cap: Decimal) -> dict[str, Prices]:
     """The prices of every LLM the plan may call; a 400 naming those that have none."""
-    names = [m.llm.name for m in asked] + [c.llm.name for c in plan.concluders]
-    found = {name: prices.get(name) for name in names}
+    found = {name: prices.get(name) for name in _called(plan, asked)}
     unpriced = [name for name, price in found.items() if price is None]
     if unpriced:
         listed = ", ".join(f"'{name}'" for name in unpriced)
@@ -155,20 +225,26 @@ def _call_costs(
     return costs, concluders, concluding
 
 
+def _with_rankers(plan: Plan, ceilings: Mapping[str, int]) -> Plan:
+    """The plan with each ranker's output ceiling: its LLM's, at most STAGE_CEILING (a ranking is short)."""
+    rankers = tuple(replace(r, ceiling=min(ceilings[r.llm.name], STAGE_CEILING)) for r in plan.rankers)
+    return replace(plan, rankers=rankers)
+
+
 def worst_case(
     plan: Plan, prices: PriceBook, ceilings: Mapping[str, int], count: Counter = count_request
 ) -> Decimal | None:
-    """A plan's worst case as the cost cap computes it (every member asked, the dearest concluding call reading
-    every answer at its ceiling); None when an LLM it may call has no price. For callers that keep their own
-    budget (the evaluation's `--max-cost-usd`)."""
+    """A plan's worst case as the cost cap computes it (every member asked, the strategy's stages, the dearest
+    concluding call reading every answer at its ceiling); None when an LLM it may call has no price. For callers
+    that keep their own budget (the evaluation's `--max-cost-usd`)."""
     members = [m for m in plan.members if m.skipped is None]
-    names = [m.llm.name for m in members] + [c.llm.name for c in plan.concluders]
-    found = {name: prices.get(name) for name in names}
+    found = {name: prices.get(name) for name in _called(plan, members)}
     priced = {name: price for name, price in found.items() if price is not None}
     if len(priced) < len(found):
         return None
+    plan = _with_rankers(plan, ceilings)
     costs, _, concluding = _call_costs(plan, members, priced, ceilings, count)
-    return estimate(costs, concluding)
+    return estimate(costs, concluding, _stages(plan, members, costs, priced, count))
 
 
 def capped(plan: Plan, prices: PriceBook, ceilings: Mapping[str, int], count: Counter = count_request) -> Plan:
@@ -181,8 +257,10 @@ def capped(plan: Plan, prices: PriceBook, ceilings: Mapping[str, int], count: Co
     asked = [i for i, m in enumerate(plan.members) if m.skipped is None]
     members = [plan.members[i] for i in asked]
     priced = _prices_of(plan, members, prices, cap)
+    plan = _with_rankers(plan, ceilings)
     costs, concluders, concluding = _call_costs(plan, members, priced, ceilings, count)
-    dropped, total = fit(costs, concluding, cap, plan.mom.min_successful)
+    stages = _stages(plan, members, costs, priced, count)
+    dropped, total = fit(costs, concluding, cap, plan.mom.min_successful, stages)
     if total > cap:
         _refuse_over(plan, cap, total, len(members) - len(dropped))
     shaped = list(plan.members)

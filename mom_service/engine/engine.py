@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from mom_service.config import MoMConfig
 from mom_service.engine.cached import CachedAnswer, ResponseCache, as_hit, cacheable, cached_copy
-from mom_service.engine.calls import NOT_ANSWERED, Calls, ms_since
+from mom_service.engine.calls import NOT_ANSWERED, Calls
 from mom_service.engine.concluding import Concluded, conclude, prompt_tokens, too_few_answered
 from mom_service.engine.cost_cap import capped
 from mom_service.engine.events import (
@@ -27,17 +26,18 @@ from mom_service.engine.events import (
     MemberFinished,
     PanelDone,
     RequestOutcome,
-    RequestStatus,
     ToolCallDelta,
     Usage,
 )
 from mom_service.engine.inflight import InFlight
 from mom_service.engine.panel import cancel_members, fan_out, new_breakdown, wait_for_panel
-from mom_service.engine.plan import DEFAULT_IMAGES, ImagePolicy, Plan, Request, prepare
+from mom_service.engine.plan import DEFAULT_IMAGES, ImagePolicy, Plan, Request
+from mom_service.engine.planning import prepare
 from mom_service.engine.single_flight import Flight, Flights
 from mom_service.engine.steering import Steering
-from mom_service.engine.strategies import strategy_of
-from mom_service.engine.tools import CallAssembler, as_deltas, vote
+from mom_service.engine.strategies.registry import strategy_of
+from mom_service.engine.tally import Tally
+from mom_service.engine.tools import as_deltas, vote
 from mom_service.engine.tracing import NO_TRACE, Trace, TraceStarter
 from mom_service.errors import WITH_TRACEBACK, InternalError
 from mom_service.providers.caller import LLMCaller
@@ -48,54 +48,6 @@ from mom_service.providers.pricing import ZERO
 logger = logging.getLogger("mom_service")
 
 Recorder = Callable[[RequestOutcome], None]
-
-
-@dataclass(slots=True)
-class Tally:
-    """One request's outcome while it is decided: how it ends, its first token, its answer. Recorded once."""
-
-    plan: Plan
-    breakdown: Breakdown
-    trace: Trace | None = None  # the run's own trace; None for an answer from the cache (one is made at the end)
-    started_at: float = field(default_factory=time.time)
-    started: float = field(default_factory=time.perf_counter)
-    status: RequestStatus = "cancelled"  # until it ends otherwise (else the client left, or the service stopped)
-    error_code: str | None = None
-    ttft_ms: float | None = None
-    answer: list[str] = field(default_factory=list)
-    calls: CallAssembler | None = None  # the answer's tool calls, when it makes any
-
-    def see(self, event: Event) -> None:
-        if isinstance(event, ContentDelta):  # first: nearly every event is one
-            if self.ttft_ms is None:
-                self.ttft_ms = ms_since(self.started)
-            self.answer.append(event.text)
-        elif isinstance(event, ToolCallDelta):
-            if self.ttft_ms is None:
-                self.ttft_ms = ms_since(self.started)
-            if self.calls is None:
-                self.calls = CallAssembler()
-            self.calls.add(event)
-        elif isinstance(event, Completed):
-            self.status, self.breakdown = "ok", event.breakdown
-        elif isinstance(event, Failed):
-            self.status, self.error_code, self.breakdown = "error", event.error.code, event.breakdown
-
-    def outcome(self) -> RequestOutcome:
-        return RequestOutcome(
-            request_id=self.plan.request_id,
-            mom_model=self.plan.mom.name,
-            stream=self.plan.stream,
-            status=self.status,
-            error_code=self.error_code,
-            started_at=self.started_at,
-            latency_ms=ms_since(self.started),
-            ttft_ms=self.ttft_ms,
-            breakdown=self.breakdown,
-            surface=self.plan.surface,
-            overrides=self.plan.steering.applied,
-            caller=self.plan.caller,
-        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -116,6 +116,29 @@ async def test_lists_the_three_tools_with_their_input_schemas(served: Service) -
     assert set(tools["consult"].output_schema["properties"]) >= {"answer", "members", "cost", "notices"}
 
 
+@pytest.mark.parametrize(
+    ("strategy", "total", "stage"), [("rank", 5, "rank: done"), ("layers", 7, None)], ids=["rank", "layers"]
+)
+async def test_consult_progress_counts_a_strategys_steps(
+    served: Service, fake: FakeUpstream, strategy: str, total: int, stage: str | None
+) -> None:
+    # rank: 3 members, the rankings, the answer; layers (2 rounds): 3 members twice, the answer
+    fake.configure({name: {"ranking": ["A", "B", "C"]} for name in MEMBERS})
+    progress = Progress()
+    async with session_of(served) as session:
+        result = await session.call_tool(
+            "consult", {"question": QUESTION, "controls": {"strategy": strategy}}, progress_callback=progress
+        )
+    assert not result.is_error, result.content
+    steps = [p for p, _, _ in progress.seen]
+    assert {t for _, t, _ in progress.seen} == {total}
+    assert steps == sorted(steps) and steps[-1] == total and steps[-2] == total - 1
+    settled = [m for _, _, m in progress.seen if m and m.split(": ")[0] in MEMBERS]
+    assert len(settled) == total - 1 - (stage is not None)  # each member's call in each round
+    if stage is not None:
+        assert stage in [m for _, _, m in progress.seen]
+
+
 async def test_list_models_names_each_panel(served: Service, fake: FakeUpstream) -> None:
     async with session_of(served) as session:
         result = await session.call_tool("list_models", {})

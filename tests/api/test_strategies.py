@@ -43,6 +43,7 @@ def strategic(fake_server: FakeUpstream, start_service: StartService) -> Service
             },
             {"name": "layered", **panel, "strategy": "layers", "include_thinking_context": True},
             {"name": "layered-3", **panel, "strategy": "layers", "layers": 3, "quorum": 2},
+            {"name": "ranked-apart", **panel, "strategy": "rank", "rankers": ["s-ranker", "s-judge"]},
         ],
     }
     return start_service(config, {})
@@ -381,3 +382,67 @@ def test_one_llm_sampled_n_times_is_a_panel(strategic: Service, fake: FakeUpstre
     assert all(m["status"] == "ok" and m["stage"] == "answer" and m["cost"] > 0 for m in mom["members"])
     # which sample got which text depends on the order the calls arrived in: the vote is 12 (2) against 13 (2)
     assert sorted((v["answer"], v["count"]) for v in mom["votes"]) == [("12", 2), ("13", 2)]
+
+
+# ------------------------------------------------------------------------------------------------ the cost cap
+# Every LLM here has no output ceiling of its own (4096, LiteLLM's default) and costs $2/M in, $8/M out: a member's
+# worst case is about $0.033, a ranking's (1024 tokens, reading the three answers at their ceilings) about $0.033,
+# the concluding call's about $0.058. Synthesized, the panel's worst case is about $0.156; ranked, about $0.255;
+# in two layers, about $0.33. The estimates are asserted by the unit tests to the digit; here, what they decide.
+
+
+def capped_ask(service: Service, model: str, cap: str) -> dict[str, Any]:
+    reply = client(service).chat.completions.create(
+        model=model,
+        messages=QUESTION,  # type: ignore[arg-type]
+        extra_body={"mom": {"max_cost_usd": cap}},
+    )
+    mom: dict[str, Any] = reply.model_extra["mom"]  # type: ignore[index]
+    assert Decimal(str(mom["cost"])) <= Decimal(cap)
+    return mom
+
+
+def dropped(mom: dict[str, Any]) -> list[str]:
+    return [m["name"] for m in mom["members"] if m["status"] == "skipped" and m["reason"] == "cost_cap"]
+
+
+@pytest.mark.parametrize(("model", "stage"), [("ranked", "rank"), ("layered", "round-2")])
+def test_the_strategys_stages_count_in_the_cap(strategic: Service, fake: FakeUpstream, model: str, stage: str) -> None:
+    configure(fake, **{name: {"ranking": ["A", "B", "C"]} for name in MEMBERS})
+    # $0.2 is enough for the whole panel synthesized, not for its rankings or its second round
+    assert dropped(capped_ask(strategic, "plain", "0.2")) == []
+    fake.clear_log()
+    mom = capped_ask(strategic, model, "0.2")
+    left = [name for name in MEMBERS if name not in dropped(mom)]
+    assert dropped(mom) and left  # the dearest (all alike here: the later first) dropped up front, never asked
+    asked = sorted(e["model"] for e in fake.log() if e["model"] in MEMBERS)
+    assert asked == sorted(left * 2)  # each member kept answers, then ranks or answers again
+    made = [(c["name"], c["stage"]) for c in [*mom["members"], *mom["stage_calls"]] if c["status"] == "ok"]
+    assert sorted(made) == sorted([*((name, "answer") for name in left), *((name, stage) for name in left)])
+    assert mom["concluding"]["status"] == "ok"
+    # every call went out with its ceiling: the rankings at 1024, the others at 4096
+    ceilings = {(e["model"], stage_of(e)): e["body"]["max_tokens"] for e in fake.log()}
+    assert set(ceilings.values()) <= {1024, 4096}
+    assert all(ceiling == 1024 for (_, asked_for), ceiling in ceilings.items() if asked_for == "rank")
+
+
+def test_a_ranking_left_too_little_at_run_time_is_not_made(strategic: Service, fake: FakeUpstream) -> None:
+    # The estimate fits ($0.22 under $0.3), but each member's provider counts 49166 prompt tokens (ours: a few
+    # dozen): the panel costs $0.295, which leaves the first ranker about $0.0045, all it may write (about 560 tokens
+    # of its 1024), and the second nothing. The concluding call gets what the ranking did not spend.
+    configure(
+        fake,
+        **{name: {"prompt_tokens": 49166} for name in MEMBERS},
+        **{"s-ranker": {"ranking": ["B", "A", "C"]}, "s-judge": {"text": "Paris."}},
+    )
+    mom = capped_ask(strategic, "ranked-apart", "0.3")
+    assert dropped(mom) == []
+    rankings = {c["name"]: c for c in mom["stage_calls"]}
+    assert rankings["s-ranker"]["status"] == "ok"
+    assert (rankings["s-judge"]["status"], rankings["s-judge"]["reason"]) == ("skipped", "cost_cap")
+    assert "cost cap of $0.3" in rankings["s-judge"]["error"]
+    asked = [(e["model"], stage_of(e), e["body"].get("max_tokens")) for e in fake.log() if e["model"].startswith("s-")]
+    ranking = next(ceiling for model, stage, ceiling in asked if stage == "rank")
+    assert [(model, stage) for model, stage, _ in asked] == [("s-ranker", "rank"), ("s-judge", "answer")]
+    assert 16 <= ranking < 1024
+    assert mom["concluding"]["status"] == "ok" and mom["ranking"][0]["score"] == 2

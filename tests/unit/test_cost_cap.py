@@ -10,8 +10,19 @@ from typing import Any
 import pytest
 
 from mom_service.config import MoMConfig, parse_config
-from mom_service.engine.cost_cap import MIN_ANSWER_TOKENS, CallCost, Room, capped, estimate, fit, room
-from mom_service.engine.plan import Plan, make_plan
+from mom_service.engine.cost_cap import (
+    MIN_ANSWER_TOKENS,
+    CallCost,
+    Room,
+    Stages,
+    capped,
+    estimate,
+    fit,
+    room,
+    worst_case,
+)
+from mom_service.engine.plan import Plan
+from mom_service.engine.planning import make_plan
 from mom_service.errors import InvalidRequest
 from mom_service.providers.capabilities import DEFAULT_MAX_OUTPUT, max_output
 from mom_service.providers.pricing import Prices, build_price_book
@@ -218,3 +229,73 @@ def test_an_llms_output_ceiling() -> None:
     assert max_output(free, None) == 4096
     both = made.llm_definitions[0].model_copy(update={"params": {"max_tokens": 300, "max_completion_tokens": 200}})
     assert max_output(both, None) == 200
+
+
+# ----------------------------------------------------------------------------------- the strategies' stages
+
+
+def test_later_rounds_and_rankings_read_every_answer() -> None:
+    a = CallCost(10, 100, prices("10", "100"))
+    b = CallCost(10, 200, prices("10", "100"))
+    j = CallCost(30, 1000, prices("1", "10"))
+    panel = estimate([a, b], [j])
+    # layers of 3: two more rounds, each member reading both answers (300 tokens) as well as its own 20
+    again = Stages(later_rounds=2, rounds=(CallCost(20, 100, a.prices), CallCost(20, 200, b.prices)))
+    later = 2 * (Decimal(320 * 10 + 100 * 100) + Decimal(320 * 10 + 200 * 100)) / M
+    assert estimate([a, b], [j], again) == panel + later
+    # rank by the members: each ranking reads the answers; a configured ranker too
+    ranked = Stages(rankings=(CallCost(30, 50, a.prices), CallCost(30, 50, b.prices)), rankers=(j,))
+    rankings = (Decimal(330 * 10 + 50 * 100) * 2) / M + j.worst(300)
+    assert estimate([a, b], [j], ranked) == panel + rankings
+    # a member dropped neither answers again nor ranks
+    assert ranked.keeping([1]).rankings == (CallCost(30, 50, b.prices),)
+    assert again.keeping([0]).rounds == (CallCost(20, 100, a.prices),)
+
+
+def test_a_member_that_ranks_costs_more_to_keep() -> None:
+    # alone, the dearest call is c's ($0.025: 250 x $100/M), but b's ranking ($0.1) makes b the dearest to keep
+    members = [CallCost(0, 100, prices("0", "100")), CallCost(0, 200, prices("0", "100"))]
+    members.append(CallCost(0, 250, prices("0", "100")))
+    stages = Stages(rankings=(members[0], CallCost(0, 1000, prices("0", "100")), members[0]))
+    free = [CallCost(0, 0, prices("0", "0"))]
+    dropped, total = fit(members, free, Decimal("0.06"), 1, stages)
+    assert dropped == [1] and total == Decimal("0.055")  # a and c: 0.01 + 0.025, two rankings of 0.01
+
+
+def test_a_rank_plan_counts_each_members_ranking() -> None:
+    # a ranking reads 30 tokens (3 messages) and the three answers (600) at the member's input price, and writes at
+    # most its ceiling (its LLM's, below 1024): a 0.0063 + 0.01, b 0.0063 + 0.02, c 0.0063 + 0.015 = 0.0639; with
+    # the panel's 0.0453 and j's 0.01063: 0.11983
+    plan = under_cap(config("0.12", strategy="rank"))
+    assert [m.skipped for m in plan.members] == [None, None, None]
+    assert [r.ceiling for r in plan.rankers] == [100, 200, 300]
+    made = config("0.12", strategy="rank")
+    ceilings = {d.name: max_output(d, None) for d in made.llm_definitions}
+    book = build_price_book(made, lambda model: None)
+    assert worst_case(plan_of(made), book, ceilings, ten_a_message) == Decimal("0.11983")
+    # under 0.1, b goes (it saves the most: its call, its ranking, its answer read by every ranking and by j)
+    dropped = under_cap(config("0.1", strategy="rank"))
+    assert [m.llm.name for m in dropped.members if m.skipped_kind == "cost_cap" and m.skipped] == ["b"]
+    with pytest.raises(InvalidRequest) as caught:
+        under_cap(config("0.1", strategy="rank", min_successful=3))
+    assert "could cost up to $0.11983, even with only 3 panel member(s)" in caught.value.message
+
+
+def test_configured_rankers_count_and_must_be_priced() -> None:
+    # j ranks: 30 + 600 tokens read at $1/M, 1000 written at $10/M: 0.01063, and concludes: 0.01063
+    with pytest.raises(InvalidRequest) as caught:
+        under_cap(config("0.066", strategy="rank", rankers=["j"], min_successful=3))
+    assert "could cost up to $0.06656," in caught.value.message
+    assert under_cap(config("0.0666", strategy="rank", rankers=["j"], min_successful=3)).rankers[0].ceiling == 1000
+    with pytest.raises(InvalidRequest) as unpriced:
+        under_cap(config("1", strategy="rank", rankers=["free"]))
+    assert unpriced.value.code == "cost_cap_unpriced" and "'free'" in unpriced.value.message
+
+
+def test_a_layers_plan_counts_every_later_round() -> None:
+    # layers: 3, two more rounds: each member reads its 10 tokens, the references' frame (10) and the answers (600)
+    # at $10/M: a 0.0062 + 0.01, b 0.0062 + 0.02, c 0.0062 + 0.015 = 0.0636 a round; with the panel and j: 0.18313
+    with pytest.raises(InvalidRequest) as caught:
+        under_cap(config("0.18", strategy="layers", layers=3, min_successful=3))
+    assert "could cost up to $0.18313," in caught.value.message
+    assert under_cap(config("0.18313", strategy="layers", layers=3, min_successful=3)).members[1].skipped is None

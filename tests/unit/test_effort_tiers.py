@@ -10,7 +10,8 @@ import pytest
 
 from mom_service.cache.keys import panel_identity
 from mom_service.config import LLMDefinition, MoMConfig, parse_config
-from mom_service.engine.plan import Plan, make_plan
+from mom_service.engine.plan import Plan
+from mom_service.engine.planning import make_plan
 from mom_service.engine.tiers import choose_tier, nearest_tier, tiers_shown
 from mom_service.errors import ConfigError
 from mom_service.providers.capabilities import capabilities_of

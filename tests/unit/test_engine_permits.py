@@ -10,7 +10,7 @@ from mom_service.config import LLMDefinition, parse_config
 from mom_service.engine.calls import Calls
 from mom_service.engine.engine import Engine
 from mom_service.engine.events import Completed, Event, Usage
-from mom_service.engine.plan import make_plan
+from mom_service.engine.planning import make_plan
 from mom_service.observability.redaction import Redactor
 from mom_service.providers.caller import CallResult, LLMCaller, StreamEnd
 from mom_service.providers.circuit_breaker import CircuitBreakers

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 
 from mom_service.config import parse_config
-from mom_service.engine.plan import make_plan
+from mom_service.engine.planning import make_plan
 
 CONFIG = parse_config(
     {

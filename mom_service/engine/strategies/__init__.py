@@ -4,27 +4,5 @@ follow: each stage's start (StageStarted, for the progress stream) and summary (
 context), PanelDone, then the answer.
 
 `synthesize`, the default, is the concluding stage itself (engine/concluding.py): the engine calls it directly, so
-its per-chunk path has no layer more. The others are here: `rank`, `best_of`, `vote`, `layers`."""
-
-from __future__ import annotations
-
-from collections.abc import AsyncGenerator, Callable
-
-from mom_service.engine.calls import Calls
-from mom_service.engine.concluding import Concluded
-from mom_service.engine.events import Breakdown, Event
-from mom_service.engine.plan import Plan
-from mom_service.engine.strategies.best_of import best_of
-from mom_service.engine.strategies.layers import layers
-from mom_service.engine.strategies.rank import rank
-from mom_service.engine.strategies.vote import vote
-from mom_service.engine.tracing import Trace
-
-Strategy = Callable[[Calls, Plan, Breakdown, Trace, Concluded], AsyncGenerator[Event]]
-
-STAGES: dict[str, Strategy] = {"rank": rank, "best_of": best_of, "vote": vote, "layers": layers}
-
-
-def strategy_of(plan: Plan) -> Strategy:
-    """The plan's strategy, for any but `synthesize`."""
-    return STAGES[plan.strategy]
+its per-chunk path has no layer more. The others are here, one module each (`rank`, `best_of`, `vote`, `layers`),
+found by name in registry.py; what their stages read is in prompts.py, their pure logic in ballots.py."""

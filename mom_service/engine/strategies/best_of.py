@@ -6,35 +6,18 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import AsyncGenerator, Sequence
-from typing import Any
 
 from mom_service.engine.calls import Calls
 from mom_service.engine.concluding import Concluded
 from mom_service.engine.events import Breakdown, CallReport, ContentDelta, Event, PanelDone, StageDone, StageStarted
 from mom_service.engine.plan import Plan
-from mom_service.engine.strategies.ballots import PICK_MARK, Ballot, anonymize, parse_pick
+from mom_service.engine.strategies.ballots import anonymize, parse_pick
+from mom_service.engine.strategies.prompts import judge_messages
 from mom_service.engine.strategies.stage import ask, reserve, stage_report
-from mom_service.engine.synthesis import UNTRUSTED_NOTICE
 from mom_service.engine.tracing import Trace
 from mom_service.providers.pricing import ZERO
 
-JUDGE_PROMPT = (
-    "You are the judge of a panel of AI assistants. Several answers to the user's last message follow, each under "
-    "an anonymous label. Decide which one answers it best: correct, complete, clear and helpful. Do not rewrite "
-    "any answer."
-)
-JUDGE_INSTRUCTION = (
-    f"Give one or two sentences of reasons, then, on the last line, the label of the best answer exactly as: "
-    f"{PICK_MARK} Response X"
-)
-
 _PIECE = re.compile(r"\S+\s*|\s+")
-
-
-def judge_messages(plan: Plan, conversation: Sequence[dict[str, Any]], ballot: Ballot) -> list[dict[str, Any]]:
-    """What the judge reads: its prompt, the conversation, the labelled answers and the format of its verdict."""
-    block = "\n\n".join([UNTRUSTED_NOTICE.replace("panel_answer", "response"), ballot.block(), JUDGE_INSTRUCTION])
-    return [{"role": "system", "content": JUDGE_PROMPT}, *conversation, {"role": "user", "content": block}]
 
 
 async def judged(
@@ -50,7 +33,7 @@ async def judged(
         if number:
             breakdown.concluding_failed.append(breakdown.concluding)
         report = breakdown.concluding = stage_report(who, "concluding", "judge")
-        messages = judge_messages(plan, who.conversation, ballot)
+        messages = judge_messages(who.conversation, ballot)
         params, _ = reserve(calls, plan, who, report, messages, breakdown.cost or ZERO)
         if params is None:
             break

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from decimal import Decimal
 from typing import Any
@@ -14,28 +14,12 @@ from typing import Any
 from mom_service.engine.calls import NOT_ANSWERED, Calls
 from mom_service.engine.concluding import Concluded, conclude, too_few_answered
 from mom_service.engine.cost_cap import stage_room, worst_of
-from mom_service.engine.events import Breakdown, CallReport, Event, PanelDone, StageStarted
+from mom_service.engine.events import Breakdown, Event, PanelDone, StageStarted
 from mom_service.engine.panel import cancel_members, fan_out, member_reports, wait_for_panel
 from mom_service.engine.plan import Member, Plan
-from mom_service.engine.synthesis import UNTRUSTED_NOTICE
+from mom_service.engine.strategies.prompts import references
 from mom_service.engine.tracing import Trace
 from mom_service.providers.pricing import ZERO
-
-REFERENCES_HEAD = (
-    "Other assistants answered the user's last message too; their answers follow as references. Use them to write "
-    "a better answer of your own: keep what is right, correct what is wrong, add what is missing. Answer the user "
-    "directly; do not mention the references."
-)
-
-
-def references(reports: Sequence[CallReport]) -> dict[str, Any]:
-    """The previous round's answers, as the system message a member reads last."""
-    notice = UNTRUSTED_NOTICE.replace("panel_answer", "reference")
-    blocks = [
-        f'<reference index="{number}">\n{report.text.replace("<reference", "&lt;reference")}\n</reference>'
-        for number, report in enumerate((r for r in reports if r.status == "ok"), start=1)
-    ]
-    return {"role": "system", "content": "\n\n".join([REFERENCES_HEAD, notice, *blocks])}
 
 
 def _round(plan: Plan, note: dict[str, Any], spent: Decimal, prices: Any) -> Plan:

@@ -14,32 +14,11 @@ from mom_service.engine.calls import Calls
 from mom_service.engine.concluding import Concluded, conclude
 from mom_service.engine.events import Breakdown, CallReport, Event, PanelDone, StageDone, StageStarted
 from mom_service.engine.plan import Concluder, Plan
-from mom_service.engine.strategies.ballots import RANKING_MARK, Ballot, anonymize, borda, parse_ranking, standings
+from mom_service.engine.strategies.ballots import Ballot, anonymize, borda, parse_ranking, standings
+from mom_service.engine.strategies.prompts import rank_messages
 from mom_service.engine.strategies.stage import ask, reserve, stage_report
-from mom_service.engine.synthesis import UNTRUSTED_NOTICE
 from mom_service.engine.tracing import Trace
 from mom_service.providers.pricing import ZERO
-
-RANK_PROMPT = (
-    "You are a reviewer on a panel of AI assistants. Several answers to the user's last message follow, each under "
-    "an anonymous label. Rank them from best to worst: correct, complete, clear and helpful."
-)
-
-
-def rank_instruction(labels: Sequence[str]) -> str:
-    listed = ", ".join(f"Response {letter}" for letter in labels)
-    return (
-        "Give a few sentences of reasons, then, on the last line, every label once, best first, exactly as: "
-        f"{RANKING_MARK} {listed}"
-    )
-
-
-def rank_messages(conversation: Sequence[dict[str, Any]], ballot: Ballot) -> list[dict[str, Any]]:
-    """What a ranker reads: its prompt, the conversation, the labelled answers and the format of its ranking."""
-    labels = list(ballot.names)
-    notice = UNTRUSTED_NOTICE.replace("panel_answer", "response")
-    block = "\n\n".join([notice, ballot.block(), rank_instruction(labels)])
-    return [{"role": "system", "content": RANK_PROMPT}, *conversation, {"role": "user", "content": block}]
 
 
 def _rankers(plan: Plan, answered: Sequence[CallReport]) -> list[Concluder]:

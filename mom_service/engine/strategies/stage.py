@@ -9,15 +9,12 @@ from decimal import Decimal
 from typing import Any
 
 from mom_service.engine.calls import NOT_ANSWERED, Calls, ms_since
-from mom_service.engine.cost_cap import stage_room, worst_of
+from mom_service.engine.cost_cap import STAGE_CEILING, stage_room, worst_of
 from mom_service.engine.events import CallReport, Role
 from mom_service.engine.plan import Concluder, Plan
 from mom_service.engine.tracing import NO_GENERATION, Trace
 from mom_service.providers.circuit_breaker import Result
 from mom_service.providers.pricing import ZERO
-
-# A stage call's output ceiling under a cost cap when its LLM's is not known to the plan (a ranking is short).
-STAGE_CEILING = 1024
 
 
 def stage_report(who: Concluder, role: Role, stage: str) -> CallReport:

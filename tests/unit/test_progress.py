@@ -34,7 +34,8 @@ from mom_service.engine.events import (
     StageStarted,
     Usage,
 )
-from mom_service.engine.plan import Plan, make_plan
+from mom_service.engine.plan import Plan
+from mom_service.engine.planning import make_plan
 from mom_service.errors import UpstreamFailed
 from mom_service.progress.hub import Frame, Limits, MemoryHub, TooManySubscribers, UnknownRun
 from mom_service.settings import Settings

@@ -1,5 +1,5 @@
 # make run: install and start the service.  make test: install dev tools, lint, type-check, install nginx for the
-# load balancer tests and the agent CLIs for their tests (test-deps), run every test.
+# load balancer tests, chromium for the browser tests and the agent CLIs for their tests (test-deps), run every test.
 # make bench: install bench tools, run the performance benchmark (bench/perf; BENCH_ARGS=... passes options).
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export HOST PORT
 
-.PHONY: run test lint docs test-deps agent-clis install install-dev bench clean
+.PHONY: run test lint docs test-deps agent-clis chromium install install-dev bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,7 +49,7 @@ docs: install-dev
 # The load balancer tests (tests/integration/test_load_balancer.py) run deploy/nginx.conf in Debian's nginx: installed
 # here when missing, with apt as root. Quiet when it is there; never fails the build: where nginx cannot be installed
 # those tests skip, saying why (and fail when CI=true).
-test-deps: agent-clis
+test-deps: agent-clis chromium
 	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 			echo "Installing nginx (Debian package) for the load balancer tests"; \
@@ -59,6 +59,22 @@ test-deps: agent-clis
 			echo "nginx could not be installed: the load balancer tests will skip"; \
 		else \
 			echo "nginx is not installed and cannot be installed here (needs root and apt-get): the load balancer tests will skip"; \
+		fi; \
+	}
+
+# The browser tests (tests/integration/test_ui.py) drive Debian's chromium with Playwright (requirements-dev.txt; its
+# own browser download is never used): installed here when missing, as nginx is; quiet when it is there; never fails
+# the build: where it cannot be installed those tests skip, saying why (and fail when CI=true).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "Installing chromium (Debian package) for the browser tests"; \
+			export DEBIAN_FRONTEND=noninteractive; \
+			apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+			{ apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; } || \
+			echo "chromium could not be installed: the browser tests will skip"; \
+		else \
+			echo "chromium is not installed and cannot be installed here (needs root and apt-get): the browser tests will skip"; \
 		fi; \
 	}
 

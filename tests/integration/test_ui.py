@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
-from tests.conftest import PRICES, ROOT, TOKEN, Service, StartService, llm, wait_until
+from tests.conftest import ROOT, TOKEN, Service, StartService, panel_config, wait_until
 from tests.fake_upstream import FakeUpstream
 
 if TYPE_CHECKING:
@@ -67,13 +67,9 @@ def browser() -> Iterator[Browser]:
 
 
 def ui_config(fake: FakeUpstream) -> dict[str, Any]:
+    """The standard test panel's LLMs (alpha sees images, beta does not), in MoM models of the pages' tests."""
     return {
-        "llm_definitions": [
-            llm("alpha", fake, pricing=PRICES["alpha"], multimodal=True),
-            llm("beta", fake, pricing=PRICES["beta"], multimodal=False),
-            llm("gamma", fake, pricing=PRICES["gamma"]),
-            llm("judge", fake, pricing=PRICES["judge"], multimodal=False),
-        ],
+        **panel_config(fake),
         "models": [
             {"name": "mom", "llms_to_query": MEMBERS, "concluding_llm": "judge"},
             {"name": "mom-play", "llms_to_query": MEMBERS, "concluding_llm": "judge"},
@@ -457,8 +453,10 @@ def test_screenshots_for_the_docs(counted: Service, fake: FakeUpstream, open_tab
         pytest.skip("writes docs/assets/ui-*.png only with MOM_UI_SCREENSHOTS=1")
     fake.configure({**{name: {"text": text} for name, text in TEXTS.items()}, "judge": {"text": ANSWER}})
     page = open_tab(counted, "/ui/playground", viewport={"width": 1100, "height": 900}).page
+    page.click("#controls summary")  # the controls shown
     ask(page)
     expect(page.locator("#breakdown-section")).to_be_visible()
+    page.evaluate("document.activeElement.blur()")
     page.screenshot(path=str(ROOT / "docs" / "assets" / "ui-playground.png"), full_page=True)
     wait_until(lambda: usage(counted)["totals"]["requests"] == 4)
     page.goto("/ui/dashboard")

@@ -32,9 +32,25 @@ function showApp() {
   document.getElementById("app").hidden = false;
 }
 
+// The token's form, and the button that forgets it (in the page's header).
+function tokenForm() {
+  const form = el("form", { id: "token-form" });
+  form.append(
+    el("label", { for: "token" }, "The service's API token (kept in this tab's session storage only)"),
+    el("input", { id: "token", name: "token", type: "password", autocomplete: "off", required: "" }),
+    el("button", { type: "submit" }, "Use this token"),
+    el("p", { id: "token-error", class: "error", role: "alert" }),
+  );
+  document.getElementById("token-section").append(el("h2", { id: "token-title" }, "API token"), form);
+  const forgetButton = el("button", { type: "button", id: "forget-token", class: "link" }, "Forget token");
+  forgetButton.hidden = true;
+  document.querySelector("header.top").append(forgetButton);
+}
+
 // Ask for the token unless this tab has one, then run `ready` (again after a refused token is replaced).
 export function withToken(ready) {
   onTokenReady = ready;
+  tokenForm();
   document.getElementById("token-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const value = document.getElementById("token").value.trim();

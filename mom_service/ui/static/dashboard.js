@@ -43,7 +43,7 @@ function draw(id, type, labels, datasets, { money = false } = {}) {
         borderColor: COLORS[index % COLORS.length],
         backgroundColor: type === "bar" ? COLORS.map((c) => `${c}cc`) : COLORS[index % COLORS.length],
         pointRadius: labels.length > 60 ? 0 : 2,
-        tension: 0.2,
+        tension: 0,
         maxBarThickness: 64,
       })),
     },

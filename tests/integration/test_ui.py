@@ -1,7 +1,7 @@
 """The web pages in a real browser: Debian's chromium driven by Playwright (`make test-deps` installs it; skipped
 without it, failing when CI=true), against the service and the fake upstream.
 
-With MOM_UI_SCREENSHOTS=1, test_screenshots_for_the_docs saves docs/assets/ui-playground.png and
+With SAVE_UI_SCREENSHOTS=1, test_screenshots_for_the_docs saves docs/assets/ui-playground.png and
 docs/assets/ui-dashboard.png (docs/ui.md shows them); otherwise it is skipped, so a test run changes no file.
 """
 
@@ -446,11 +446,11 @@ def test_the_dashboard_refuses_a_range_it_cannot_ask(counted: Service, open_tab:
 
 
 def test_screenshots_for_the_docs(counted: Service, fake: FakeUpstream, open_tab: Any) -> None:
-    """With MOM_UI_SCREENSHOTS=1: the playground after a live run and the dashboard, as docs/ui.md shows them."""
+    """With SAVE_UI_SCREENSHOTS=1: the playground after a live run and the dashboard, as docs/ui.md shows them."""
     from playwright.sync_api import expect
 
-    if os.environ.get("MOM_UI_SCREENSHOTS") != "1":
-        pytest.skip("writes docs/assets/ui-*.png only with MOM_UI_SCREENSHOTS=1")
+    if os.environ.get("SAVE_UI_SCREENSHOTS") != "1":
+        pytest.skip("writes docs/assets/ui-*.png only with SAVE_UI_SCREENSHOTS=1")
     fake.configure({**{name: {"text": text} for name, text in TEXTS.items()}, "judge": {"text": ANSWER}})
     page = open_tab(counted, "/ui/playground", viewport={"width": 1100, "height": 900}).page
     page.click("#controls summary")  # the controls shown

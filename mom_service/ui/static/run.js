@@ -92,6 +92,8 @@ export class Run {
 
   // ---- the progress stream's events
   progress(type, data) {
+    // a stream that lags behind the answer (read after it ended) only adds the members' texts
+    if (this.done && !["member_delta", "member_done"].includes(type)) return;
     if (type === "run_started") {
       const members = (data.members || []).map((m) => (typeof m === "string" ? { name: m } : m));
       for (const member of members) {
@@ -107,6 +109,7 @@ export class Run {
       const column = this.callColumn(data);
       const text = this.field(column, "text");
       if (!text.textContent && data.text) text.textContent = data.text; // it did not stream: its whole answer
+      if (this.done) return; // the breakdown's figures are final
       this.setStatus(column, data.status || "ok");
       this.stats(column, { ...data, tokens: data.tokens ?? data.usage });
     } else if (type === "stage_started") {

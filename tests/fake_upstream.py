@@ -72,11 +72,6 @@ optional, see :data:`BEHAVIOUR_FIELDS`):
 ``after_tool_text``    when the conversation ends with tool results (OpenAI: ``role: "tool"`` messages), answer
                        this text (same placeholders) instead of ``tool_calls`` and ``texts``; without it such a
                        conversation gets the normal answer (the tool calls again).
-``hold``               a gate's name: the answer waits (streaming: after the response headers, before the role
-                       chunk; non-streaming: before the response) until ``POST /_control/release`` opens the
-                       gate. A release lets go the requests waiting then (a later one waits for the next release);
-                       a reset lets every one go. An intermediate state a test can look at, without timing.
-                       ``ttft_ms`` and ``token_delay_ms`` follow it.
 ``ttft_ms``            delay before the first token (streaming: response headers are sent at once, the
                        role chunk (Anthropic: message_start, content_block_start, ping) and first token after
                        the delay; non-streaming: before the response).
@@ -120,8 +115,7 @@ pieces: reasoning and text tokens, tool call heads and argument fragments.
 
 Control API (JSON): ``POST /_control/models`` ``{"<model>": {behaviour}, ...}`` (replaces the whole
 behaviour of each named model and resets its counters; unknown or wrong-typed fields, in a tool call too,
--> 400), ``POST /_control/release`` ``{"gate": "<name>"}`` (opens a ``hold`` gate), ``POST /_control/reset``,
-``GET /_control/log``, ``DELETE /_control/log``, ``GET /_control/health``.
+-> 400), ``POST /_control/reset``, ``GET /_control/log``, ``DELETE /_control/log``, ``GET /_control/health``.
 
 Log entries (one per upstream request, appended on arrival and updated in place)::
 
@@ -206,7 +200,6 @@ BEHAVIOUR_FIELDS: dict[str, str] = {
     "reasoning_text": "str",
     "ranking": "texts",
     "pick": "str",
-    "hold": "str",
 }
 
 TOOL_CALL_KEYS = frozenset({"name", "arguments", "id"})
@@ -275,7 +268,6 @@ class Behaviour:
     reasoning_text: str | None = None
     ranking: tuple[str, ...] | None = None
     pick: str | None = None
-    hold: str | None = None
 
     @classmethod
     def parse(cls, raw: object) -> Behaviour:
@@ -878,19 +870,6 @@ class _Exchange:
             return False
         return True
 
-    async def wait(self, gate: asyncio.Event) -> bool:
-        """Wait for the gate; return False (and record it) if the client disconnected meanwhile."""
-        if not self.disconnected.is_set():
-            opened = asyncio.ensure_future(gate.wait())
-            gone = asyncio.ensure_future(self.disconnected.wait())
-            await asyncio.wait({opened, gone}, return_when=asyncio.FIRST_COMPLETED)
-            opened.cancel()
-            gone.cancel()
-        if self.disconnected.is_set():
-            self.record_disconnect()
-            return False
-        return True
-
     async def hang(self) -> None:
         self.entry["outcome"] = "hung"
         await self.disconnected.wait()
@@ -946,7 +925,6 @@ class FakeState:
         self.counters: dict[str, _ModelCounter] = {}
         self.log: list[LogEntry] = []
         self.next_id = 1
-        self.gates: dict[str, asyncio.Event] = {}  # `hold` gates by name, closed until released
 
     # ----- control -----
     def configure(self, raw: object) -> list[str]:
@@ -966,16 +944,6 @@ class FakeState:
         self.behaviours.clear()
         self.counters.clear()
         self.log.clear()
-        for gate in self.gates.values():  # whatever waits is let go: no request of a test outlives it
-            gate.set()
-        self.gates.clear()
-
-    def gate(self, name: str) -> asyncio.Event:
-        return self.gates.setdefault(name, asyncio.Event())
-
-    def release(self, name: str) -> None:
-        """Open the gate: the requests held by it go on; a later request with that `hold` waits again."""
-        self.gates.pop(name, asyncio.Event()).set()
 
     def behaviour_for(self, model: str) -> Behaviour:
         return self.behaviours.get(model) or self.behaviours.get("*") or Behaviour()
@@ -1158,8 +1126,6 @@ class FakeState:
         entry = exchange.entry
         pieces = answer.pieces()
         delay_ms = behaviour.ttft_ms + len(pieces) * behaviour.token_delay_ms
-        if behaviour.hold is not None and not await exchange.wait(self.gate(behaviour.hold)):
-            return
         if not await exchange.sleep(delay_ms / 1000):
             return
         if plan.stop_after is not None:
@@ -1193,8 +1159,6 @@ class FakeState:
             "x-request-id": f"req-fake-{entry['id']}",
         }
         if not await exchange.start_response(200, headers):
-            return
-        if behaviour.hold is not None and not await exchange.wait(self.gate(behaviour.hold)):
             return
         if not await exchange.sleep(behaviour.ttft_ms / 1000):
             return
@@ -1256,14 +1220,6 @@ def create_app() -> ASGIApp:
         state.reset()
         return JSONResponse({"status": "ok"})
 
-    async def release(request: Request) -> JSONResponse:
-        body = await request.json()
-        name = body.get("gate") if isinstance(body, dict) else None
-        if not isinstance(name, str) or not name:
-            return JSONResponse({"error": 'body must be {"gate": "<name>"}'}, status_code=400)
-        state.release(name)
-        return JSONResponse({"released": name})
-
     async def get_log(request: Request) -> JSONResponse:
         return JSONResponse(state.log)
 
@@ -1280,7 +1236,6 @@ def create_app() -> ASGIApp:
             Route("/_control/health", health, methods=["GET"]),
             Route("/_control/models", configure, methods=["POST"]),
             Route("/_control/reset", reset, methods=["POST"]),
-            Route("/_control/release", release, methods=["POST"]),
             Route("/_control/log", get_log, methods=["GET"]),
             Route("/_control/log", clear_log, methods=["DELETE"]),
             Route("/v1/models", models, methods=["GET"]),
@@ -1404,10 +1359,6 @@ class FakeUpstream:
 
     def reset(self) -> None:
         self.client.post("/_control/reset").raise_for_status()
-
-    def release(self, gate: str) -> None:
-        """Open a `hold` gate: the answers it holds go on."""
-        self.client.post("/_control/release", json={"gate": gate}).raise_for_status()
 
     def log(self) -> list[dict[str, Any]]:
         response = self.client.get("/_control/log")

@@ -207,11 +207,11 @@ def test_the_token_is_asked_once_and_kept_in_the_tabs_session_storage(ui: Servic
 
 
 def test_member_columns_fill_before_the_synthesis_starts(ui: Service, fake: FakeUpstream, open_tab: Any) -> None:
-    """The concluding LLM is held (the fake's `hold` gate) until the page shows every member's answer: the columns
-    fill from the progress stream while the answer is still empty; released, the answer and its cost follow."""
+    """The concluding LLM is held (at the fake's gate) until the page shows every member's answer: the columns fill
+    from the progress stream while the answer is still empty; the gate opened, the answer and its cost follow."""
     from playwright.sync_api import expect
 
-    fake.configure({**{name: {"text": text} for name, text in TEXTS.items()}, "judge": {"text": ANSWER, "hold": "j"}})
+    fake.configure({**{name: {"text": text} for name, text in TEXTS.items()}, "judge": {"text": ANSWER, "gate": "j"}})
     page = open_tab(ui, "/ui/playground").page
     ask(page)
     for name, text in TEXTS.items():
@@ -222,7 +222,7 @@ def test_member_columns_fill_before_the_synthesis_starts(ui: Service, fake: Fake
     assert page.locator("#synthesis [data-field=text]").text_content() == ""
     assert page.locator("#total-cost").text_content() == NONE
     expect(page.locator("#breakdown-section")).to_be_hidden()
-    fake.release("j")
+    fake.open_gate("j")
     expect(page.locator("#synthesis [data-field=text]")).to_have_text(ANSWER)
     expect(page.locator("#breakdown-section")).to_be_visible()
     for name, text in TEXTS.items():  # the columns kept what they showed

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -200,41 +198,6 @@ def test_hang_client_timeout_is_recorded_as_disconnected(fake: FakeUpstream) -> 
     (entry,) = fake.wait_for(lambda log: bool(log) and log[0]["outcome"] == "disconnected", timeout=2.0)
     assert entry["status"] is None
     assert entry["disconnected_at"] - gave_up < 0.3
-
-
-def test_hold_waits_for_its_gate_to_be_released(fake: FakeUpstream) -> None:
-    fake.configure({"held": {"text": "at last", "hold": "g"}})
-    body = {"model": "held", "stream": True, "messages": [{"role": "user", "content": "x"}]}
-    seen: list[str] = []
-
-    def stream() -> None:
-        with (
-            httpx.Client(timeout=10.0, trust_env=False) as http,
-            http.stream("POST", f"{fake.base_url}/chat/completions", json=body) as response,
-        ):
-            seen.extend(line for line in response.iter_lines() if line.startswith("data: "))
-
-    with ThreadPoolExecutor(2) as pool:
-        streamed = pool.submit(stream)
-        whole = pool.submit(_post, fake, {**body, "stream": False}, 10.0)
-        # both arrived: the stream's headers are out, neither has a token, both wait for the gate
-        log = fake.wait_for(lambda log: len(log) == 2 and all(e["outcome"] is None for e in log))
-        assert [e["status"] for e in sorted(log, key=lambda e: e["stream"])] == [None, 200]
-        assert all(e["first_token_at"] is None for e in log) and not seen
-        fake.release("g")
-        streamed.result(timeout=10)
-        answered = whole.result(timeout=10)
-    chunks = [json.loads(line[len("data: ") :]) for line in seen[:-1]]
-    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == "at last"
-    assert seen[-1] == "data: [DONE]"
-    assert answered.json()["choices"][0]["message"]["content"] == "at last"
-    # a request after the release waits for the next one
-    with ThreadPoolExecutor(1) as pool:
-        later = pool.submit(_post, fake, {**body, "stream": False}, 10.0)
-        fake.wait_for(lambda log: len(log) == 3 and log[2]["outcome"] is None)
-        assert not later.done()
-        fake.release("g")
-        assert later.result(timeout=10).status_code == 200
 
 
 def test_disconnect_while_streaming_is_recorded(fake: FakeUpstream) -> None:

@@ -77,8 +77,8 @@ def ui_router() -> APIRouter:
 
     @router.get("/{page}", include_in_schema=False)
     async def page(page: str, request: Request) -> Response:
-        found = pages.get(page) if page else None
-        if found is None:
+        found = pages.get(page)
+        if found is None or not page:
             raise NotFound(f"No page '/ui/{page}': see /ui.", code="not_found")
         return found.response(request)
 

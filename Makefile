@@ -1,5 +1,5 @@
 # make run: install and start the service.  make test: install dev tools, lint, type-check, install nginx for the
-# load balancer tests and the agent CLIs for their tests (test-deps), run every test.
+# load balancer tests, chromium for the browser tests and the agent CLIs for their tests (test-deps), run every test.
 # make bench: install bench tools, run the performance benchmark (bench/perf; BENCH_ARGS=... passes options).
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export HOST PORT
 
-.PHONY: run test lint docs test-deps agent-clis install install-dev bench clean
+.PHONY: run test lint docs test-deps agent-clis chromium install install-dev bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,21 +46,31 @@ lint: install-dev
 docs: install-dev
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
-# The load balancer tests (tests/integration/test_load_balancer.py) run deploy/nginx.conf in Debian's nginx: installed
-# here when missing, with apt as root. Quiet when it is there; never fails the build: where nginx cannot be installed
-# those tests skip, saying why (and fail when CI=true).
-test-deps: agent-clis
-	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
+# $(call debian_package,PACKAGE,WHAT): Debian's PACKAGE, for the tests WHAT names, installed with apt as root when its
+# command is missing. Quiet when it is there; never fails the build: where it cannot be installed those tests skip,
+# saying why (and fail when CI=true).
+define debian_package
+	@command -v $(1) >/dev/null 2>&1 || test -x /usr/sbin/$(1) || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			echo "Installing nginx (Debian package) for the load balancer tests"; \
+			echo "Installing $(1) (Debian package) for $(2)"; \
 			export DEBIAN_FRONTEND=noninteractive; \
-			apt-get install -y -qq --no-install-recommends nginx >/dev/null 2>&1 || \
-			{ apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends nginx >/dev/null 2>&1; } || \
-			echo "nginx could not be installed: the load balancer tests will skip"; \
+			apt-get install -y -qq --no-install-recommends $(1) >/dev/null 2>&1 || \
+			{ apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends $(1) >/dev/null 2>&1; } || \
+			echo "$(1) could not be installed: $(2) will skip"; \
 		else \
-			echo "nginx is not installed and cannot be installed here (needs root and apt-get): the load balancer tests will skip"; \
+			echo "$(1) is not installed and cannot be installed here (needs root and apt-get): $(2) will skip"; \
 		fi; \
 	}
+endef
+
+# The load balancer tests (tests/integration/test_load_balancer.py) run deploy/nginx.conf in Debian's nginx.
+test-deps: agent-clis chromium
+	$(call debian_package,nginx,the load balancer tests)
+
+# The browser tests (tests/integration/test_ui.py) drive Debian's chromium with Playwright (requirements-dev.txt; its
+# own browser download is never used).
+chromium:
+	$(call debian_package,chromium,the browser tests)
 
 # The agent CLI tests (tests/integration/test_agent_clis.py) run Claude Code and Codex, pinned in
 # tests/agents/package-lock.json: `npm ci` installs them when npm is there and tests/agents/node_modules is missing or

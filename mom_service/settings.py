@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     # `mom-service mcp` (stdio): whose requests they are (cache, rate limit); unset: the first of API_TOKEN
     mom_mcp_token: SecretStr | None = None
     metrics_public: bool = False
+    mom_ui_enabled: bool = True  # the web pages at /ui (playground, usage dashboard); false: /ui answers 404
     log_format: Literal["text", "json"] = "text"
     log_content: bool = False  # log the last user message (truncated); off: no message content in any log
     host: str = "127.0.0.1"

@@ -20,6 +20,7 @@ from mom_service.api.admission import Admission, AdmissionControl
 from mom_service.api.errors import install_error_handlers
 from mom_service.api.middleware import BodySizeLimit, QuietStartupFailure
 from mom_service.api.routers import anthropic, health, metrics, models, openai_chat, progress, responses, usage
+from mom_service.api.routers.ui import ui_router
 from mom_service.api.signing import LinkSigner
 from mom_service.api.state import AppState
 from mom_service.cache.stores import CacheStore, MemoryCache, RedisCache
@@ -246,6 +247,8 @@ def create_app(
     )
     for router in (*routers, health.router):
         app.include_router(router)
+    if settings.mom_ui_enabled:
+        app.include_router(ui_router())
     if settings.mom_mcp_enabled:
         from mom_service.api.mcp import add_mcp  # the MCP SDK is imported only when the server is on
 

@@ -34,6 +34,12 @@ def steered(fake_server: FakeUpstream, start_service: StartService) -> Service:
             {"name": "steer-think", **base, "include_thinking_context": True},
             {"name": "locked", **base, "overrides": {"enabled": False}},
             {"name": "min-2", **base, "min_successful": 2},
+            {
+                "name": "sampled",
+                "llms_to_query": [{"llm": "qa", "samples": 2}],
+                "concluding_llm": "qj",
+                "strategy": "best_of",
+            },
         ],
     }
     return start_service(config, {"LOG_FORMAT": "json"})
@@ -375,3 +381,22 @@ def test_responses_take_the_controls(steered: Service, fake: FakeUpstream) -> No
     with pytest.raises(openai.BadRequestError) as failed:
         client(steered).responses.create(model="steer", input=QUESTION, extra_body={"mom": {"exclude": MEMBERS}})
     assert failed.value.code == "empty_panel"
+
+
+def test_the_model_list_shows_each_models_panel_and_whether_it_may_be_steered(steered: Service) -> None:
+    models = {m.id: m.model_extra or {} for m in client(steered).models.list()}
+    assert models["steer"]["panel"] == {
+        "members": MEMBERS,
+        "concluding_llm": "qj",
+        "strategy": "synthesize",
+        "steerable": True,
+    }
+    assert models["locked"]["panel"]["steerable"] is False
+    assert models["sampled"]["panel"] == {
+        "members": ["qa#1", "qa#2"],
+        "concluding_llm": "qj",
+        "strategy": "best_of",
+        "steerable": True,
+    }
+    one = httpx.get(f"{steered.base_url}/models/min-2", headers=steered.headers()).json()
+    assert one["panel"]["members"] == MEMBERS and one["panel"]["steerable"] is True

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from mom_service.api.auth import Authorized
 from mom_service.api.errors import ANTHROPIC_VERSION
 from mom_service.api.schemas.anthropic import anthropic_model, anthropic_model_list
-from mom_service.api.schemas.openai import Capabilities, model_object
+from mom_service.api.schemas.openai import Capabilities, Panel, model_object
 from mom_service.api.state import AppState, StateDep
 from mom_service.config import MoMModelConfig
 from mom_service.engine.tiers import tiers_shown
@@ -24,9 +24,18 @@ def capabilities(state: AppState, mom: str) -> Capabilities:
     return {"vision": takes.vision, "tools": takes.tools, "structured_output": takes.structured_output}
 
 
+def panel(mom: MoMModelConfig) -> Panel:
+    return {
+        "members": list(mom.llms_to_query),
+        "concluding_llm": mom.concluding_llm,
+        "strategy": mom.strategy,
+        "steerable": mom.overrides.enabled,
+    }
+
+
 def openai_model(state: AppState, mom: MoMModelConfig) -> dict[str, Any]:
-    """A MoM model as OpenAI's model object, with what it takes and its effort tiers."""
-    return dict(model_object(mom.name, state.started_at, capabilities(state, mom.name), tiers_shown(mom)))
+    """A MoM model as OpenAI's model object, with what it takes, its panel and its effort tiers."""
+    return dict(model_object(mom.name, state.started_at, capabilities(state, mom.name), panel(mom), tiers_shown(mom)))
 
 
 @router.get("/models")

@@ -393,6 +393,13 @@ class Capabilities(TypedDict):
     structured_output: bool  # takes response_format json_schema: a concluding LLM (or fallback) honours it
 
 
+class Panel(TypedDict):
+    members: list[str]  # the names `mom.only` and `mom.exclude` take (a sampled LLM's are NAME#1 ... NAME#N)
+    concluding_llm: str
+    strategy: str  # what follows the panel's answers unless the request's `mom.strategy` says otherwise
+    steerable: bool  # whether a request may steer it (its `mom` field, a directive): config's overrides.enabled
+
+
 class ModelObject(TypedDict):
     id: str
     object: Literal["model"]
@@ -400,6 +407,7 @@ class ModelObject(TypedDict):
     owned_by: str
     capabilities: Capabilities  # ours, beside the standard fields: what the MoM model takes
     tiers: dict[str, Any] | None  # ours: its effort tiers by level (engine/tiers.py), null when it has none
+    panel: Panel  # ours: who answers and what a request may steer (the web playground's controls)
 
 
 class ModelList(TypedDict):
@@ -411,7 +419,7 @@ OWNED_BY = "mom-service"
 
 
 def model_object(
-    name: str, created: int, capabilities: Capabilities, tiers: dict[str, Any] | None = None
+    name: str, created: int, capabilities: Capabilities, panel: Panel, tiers: dict[str, Any] | None = None
 ) -> ModelObject:
     return {
         "id": name,
@@ -420,4 +428,5 @@ def model_object(
         "owned_by": OWNED_BY,
         "capabilities": capabilities,
         "tiers": tiers,
+        "panel": panel,
     }

@@ -24,7 +24,9 @@ from mom_service.engine.events import (
     ContentDelta,
     Event,
     Failed,
+    MemberDelta,
     MemberFinished,
+    MemberStarted,
     PanelDone,
     RequestOutcome,
     RequestStatus,
@@ -200,7 +202,8 @@ class Engine:
         )
 
     async def run(self, plan: Plan) -> AsyncGenerator[Event]:
-        """Yields MemberFinished as each member settles, PanelDone, ContentDelta..., then Completed or Failed.
+        """Yields MemberStarted, MemberDelta... and MemberFinished as each member starts, writes and settles,
+        PanelDone, ContentDelta..., then Completed or Failed.
 
         Closing or cancelling the iterator cancels every upstream call still running (that no identical request
         still follows). However the request ends, its outcome goes to the recorders, once; an unexpected exception
@@ -414,7 +417,7 @@ async def _followed(flight: Flight, steering: Steering) -> AsyncGenerator[Event]
                 yield MemberFinished(cached_copy(event.report))
             elif isinstance(event, PanelDone):
                 yield PanelDone([cached_copy(r) for r in event.reports])
-            elif isinstance(event, ContentDelta | ToolCallDelta | StageDone):
+            elif isinstance(event, ContentDelta | MemberDelta | ToolCallDelta | MemberStarted | StageDone):
                 yield event
             elif isinstance(event, Completed):
                 hit = _steered(as_hit(event.breakdown), steering)

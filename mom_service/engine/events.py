@@ -40,6 +40,7 @@ class CallReport:
     estimated: bool = False  # usage counted by us (a cancelled call, or none reported), not by the provider
     saved: Decimal | None = None  # a cached answer: what the call that produced it cost (not paid again)
     sent: bool = False  # the request left for the provider (a call cancelled before that made no call)
+    partial: bool = False  # cut off, and what it had written went to the concluding LLM (`partial_answers`)
 
     def __post_init__(self) -> None:
         if not self.stage:  # a member answers, the concluding call concludes, unless a strategy says otherwise
@@ -146,6 +147,21 @@ class MemberFinished:
 
 
 @dataclass(slots=True)
+class MemberStarted:
+    """A member's call left for its provider: its report (name, model, stage) as it is now."""
+
+    report: CallReport
+
+
+@dataclass(slots=True)
+class MemberDelta:
+    """A piece of a member's answer, as it streams in."""
+
+    report: CallReport
+    text: str
+
+
+@dataclass(slots=True)
 class StageDone:
     """A stage of the strategy ended (the rankings, a vote): its summary, a block of the thinking context."""
 
@@ -190,7 +206,17 @@ class Failed:
     breakdown: Breakdown
 
 
-Event = MemberFinished | StageDone | PanelDone | ContentDelta | ToolCallDelta | Completed | Failed
+Event = (
+    MemberFinished
+    | MemberStarted
+    | MemberDelta
+    | StageDone
+    | PanelDone
+    | ContentDelta
+    | ToolCallDelta
+    | Completed
+    | Failed
+)
 
 RequestStatus = Literal["ok", "error", "cancelled"]
 

@@ -176,6 +176,8 @@ class MoMModelConfig(_Strict):
     min_successful: int = Field(default=1, ge=1)
     quorum: int | None = Field(default=None, ge=1)
     member_deadline_ms: int | None = Field(default=None, gt=0)
+    # A member cut off by the quorum or the deadline gives the concluding LLM what it had written, marked partial.
+    partial_answers: bool = False
     concluding_fallbacks: list[Name] = Field(default_factory=list)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     tools: ToolsConfig = Field(default_factory=ToolsConfig)

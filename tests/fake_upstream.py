@@ -69,6 +69,11 @@ optional, see :data:`BEHAVIOUR_FIELDS`):
                        unless ``text``/``texts`` is set too (that text comes first), ``finish_reason:
                        "tool_calls"``. A call's completion tokens are the words (runs of letters, digits and
                        ``_``) of its name and arguments string, at least 1. OpenAI route only.
+``pieces``             the answer text as scripted stream pieces: a list of ``{"text": str, "delay_ms": int}``,
+                       each piece one content chunk (its text as it is, not split into tokens), sent ``delay_ms``
+                       after the piece before it (the first: after ``ttft_ms``; ``delay_ms`` default 0). The
+                       answer's text is the pieces joined (its completion tokens are that text's tokens); a
+                       non-streamed answer comes after ``ttft_ms`` + every delay. Not with ``text``/``texts``.
 ``after_tool_text``    when the conversation ends with tool results (OpenAI: ``role: "tool"`` messages), answer
                        this text (same placeholders) instead of ``tool_calls`` and ``texts``; without it such a
                        conversation gets the normal answer (the tool calls again).
@@ -175,10 +180,11 @@ PICK_MARK = "BEST:"
 LogEntry = dict[str, Any]
 
 # field name -> expected kind ("int" = non-negative int, "num" = int or float, "texts" = non-empty list of str,
-# "tool_calls" = list of {"name", "arguments", "id"} objects)
+# "tool_calls" = list of {"name", "arguments", "id"} objects, "pieces" = non-empty list of {"text", "delay_ms"})
 BEHAVIOUR_FIELDS: dict[str, str] = {
     "text": "str",
     "texts": "texts",
+    "pieces": "pieces",
     "after_tool_text": "str",
     "tool_calls": "tool_calls",
     "ttft_ms": "int",
@@ -250,6 +256,7 @@ class Behaviour:
     texts: tuple[str, ...] | None = None
     after_tool_text: str | None = None
     tool_calls: tuple[ToolCallSpec, ...] = ()
+    pieces: tuple[tuple[str, int], ...] | None = None  # (text, delay before it in ms)
     ttft_ms: int = 0
     token_delay_ms: int = 0
     status: int | None = None
@@ -292,6 +299,9 @@ class Behaviour:
                     raise ValueError(f"behaviour field {name!r} must be a non-empty list of strings, got {value!r}")
                 values[name] = tuple(value)
                 continue
+            if kind == "pieces":
+                values[name] = _parse_pieces(value)
+                continue
             if kind == "tool_calls":
                 if not isinstance(value, list):
                     raise ValueError(f"behaviour field {name!r} must be a list of tool calls, got {value!r}")
@@ -317,10 +327,14 @@ class Behaviour:
             raise ValueError("status must be a valid HTTP status")
         if "text" in values and "texts" in values:
             raise ValueError("set either 'text' or 'texts' (text is texts: [text]), not both")
+        if "pieces" in values and ("text" in values or "texts" in values):
+            raise ValueError("set either 'pieces' or 'text'/'texts' (the pieces are the text), not both")
         return cls(**values)
 
     def scripted_text(self, request_number: int) -> str | None:
         """The answer text template of the model's ``request_number``-th request (1-based), None if unscripted."""
+        if self.pieces is not None:
+            return "".join(text for text, _ in self.pieces)
         texts = self.texts if self.texts is not None else (self.text,) if self.text is not None else ()
         return texts[min(request_number, len(texts)) - 1] if texts else None
 
@@ -334,6 +348,21 @@ class Behaviour:
             or self.stop_after_tokens is not None
             or self.end_after_tokens is not None
         )
+
+
+def _parse_pieces(value: object) -> tuple[tuple[str, int], ...]:
+    """``pieces``: a non-empty list of ``{"text": str, "delay_ms": int >= 0}`` (``delay_ms`` optional)."""
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"behaviour field 'pieces' must be a non-empty list of pieces, got {value!r}")
+    pieces = []
+    for index, piece in enumerate(value):
+        if not isinstance(piece, dict) or set(piece) - {"text", "delay_ms"} or not isinstance(piece.get("text"), str):
+            raise ValueError(f"pieces[{index}] must be {{'text': str, 'delay_ms': int}}, got {piece!r}")
+        delay = piece.get("delay_ms", 0)
+        if not isinstance(delay, int) or isinstance(delay, bool) or delay < 0:
+            raise ValueError(f"pieces[{index}].delay_ms must be a non-negative int, got {delay!r}")
+        pieces.append((piece["text"], delay))
+    return tuple(pieces)
 
 
 @dataclass
@@ -516,6 +545,7 @@ class _Piece:
     text: str  # the token; the fragment of the arguments; "" for a tool call's head
     call_index: int = 0
     call: _ToolCall | None = None
+    delay_ms: int | None = None  # scripted (``pieces``): the wait before it; else token_delay_ms between pieces
 
 
 @dataclass(frozen=True)
@@ -525,6 +555,7 @@ class _Answer:
     text: str | None
     reasoning: str | None
     tool_calls: tuple[_ToolCall, ...] = ()
+    scripted: tuple[tuple[str, int], ...] | None = None  # the text as scripted pieces (``pieces``)
 
     @property
     def finish_reason(self) -> str:
@@ -537,7 +568,10 @@ class _Answer:
 
     def pieces(self) -> list[_Piece]:
         pieces = [_Piece("reasoning", token) for token in split_tokens(self.reasoning or "")]
-        pieces += [_Piece("text", token) for token in split_tokens(self.text or "")]
+        if self.scripted is not None:
+            pieces += [_Piece("text", text, delay_ms=delay) for text, delay in self.scripted]
+        else:
+            pieces += [_Piece("text", token) for token in split_tokens(self.text or "")]
         for index, call in enumerate(self.tool_calls):
             pieces.append(_Piece("tool_call", "", index, call))
             pieces += [_Piece("tool_arguments", f, index, call) for f in split_fragments(call.arguments)]
@@ -1132,7 +1166,7 @@ class FakeState:
             text: str | None = _fill(template, body)
         else:
             text = None if calls else f"Answer from {encoder.model}."
-        return _Answer(text, behaviour.reasoning_text, tuple(calls))
+        return _Answer(text, behaviour.reasoning_text, tuple(calls), behaviour.pieces)
 
     @staticmethod
     def _usage(body: dict[str, Any], behaviour: Behaviour, answer: _Answer) -> _Usage:
@@ -1149,7 +1183,9 @@ class FakeState:
     ) -> None:
         entry = exchange.entry
         pieces = answer.pieces()
-        delay_ms = behaviour.ttft_ms + len(pieces) * behaviour.token_delay_ms
+        delay_ms = behaviour.ttft_ms + sum(
+            behaviour.token_delay_ms if piece.delay_ms is None else piece.delay_ms for piece in pieces
+        )
         if not await exchange.sleep(delay_ms / 1000):
             return
         if plan.stop_after is not None:
@@ -1208,7 +1244,10 @@ class FakeState:
                 return
             if index == len(items):
                 break
-            if index > 0 and not await exchange.sleep(behaviour.token_delay_ms / 1000):
+            delay_ms = behaviour.token_delay_ms if index > 0 else 0
+            if items[index].delay_ms is not None:
+                delay_ms = items[index].delay_ms
+            if delay_ms and not await exchange.sleep(delay_ms / 1000):
                 return
             if not await emit(encoder.stream_piece(items[index])):
                 return

@@ -42,6 +42,7 @@ def cached_copy(report: CallReport) -> CallReport:
         role=report.role,
         stage=report.stage,
         images=report.images,
+        partial=report.partial,
     )
 
 
@@ -145,6 +146,7 @@ class ResponseCache:
             "stage": report.stage,
             "images": report.images,
             "cost": _cost(_paid(report)),
+            "partial": report.partial,
         }
 
     @staticmethod
@@ -161,6 +163,7 @@ class ResponseCache:
             stage=data.get("stage", "conclude" if data["role"] == "concluding" else "answer"),
             images=data["images"],
             cost=None if data["cost"] is None else Decimal(data["cost"]),
+            partial=data.get("partial", False),
         )
         return cached_copy(original)
 

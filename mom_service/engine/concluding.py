@@ -20,7 +20,7 @@ from mom_service.engine.events import Breakdown, CallReport, ContentDelta, Event
 from mom_service.engine.plan import Concluder, Plan
 from mom_service.engine.planning import INSTRUCTION_HEAD
 from mom_service.engine.synthesis import concluding_messages
-from mom_service.engine.tools import CallAssembler
+from mom_service.engine.tools import CallAssembler, fragment_deltas
 from mom_service.engine.tracing import Trace
 from mom_service.errors import UpstreamFailed
 from mom_service.providers.caller import Delta, StreamEnd
@@ -257,14 +257,7 @@ def _events(piece: Delta, assembler: CallAssembler) -> list[ContentDelta | ToolC
     events: list[ContentDelta | ToolCallDelta] = []
     if piece.text or piece.logprobs:
         events.append(ContentDelta(piece.text, piece.logprobs))
-    for fragment in piece.tool_calls or ():
-        function = fragment.get("function") or {}
-        delta = ToolCallDelta(
-            index=int(fragment.get("index") or 0),
-            arguments=function.get("arguments") or "",
-            id=fragment.get("id"),
-            name=function.get("name"),
-        )
+    for delta in fragment_deltas(piece.tool_calls or ()):
         assembler.add(delta)
         events.append(delta)
     return events

@@ -151,7 +151,8 @@ class Engine:
         )
 
     async def run(self, plan: Plan) -> AsyncGenerator[Event]:
-        """Yields MemberFinished as each member settles, PanelDone, ContentDelta..., then Completed or Failed.
+        """Yields MemberStarted, MemberDelta... and MemberFinished as each member starts, writes and settles,
+        PanelDone, ContentDelta..., then Completed or Failed.
 
         Closing or cancelling the iterator cancels every upstream call still running (that no identical request
         still follows). However the request ends, its outcome goes to the recorders, once; an unexpected exception

@@ -40,6 +40,7 @@ class CallReport:
     estimated: bool = False  # usage counted by us (a cancelled call, or none reported), not by the provider
     saved: Decimal | None = None  # a cached answer: what the call that produced it cost (not paid again)
     sent: bool = False  # the request left for the provider (a call cancelled before that made no call)
+    partial: bool = False  # cut off, and what it had written went to the concluding LLM (`partial_answers`)
 
     def __post_init__(self) -> None:
         if not self.stage:  # a member answers, the concluding call concludes, unless a strategy says otherwise

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator
+from collections import deque
+from collections.abc import AsyncGenerator, Iterator
+from functools import partial
 
 from mom_service.cache.keys import member_key
 from mom_service.engine.calls import Calls, ms_since
-from mom_service.engine.events import Breakdown, CallReport, Event, MemberFinished, MemberStarted
+from mom_service.engine.events import Breakdown, CallReport, Event, MemberDelta, MemberFinished, MemberStarted
 from mom_service.engine.plan import Member, Plan
 from mom_service.engine.tracing import NO_GENERATION, Trace
 from mom_service.providers.circuit_breaker import Permit, Result
 from mom_service.providers.pricing import ZERO
-
-MemberTasks = dict[asyncio.Task[CallReport], int]  # each member's call, and its index in the plan
 
 
 def member_reports(plan: Plan, not_answered: str, stage: str = "answer") -> list[CallReport]:
@@ -56,13 +56,78 @@ def new_breakdown(plan: Plan, not_answered: str) -> Breakdown:
     )
 
 
+class MemberTasks:
+    """The members' calls in flight: each one's task and index in the plan, the text each has streamed so far, and
+    what their tasks send the waiting loop, in order: MemberStarted, MemberDelta..., then the task itself once it
+    has ended. One deque and one future to wake the loop: no task, queue or lock per piece. A piece that comes
+    while the one before it still waits to be taken joins it (one event the less; nothing is held back)."""
+
+    __slots__ = ("_items", "_waiter", "indexes", "streamed")
+
+    def __init__(self, size: int) -> None:
+        self.indexes: dict[asyncio.Task[CallReport], int] = {}
+        self.streamed: list[list[str]] = [[] for _ in range(size)]  # each member's text, as streamed
+        self._items: deque[Sent] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def send(self, item: Sent) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def delta(self, report: CallReport, text: str) -> None:
+        """A piece of a member's answer (its task's per-piece path)."""
+        items = self._items
+        if items:
+            last = items[-1]
+            if type(last) is MemberDelta and last.report is report:
+                last.text += text
+                return
+        self.send(MemberDelta(report, text))
+
+    async def wait(self, until: float | None) -> None:
+        """Until something was sent, or the loop's time `until` (None: no limit)."""
+        if self._items:
+            return
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_at(until, _wake, waiter) if until is not None else None
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def taken(self) -> Iterator[Sent]:
+        """What was sent, oldest first, each taken as it is yielded (what comes meanwhile is yielded too)."""
+        items = self._items
+        while items:
+            yield items.popleft()
+
+    def text(self, index: int) -> str:
+        return "".join(self.streamed[index])
+
+
+Sent = MemberStarted | MemberDelta | asyncio.Task[CallReport]
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 def fan_out(calls: Calls, plan: Plan, members: list[CallReport], trace: Trace) -> MemberTasks:
     """Ask every member that can be asked, at once; the others are skipped (images, open circuits)."""
-    tasks: MemberTasks = {}
+    tasks = MemberTasks(len(members))
     for index, (member, report) in enumerate(zip(plan.members, members, strict=True)):
         permit = calls.breakers.allow(member.llm.name) if member.skipped is None else None
         if permit is not None:
-            tasks[asyncio.create_task(ask_member(calls, plan, member, report, permit, trace))] = index
+            asked = ask_member(calls, plan, member, report, permit, trace, tasks, index)
+            task = asyncio.create_task(asked)
+            task.add_done_callback(tasks.send)
+            tasks.indexes[task] = index
             continue
         if member.skipped is None:  # its circuit is open: not asked this time
             report.skipped("circuit_open", calls.breakers.reason(member.llm.name))
@@ -75,53 +140,74 @@ def fan_out(calls: Calls, plan: Plan, members: list[CallReport], trace: Trace) -
 async def wait_for_panel(
     calls: Calls, plan: Plan, members: list[CallReport], tasks: MemberTasks, started: float
 ) -> AsyncGenerator[Event]:
-    """MemberStarted for each member asked (its call is on its way), then MemberFinished as each member settles,
-    until all have, or the quorum or the deadline cuts the rest."""
-    for index in tasks.values():
-        yield MemberStarted(members[index])
+    """MemberStarted and MemberDelta as members start and write, MemberFinished as each settles, until all have,
+    or the quorum or the deadline cuts the rest (with `partial_answers`, what they wrote is their answer)."""
     mom = plan.mom
     loop = asyncio.get_running_loop()
     deadline = loop.time() + mom.member_deadline_ms / 1000 if mom.member_deadline_ms else None
-    pending = set(tasks)
+    pending = set(tasks.indexes)
     cut_reason = ""
     overdue = False  # the deadline passed with too few answers: start as soon as there are enough
     while pending:
-        wait_s = max(deadline - loop.time(), 0) if deadline is not None and not overdue else None
-        done, pending = await asyncio.wait(pending, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            yield MemberFinished(task.result())
-        answers = sum(1 for r in members if r.status == "ok")
-        if mom.quorum is not None and answers >= mom.quorum:
+        await tasks.wait(deadline if not overdue else None)
+        settled = False
+        for item in tasks.taken():
+            if type(item) is MemberDelta or type(item) is MemberStarted:
+                yield item
+            elif item in pending:
+                pending.discard(item)
+                settled = True
+                yield MemberFinished(item.result())
+        if settled and mom.quorum is not None and _answers(members) >= mom.quorum:
             cut_reason = f"cut off: the quorum of {mom.quorum} had answered"
             break
         if deadline is not None and loop.time() >= deadline:
-            if answers >= mom.min_successful:
+            if _answers(members) >= mom.min_successful:
                 cut_reason = f"cut off: member_deadline_ms ({mom.member_deadline_ms}) passed"
                 break
             overdue = True  # too few answers: wait on, each member within its own timeout
     for task in pending:  # members cut off by the quorum or the deadline: cancelled, reported as such
-        index = tasks[task]
+        index = tasks.indexes[task]
         if not task.done():  # (one may have finished while the events above were being sent)
             task.cancel()
             member = plan.members[index]
-            calls.cut(member.llm, member.messages, members[index], cut_reason, started)
-        yield MemberFinished(members[index])
+            streamed = tasks.text(index)
+            calls.cut(
+                member.llm, member.messages, members[index], cut_reason, started, streamed, partial=mom.partial_answers
+            )
+    for item in tasks.taken():  # what the members cut off wrote last, before they are settled
+        if type(item) is MemberDelta or type(item) is MemberStarted:
+            yield item
+    for task in pending:
+        yield MemberFinished(members[tasks.indexes[task]])
+
+
+def _answers(members: list[CallReport]) -> int:
+    return sum(1 for r in members if r.status == "ok")
 
 
 def cancel_members(
     calls: Calls, plan: Plan, members: list[CallReport], tasks: MemberTasks, reason: str, started: float
 ) -> None:
     """The request ended with members still running (the client left): cancelled, and settled as such."""
-    for task, index in tasks.items():
+    for task, index in tasks.indexes.items():
         if task.cancel() and members[index].latency_ms is None:
             member = plan.members[index]
-            calls.cut(member.llm, member.messages, members[index], reason, started)
+            calls.cut(member.llm, member.messages, members[index], reason, started, tasks.text(index))
 
 
 async def ask_member(
-    calls: Calls, plan: Plan, member: Member, report: CallReport, permit: Permit, trace: Trace
+    calls: Calls,
+    plan: Plan,
+    member: Member,
+    report: CallReport,
+    permit: Permit,
+    trace: Trace,
+    tasks: MemberTasks,
+    index: int,
 ) -> CallReport:
-    """Ask one member, filling its `report` in place (the engine settles it itself when it cuts it off)."""
+    """Ask one member, its answer streamed to `tasks` as it comes, filling its `report` in place (the engine
+    settles it itself when it cuts it off). A cached answer is sent as one piece."""
     llm = member.llm
     started = time.perf_counter()
     verdict: Result = "abandoned"  # for the circuit breaker; the permit always goes back, however this ends
@@ -135,9 +221,15 @@ async def ask_member(
             if stored is not None:  # this member gave this answer to this input: not asked again
                 report.from_cache(stored.text, stored.saved, stored.tool_calls)
                 report.latency_ms = ms_since(started)
+                tasks.send(MemberStarted(report))
+                if stored.text:
+                    tasks.delta(report, stored.text)
                 return report
         generation = trace.generation(report, member.messages, member.params)
-        verdict = await calls.whole(llm, report, member.messages, member.params, member.encoded)
+        tasks.send(MemberStarted(report))
+        send = partial(tasks.delta, report)
+        pieces = tasks.streamed[index]
+        verdict = await calls.streamed(member, report, pieces, send)
     except asyncio.CancelledError:
         generation.finish(report, "")
         raise

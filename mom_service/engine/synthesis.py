@@ -55,6 +55,10 @@ def panel_block(reports: Sequence[CallReport], ranking: Sequence[Mapping[str, An
             calls = proposal_calls(report)
             proposed = f"\n<proposed_tool_calls>{_neutralise(calls)}</proposed_tool_calls>" if calls else ""
             parts.append(f"<{_TAG} {attrs}>\n{_neutralise(report.text)}{proposed}\n</{_TAG}>")
+        elif report.partial:  # cut off: what it had written (`partial_answers`), said to be unfinished
+            reason = _neutralise(report.error or report.status)
+            note = f"(a partial answer: {reason}; it stops where the member was cut off)"
+            parts.append(f'<{_TAG} {attrs} partial="true">\n{note}\n{_neutralise(report.text)}\n</{_TAG}>')
         else:
             reason = _neutralise(report.error or report.status)
             parts.append(f"<{_TAG} {attrs}>\n(no answer: {reason})\n</{_TAG}>")
@@ -111,9 +115,20 @@ def thought(event: MemberFinished | StageDone) -> CallReport | str:
 
 def thinking_block(report: CallReport) -> str:
     """One member's block in the thinking context, in the format the original MoM service used."""
-    name = report.name if report.stage == "answer" else f"{report.name} ({report.stage})"
+    if report.status == "ok":
+        return f"Model: {member_label(report)}\nContent: {report.text}\n{block_end(report)}"
+    partial = f"Content (partial): {report.text}\n" if report.partial else ""
+    return f"Model: {member_label(report)}\n{partial}{block_end(report)}"
+
+
+def member_label(report: CallReport) -> str:
+    """A member as its block names it: its name, and its stage when it is not the panel's first answer."""
+    return report.name if report.stage == "answer" else f"{report.name} ({report.stage})"
+
+
+def block_end(report: CallReport) -> str:
+    """What ends a member's block after its text: its proposed calls, or its status and error; the separator."""
     if report.status == "ok":
         calls = proposal_calls(report)
-        proposed = f"\nTool calls: {calls}" if calls else ""
-        return f"Model: {name}\nContent: {report.text}{proposed}\n---\n"
-    return f"Model: {name}\nStatus: {report.status}\nError: {report.error or report.status}\n---\n"
+        return f"Tool calls: {calls}\n---\n" if calls else "---\n"
+    return f"Status: {report.status}\nError: {report.error or report.status}\n---\n"

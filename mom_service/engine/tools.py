@@ -116,6 +116,23 @@ def as_deltas(calls: Sequence[dict[str, Any]]) -> list[ToolCallDelta]:
     ]
 
 
+def fragment_deltas(fragments: Sequence[dict[str, Any]]) -> list[ToolCallDelta]:
+    """Tool-call fragments as OpenAI streams them (`index`, then `id`, `function.name`, `function.arguments`
+    pieces) as the engine's events."""
+    deltas = []
+    for fragment in fragments:
+        function = fragment.get("function") or {}
+        deltas.append(
+            ToolCallDelta(
+                index=int(fragment.get("index") or 0),
+                arguments=function.get("arguments") or "",
+                id=fragment.get("id"),
+                name=function.get("name"),
+            )
+        )
+    return deltas
+
+
 class CallAssembler:
     """A streamed answer's tool calls put back together from their pieces."""
 

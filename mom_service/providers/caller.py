@@ -302,9 +302,15 @@ class LLMCaller:
         )
 
     def stream(
-        self, llm: LLMDefinition, messages: list[dict[str, Any]], params: Mapping[str, Any]
+        self,
+        llm: LLMDefinition,
+        messages: list[dict[str, Any]],
+        params: Mapping[str, Any],
+        *,
+        encoded: bytes | None = None,
     ) -> AsyncGenerator[str | Delta | StreamEnd]:
-        """A streamed call: yields content deltas as they arrive, then one StreamEnd.
+        """A streamed call (asked with `stream_options.include_usage`): yields content deltas as they arrive, then
+        one StreamEnd. `encoded`: the messages already serialized, as `complete` takes them.
 
         The LLM's timeout bounds the whole stream, not only the gaps between chunks. The deadline only ever cuts a
         wait for the next chunk, never a `yield`, so it cannot fire into the consumer's code. The call is retried
@@ -313,7 +319,7 @@ class LLMCaller:
         params = self.call_params(llm, params)
         route = self._lean.get(llm.name)
         if route is not None:
-            return self._lean_stream(llm, route, messages, params)
+            return self._lean_stream(llm, route, messages, params, encoded)
         return self._litellm_stream(llm, messages, params)
 
     async def _lean_stream(
@@ -322,6 +328,7 @@ class LLMCaller:
         route: openai_http.LeanRoute,
         messages: list[dict[str, Any]],
         params: Mapping[str, Any],
+        encoded: bytes | None,
     ) -> AsyncGenerator[str | Delta | StreamEnd]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + llm.timeout
@@ -333,7 +340,7 @@ class LLMCaller:
         usage: Usage | None = None
         finish_reason = "stop"
         try:
-            open_stream = partial(openai_http.open_stream, session, route, messages, params)
+            open_stream = partial(openai_http.open_stream, session, route, messages, params, encoded)
             response = await self._attempts(llm, open_stream, deadline, llm.retries)
             opened = response
 

@@ -197,11 +197,16 @@ def _json_object(raw: bytes, what: str) -> dict[str, Any]:
 
 
 async def open_stream(
-    session: aiohttp.ClientSession, route: LeanRoute, messages: list[dict[str, Any]], params: Mapping[str, Any]
+    session: aiohttp.ClientSession,
+    route: LeanRoute,
+    messages: list[dict[str, Any]],
+    params: Mapping[str, Any],
+    encoded: bytes | None = None,
 ) -> aiohttp.ClientResponse:
     """Start a streamed call: the response, once the server accepted it (status 200); the body is not read yet.
     The caller closes it."""
-    body = request_body(route, messages, {**params, "stream": True, "stream_options": {"include_usage": True}})
+    streamed = {**params, "stream": True, "stream_options": {"include_usage": True}}
+    body = request_body(route, messages, streamed, encoded)
     response = await session.post(route.url, data=body, headers=route.headers, proxy=route.proxy, allow_redirects=False)
     if response.status != 200:
         raise await _status_error(response)

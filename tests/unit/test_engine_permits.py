@@ -12,7 +12,7 @@ from mom_service.engine.engine import Engine
 from mom_service.engine.events import Completed, Event, Usage
 from mom_service.engine.planning import make_plan
 from mom_service.observability.redaction import Redactor
-from mom_service.providers.caller import CallResult, LLMCaller, StreamEnd
+from mom_service.providers.caller import LLMCaller, StreamEnd
 from mom_service.providers.circuit_breaker import CircuitBreakers
 from mom_service.providers.pricing import build_price_book
 
@@ -28,25 +28,20 @@ CONFIG = parse_config(
 
 
 class BuggyCaller(LLMCaller):
-    """`buggy` raises what no adapter should (not an LLMCallError); the others answer at once."""
+    """`buggy` raises what no adapter should (not an LLMCallError); the others answer at once (members and the
+    concluding call alike are streamed)."""
 
-    async def complete(
+    async def stream(
         self,
         llm: LLMDefinition,
         messages: list[dict[str, Any]],
         params: Mapping[str, Any],
         *,
-        retries: int | None = None,
         encoded: bytes | None = None,
-    ) -> CallResult:
+    ) -> AsyncGenerator[str | StreamEnd]:
         if llm.name == "buggy":
             raise ValueError("an adapter bug")
-        return CallResult(text=f"{llm.name} says hi", usage=Usage(3, 2))
-
-    async def stream(
-        self, llm: LLMDefinition, messages: list[dict[str, Any]], params: Mapping[str, Any]
-    ) -> AsyncGenerator[str | StreamEnd]:
-        yield "synthesis"
+        yield "synthesis" if llm.name == "j" else f"{llm.name} says hi"
         yield StreamEnd("stop", Usage(5, 1))
 
 

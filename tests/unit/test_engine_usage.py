@@ -9,30 +9,28 @@ from typing import Any
 from mom_service.config import LLMDefinition
 from mom_service.engine.events import Completed, Usage
 from mom_service.observability.redaction import Redactor
-from mom_service.providers.caller import CallResult, LLMCaller, StreamEnd
+from mom_service.providers.caller import LLMCaller, StreamEnd
 from tests.conftest import cl100k
 from tests.unit.test_engine_permits import CONFIG, _ask, engine_of
 
 
 class NoUsageCaller(LLMCaller):
-    """Answers, but reports no usage, whole or streamed."""
+    """Answers, but reports no usage (members and the concluding call are streamed)."""
 
-    async def complete(
+    async def stream(
         self,
         llm: LLMDefinition,
         messages: list[dict[str, Any]],
         params: Mapping[str, Any],
         *,
-        retries: int | None = None,
         encoded: bytes | None = None,
-    ) -> CallResult:
-        return CallResult(text=f"{llm.name} says hi there", usage=None)
-
-    async def stream(
-        self, llm: LLMDefinition, messages: list[dict[str, Any]], params: Mapping[str, Any]
     ) -> AsyncGenerator[str | StreamEnd]:
-        yield "the synthesis "
-        yield "of it all"
+        if llm.name == "j":
+            yield "the synthesis "
+            yield "of it all"
+        else:
+            yield f"{llm.name} says "
+            yield "hi there"
         yield StreamEnd("stop", None)
 
 

@@ -142,6 +142,39 @@ def test_streaming_chunks_arrive_incrementally(fake: FakeUpstream) -> None:
     assert arrivals[2] - arrivals[1] >= 0.09
 
 
+def test_scripted_pieces_stream_as_given_with_usage_only_when_asked(fake: FakeUpstream, client: OpenAI) -> None:
+    pieces = [{"text": "Half a sen"}, {"text": "tence. Then", "delay_ms": 50}, {"text": " more."}]
+    fake.configure({"writer": {"pieces": pieces, "ttft_ms": 20}})
+    asked: list[ChatCompletionMessageParam] = [{"role": "user", "content": "write"}]
+    for include_usage in (True, False):
+        options = openai.NOT_GIVEN if not include_usage else {"include_usage": True}
+        chunks = list(
+            client.chat.completions.create(model="writer", messages=asked, stream=True, stream_options=options)
+        )
+        texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+        assert texts == ["Half a sen", "tence. Then", " more."]
+        usage = [c.usage for c in chunks if c.usage is not None]
+        assert [u.completion_tokens for u in usage] == ([5] if include_usage else [])  # the text's words
+    whole = client.chat.completions.create(model="writer", messages=asked)
+    assert whole.choices[0].message.content == "Half a sentence. Then more."
+    assert [e["tokens_sent"] for e in fake.log()] == [3, 3, 3]
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    [
+        {"pieces": []},
+        {"pieces": [{"text": 1}]},
+        {"pieces": [{"text": "a", "delay_ms": -1}]},
+        {"pieces": [{"text": "a", "after": 1}]},
+        {"pieces": [{"text": "a"}], "text": "a"},
+    ],
+)
+def test_scripted_pieces_are_checked(fake: FakeUpstream, behaviour: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="pieces"):
+        fake.configure({"writer": behaviour})
+
+
 def test_status_500_error_body(fake: FakeUpstream, client: OpenAI) -> None:
     fake.configure({"broken": {"status": 500, "error_message": "kaputt", "retry_after": 2}})
     with pytest.raises(openai.InternalServerError) as excinfo:

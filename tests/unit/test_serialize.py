@@ -19,7 +19,9 @@ from mom_service.engine.events import (
     ContentDelta,
     Event,
     Failed,
+    MemberDelta,
     MemberFinished,
+    MemberStarted,
     PanelDone,
     Usage,
 )
@@ -186,8 +188,53 @@ def test_reasoning_content_blocks_go_to_their_own_field() -> None:
     assert delta_text(parsed, "content") == "Final."
 
 
+def live_events() -> list[Event]:
+    """alpha streams its answer (with MemberStarted first), beta fails having streamed nothing."""
+    done = breakdown()
+    return [
+        MemberStarted(ALPHA),
+        MemberStarted(BETA),
+        MemberDelta(ALPHA, "Alpha's "),
+        MemberDelta(ALPHA, "answer."),
+        MemberFinished(ALPHA),
+        MemberFinished(BETA),
+        PanelDone([ALPHA, BETA]),
+        ContentDelta("Final."),
+        Completed(finish_reason="stop", breakdown=done, usage=done.usage()),
+    ]
+
+
+def test_reasoning_content_streams_the_members_text_as_it_comes() -> None:
+    out = stream(mom(thinking=True, fmt="reasoning_content"), live_events())
+    assert out[:4] == [b"", b"", b"", b""]  # nothing yet: alpha's sentence has not ended
+    finished = chunks(out[4] + b"data: [DONE]\n\n")
+    assert [c["choices"][0]["delta"] for c in finished] == [
+        {"role": "assistant", "content": ""},
+        {"reasoning_content": "Model: alpha\nContent: Alpha's answer.\n---\n"},
+    ]
+    parsed = chunks(b"".join(out))
+    assert delta_text(parsed, "reasoning_content") == BLOCK_ALPHA + BLOCK_BETA
+    assert delta_text(parsed, "content") == "Final."
+
+
+@pytest.mark.parametrize("fmt", ["think_tags", "reasoning_content"])
+def test_without_a_stream_or_with_think_tags_members_pieces_add_nothing(
+    fmt: Literal["think_tags", "reasoning_content"],
+) -> None:
+    body = collect(mom(thinking=True, fmt=fmt), live_events())
+    message = body["choices"][0]["message"]
+    if fmt == "think_tags":
+        assert message["content"] == "<think>\n" + BLOCK_ALPHA + BLOCK_BETA + "</think>\n\nFinal."
+        tagged = delta_text(chunks(b"".join(stream(mom(thinking=True), live_events()))), "content")
+        assert tagged == message["content"]
+    else:
+        assert message["reasoning_content"] == BLOCK_ALPHA + BLOCK_BETA
+
+
 def test_without_thinking_context_members_produce_no_bytes() -> None:
     serializer = StreamSerializer(mom(), include_usage=True)
+    assert serializer.feed(MemberStarted(ALPHA)) == b""
+    assert serializer.feed(MemberDelta(ALPHA, "Alpha's answer. ")) == b""
     assert serializer.feed(MemberFinished(ALPHA)) == b""
     assert serializer.feed(MemberFinished(BETA)) == b""
     assert serializer.feed(PanelDone([ALPHA, BETA])) == b""
@@ -272,6 +319,7 @@ def test_completion_body() -> None:
         "name": "beta",
         "model": "openai/beta",
         "status": "error",
+        "partial": False,
         "reason": "http_error",
         "error": "HTTP 500",
         "latency_ms": 8.0,

@@ -128,3 +128,25 @@ def test_thinking_block_failed_member() -> None:
 def test_thinking_block_member_without_error_text() -> None:
     report = CallReport(name="gamma", model="openai/gamma", status="skipped")
     assert thinking_block(report) == "Model: gamma\nStatus: skipped\nError: skipped\n---\n"
+
+
+def test_a_partial_answer_is_given_marked_as_partial() -> None:
+    cut = CallReport(name="slow", model="openai/slow")
+    cut.cancelled("cut off: the quorum of 2 had answered")
+    cut.text, cut.partial = "Half of it </panel_answer> and", True
+    text = panel_text([*reports()[:1], cut])
+    assert (
+        '<panel_answer index="2" name="slow" status="cancelled" partial="true">\n'
+        "(a partial answer: cut off: the quorum of 2 had answered; it stops where the member was cut off)\n"
+        "Half of it &lt;/panel_answer> and\n</panel_answer>"
+    ) in text
+    assert thinking_block(cut) == (
+        "Model: slow\nContent (partial): Half of it </panel_answer> and\nStatus: cancelled\n"
+        "Error: cut off: the quorum of 2 had answered\n---\n"
+    )
+
+
+def test_a_cut_off_member_without_partial_answers_gives_none() -> None:
+    cut = CallReport(name="slow", model="openai/slow", text="")
+    cut.cancelled("cut off")
+    assert '<panel_answer index="1" name="slow" status="cancelled">\n(no answer: cut off)\n' in panel_text([cut])

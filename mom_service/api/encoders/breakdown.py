@@ -27,6 +27,7 @@ def report_dict(report: CallReport) -> dict[str, Any]:
         "name": report.name,
         "model": report.model,
         "status": report.status,
+        "partial": report.partial,
         "reason": report.error_type,
         "error": report.error,
         "latency_ms": report.latency_ms,

@@ -1,8 +1,8 @@
 """Two serializations of the engine's events: SSE chunks as they come, or one `chat.completion` at the end.
 
 The thinking context is decided here, once, for both: with `think_tags` the members' blocks go into `content`
-inside `<think>...</think>`; with `reasoning_content` they go into `reasoning_content` and `content` carries only
-the synthesis.
+inside `<think>...</think>`; with `reasoning_content` they go into `reasoning_content` (a stream: as the members
+write, api/encoders/thinking.py) and `content` carries only the synthesis.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from mom_service.api.encoders.breakdown import breakdown_dict, usage_dict
+from mom_service.api.encoders.thinking import LiveThinking
 from mom_service.config import MoMModelConfig
 from mom_service.engine.events import (
     Breakdown,
@@ -22,6 +23,7 @@ from mom_service.engine.events import (
     ContentDelta,
     Event,
     Failed,
+    MemberDelta,
     MemberFinished,
     PanelDone,
     StageDone,
@@ -37,16 +39,20 @@ REASONING = "reasoning_content"
 
 
 class ThinkingRouter:
-    """Turns events into (field, text) pieces of the answer: where each piece of text goes."""
+    """Turns events into (field, text) pieces of the answer: where each piece of text goes. `live` (a stream): the
+    members' text goes to reasoning_content as they write it; else one block per member, when it ends."""
 
-    __slots__ = ("_blocks", "_opened", "_tags", "enabled")
+    __slots__ = ("_blocks", "_live", "_opened", "_tags", "enabled")
 
-    def __init__(self, mom: MoMModelConfig, *, json_answer: bool = False, notices: Sequence[str] = ()) -> None:
+    def __init__(
+        self, mom: MoMModelConfig, *, json_answer: bool = False, notices: Sequence[str] = (), live: bool = False
+    ) -> None:
         self.enabled = mom.include_thinking_context
         self._blocks = ThinkingBlocks(notices)
         # a JSON answer's content is the JSON alone (a client parses it): its thinking goes to reasoning_content
         self._tags = mom.thinking_format == "think_tags" and not json_answer
         self._opened = False
+        self._live = LiveThinking(notices) if live and self.to_reasoning else None
 
     @property
     def to_reasoning(self) -> bool:
@@ -58,6 +64,14 @@ class ThinkingRouter:
             return [(CONTENT, event.text)]
         if not self.enabled:
             return []
+        if self._live is not None:
+            if isinstance(event, MemberDelta):
+                text = self._live.delta(event)
+            elif isinstance(event, MemberFinished | StageDone):
+                text = self._live.finished(event)
+            else:
+                return []
+            return [(REASONING, text)] if text else []
         if isinstance(event, MemberFinished | StageDone):
             block = self._blocks.of(thought(event))
             if not self._tags:
@@ -81,7 +95,7 @@ class StreamSerializer:
     def __init__(
         self, mom: MoMModelConfig, *, include_usage: bool, json_answer: bool = False, notices: Sequence[str] = ()
     ) -> None:
-        self._router = ThinkingRouter(mom, json_answer=json_answer, notices=notices)
+        self._router = ThinkingRouter(mom, json_answer=json_answer, notices=notices, live=True)
         self._include_usage = include_usage
         self.completion_id = new_completion_id()
         self.created = int(time.time())

@@ -43,6 +43,7 @@ def config(fake: FakeUpstream) -> dict[str, Any]:
             {"name": "prog", **panel},
             {"name": "prog-think", **panel, "include_thinking_context": True},
             {"name": "prog-quorum", **panel, "quorum": 2},
+            {"name": "prog-partial", **panel, "quorum": 2, "partial_answers": True},
             {"name": "prog-rank", **panel, "strategy": "rank"},
             {"name": "prog-best", **panel, "strategy": "best_of"},
             {"name": "prog-layers", **panel, "strategy": "layers"},
@@ -100,6 +101,11 @@ def read_all(service: Service, path: str, **headers: str) -> list[Event]:
 
 def kinds(got: list[Event]) -> list[str]:
     return [e.kind for e in got]
+
+
+def lifecycle(got: list[Event]) -> list[str]:
+    """The kinds of a run's events but the members' deltas (members stream: how many pieces is the fake's affair)."""
+    return [e.kind for e in got if e.kind != "member_delta"]
 
 
 def of(got: list[Event], kind: str) -> list[Event]:
@@ -161,10 +167,15 @@ def test_a_normal_run_in_order(progressive: Service, fake_server: FakeUpstream, 
     assert content == ANSWER
 
     got = read_all(progressive, url)  # a late subscriber: the run is over, all of it comes
-    order = kinds(got)
+    order = lifecycle(got)  # the members' deltas are checked below
     assert order[:7] == ["run_started", *["member_started"] * 3, *["member_done"] * 3]
     assert order[7] == "concluding_started" and set(order[8:-1]) == {"concluding_delta"}
     assert got[0].id == 1
+    for name in MEMBERS:  # each member's text as it wrote it, between its start and its end
+        own = [e.kind for e in got if e.data.get("name") == name]
+        assert own[0] == "member_started" and own[-1] == "member_done" and "member_delta" in own
+        pieces = [e.data["text"] for e in got if e.kind == "member_delta" and e.data["name"] == name]
+        assert "".join(pieces) == TEXTS[name]
     started = got[0].data
     assert started["request_id"] == run_id and started["model"] == "prog" and started["stream"] is stream
     assert started["strategy"] == "synthesize" and started["surface"] == "chat"
@@ -215,23 +226,46 @@ def test_a_member_cut_by_the_quorum(progressive: Service, fake_server: FakeUpstr
     assert_answered(got, mom, content)
 
 
+def test_a_cut_member_with_a_partial_answer(progressive: Service, fake_server: FakeUpstream) -> None:
+    # pg-three writes a sentence at once, then would take a minute for the rest; the two others answer after 300 ms:
+    # the quorum cuts pg-three, and with partial_answers what it wrote is its (partial) answer
+    pieces = [{"text": "Partly written.", "delay_ms": 0}, {"text": " The rest, much later.", "delay_ms": 60_000}]
+    configure(fake_server, pg_one={"ttft_ms": 300}, pg_two={"ttft_ms": 300})
+    fake_server.configure({"pg-three": {"pieces": pieces}})
+    _, url, mom, content = ask(progressive, "prog-partial")
+    got = read_all(progressive, url)
+    assert_panel(got)
+    deltas = [e.data["text"] for e in of(got, "member_delta") if e.data["name"] == "pg-three"]
+    assert "".join(deltas) == "Partly written."
+    (cut,) = [e for e in of(got, "member_done") if e.data["name"] == "pg-three"]
+    assert (cut.data["status"], cut.data["partial"], cut.data["text"]) == ("cancelled", True, "Partly written.")
+    assert "quorum of 2" in cut.data["error"] and cut.data["usage"]["completion_tokens"] > 0
+    assert cut.id < of(got, "concluding_started")[0].id
+    (member,) = [m for m in mom["members"] if m["name"] == "pg-three"]
+    assert member["partial"] is True
+    concluding = next(e for e in fake_server.log() if e["model"] == JUDGE)
+    assert 'partial="true"' in concluding["body"]["messages"][-1]["content"]
+    assert_answered(got, mom, content)
+
+
 def test_strategies_announce_their_stages(progressive: Service, fake_server: FakeUpstream) -> None:
     configure(fake_server)
     _, url, mom, content = ask(progressive, "prog-rank")
     got = read_all(progressive, url)
     assert_panel(got)
-    order = kinds(got)
-    assert order[7:10] == ["stage_started", "stage_done", "concluding_started"]
-    assert got[7].data == {"stage": "rank"} and got[8].data["stage"] == "rank"
-    assert "Borda count" in got[8].data["summary"]
-    assert got[9].data["concluding"]["name"] == JUDGE and mom["ranking"]
+    seen = [e for e in got if e.kind != "member_delta"]
+    assert lifecycle(got)[7:10] == ["stage_started", "stage_done", "concluding_started"]
+    assert seen[7].data == {"stage": "rank"} and seen[8].data["stage"] == "rank"
+    assert "Borda count" in seen[8].data["summary"]
+    assert seen[9].data["concluding"]["name"] == JUDGE and mom["ranking"]
     assert_answered(got, mom, content)
 
     _, url, mom, content = ask(progressive, "prog-best")  # a member's answer, verbatim: no concluding call
     got = read_all(progressive, url)
-    assert kinds(got)[7:10] == ["stage_started", "stage_done", "concluding_started"]
-    assert got[7].data == {"stage": "judge"}
-    assert got[9].data == {"strategy": "best_of", "concluding": None, "selected": mom["selected"]}
+    seen = [e for e in got if e.kind != "member_delta"]
+    assert lifecycle(got)[7:10] == ["stage_started", "stage_done", "concluding_started"]
+    assert seen[7].data == {"stage": "judge"}
+    assert seen[9].data == {"strategy": "best_of", "concluding": None, "selected": mom["selected"]}
     assert content == TEXTS[mom["selected"]]
     assert_answered(got, mom, content)
 

@@ -97,6 +97,9 @@ optional, see :data:`BEHAVIOUR_FIELDS`):
                        content_block_stop, message_delta or message_stop): a stream cut short that no transport
                        error reveals; non-streaming: ignored.
 ``reset_connection``   close the TCP connection (RST) without any response.
+``gate``               a name: the request waits (before answering anything) until that gate is opened,
+                       ``POST /_control/gates/<name>`` (:meth:`FakeUpstream.open_gate`); open, it lets every
+                       request through until the next reset. A call held in flight for as long as a test needs.
 ``reasoning_text``     streamed token by token in ``delta.reasoning_content`` (Anthropic: a thinking block)
                        before the content; non-streaming: ``message.reasoning_content`` (a thinking block).
 ``ranking``            labels, best first (e.g. ``["B", "A", "C"]``): a request whose last user message asks for a
@@ -115,7 +118,8 @@ pieces: reasoning and text tokens, tool call heads and argument fragments.
 
 Control API (JSON): ``POST /_control/models`` ``{"<model>": {behaviour}, ...}`` (replaces the whole
 behaviour of each named model and resets its counters; unknown or wrong-typed fields, in a tool call too,
--> 400), ``POST /_control/reset``, ``GET /_control/log``, ``DELETE /_control/log``, ``GET /_control/health``.
+-> 400), ``POST /_control/reset``, ``POST /_control/gates/<name>`` (opens a gate), ``GET /_control/log``,
+``DELETE /_control/log``, ``GET /_control/health``.
 
 Log entries (one per upstream request, appended on arrival and updated in place)::
 
@@ -200,6 +204,7 @@ BEHAVIOUR_FIELDS: dict[str, str] = {
     "reasoning_text": "str",
     "ranking": "texts",
     "pick": "str",
+    "gate": "str",
 }
 
 TOOL_CALL_KEYS = frozenset({"name", "arguments", "id"})
@@ -268,6 +273,7 @@ class Behaviour:
     reasoning_text: str | None = None
     ranking: tuple[str, ...] | None = None
     pick: str | None = None
+    gate: str | None = None
 
     @classmethod
     def parse(cls, raw: object) -> Behaviour:
@@ -870,6 +876,18 @@ class _Exchange:
             return False
         return True
 
+    async def through(self, gate: asyncio.Event) -> bool:
+        """Wait until `gate` is open; False (and recorded) if the client disconnected first."""
+        opened = asyncio.ensure_future(gate.wait())
+        gone = asyncio.ensure_future(self.disconnected.wait())
+        await asyncio.wait({opened, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if opened.done():
+            return True
+        opened.cancel()
+        self.record_disconnect()
+        return False
+
     async def hang(self) -> None:
         self.entry["outcome"] = "hung"
         await self.disconnected.wait()
@@ -925,6 +943,10 @@ class FakeState:
         self.counters: dict[str, _ModelCounter] = {}
         self.log: list[LogEntry] = []
         self.next_id = 1
+        self.gates: dict[str, asyncio.Event] = {}
+
+    def gate(self, name: str) -> asyncio.Event:
+        return self.gates.setdefault(name, asyncio.Event())
 
     # ----- control -----
     def configure(self, raw: object) -> list[str]:
@@ -941,6 +963,9 @@ class FakeState:
         return sorted(parsed)
 
     def reset(self) -> None:
+        for gate in self.gates.values():
+            gate.set()  # nothing stays held by a test that ended
+        self.gates.clear()
         self.behaviours.clear()
         self.counters.clear()
         self.log.clear()
@@ -1050,6 +1075,8 @@ class FakeState:
                 return
             if plan.hang:
                 await exchange.hang()
+                return
+            if behaviour.gate is not None and not await exchange.through(self.gate(behaviour.gate)):
                 return
             answer = self._answer(encoder, behaviour, self.counters[model])
             if entry["stream"]:
@@ -1227,6 +1254,10 @@ def create_app() -> ASGIApp:
         state.log.clear()
         return JSONResponse({"status": "ok"})
 
+    async def open_gate(request: Request) -> JSONResponse:
+        state.gate(request.path_params["name"]).set()
+        return JSONResponse({"status": "ok"})
+
     async def models(request: Request) -> JSONResponse:
         data = [{"id": name, "object": "model", "owned_by": "fake"} for name in state.behaviours]
         return JSONResponse({"object": "list", "data": data})
@@ -1236,6 +1267,7 @@ def create_app() -> ASGIApp:
             Route("/_control/health", health, methods=["GET"]),
             Route("/_control/models", configure, methods=["POST"]),
             Route("/_control/reset", reset, methods=["POST"]),
+            Route("/_control/gates/{name}", open_gate, methods=["POST"]),
             Route("/_control/log", get_log, methods=["GET"]),
             Route("/_control/log", clear_log, methods=["DELETE"]),
             Route("/v1/models", models, methods=["GET"]),
@@ -1359,6 +1391,10 @@ class FakeUpstream:
 
     def reset(self) -> None:
         self.client.post("/_control/reset").raise_for_status()
+
+    def open_gate(self, name: str) -> None:
+        """Let the requests held by the behaviour `gate: name` go on (and every later one, until the next reset)."""
+        self.client.post(f"/_control/gates/{name}").raise_for_status()
 
     def log(self) -> list[dict[str, Any]]:
         response = self.client.get("/_control/log")

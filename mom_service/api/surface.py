@@ -91,8 +91,9 @@ async def answer(
 ) -> Response:
     """Plan and run one request; answer it whole (`asked.stream` false) or as SSE. A failure before the first
     byte is raised (answered with its status in the surface's shape); after it, it ends the stream."""
-    plan = await state.engine.prepare(asked)
-    events = state.engine.run(plan)
+    engine = state.engine  # this request's, to its end: a config reload meanwhile does not change it
+    plan = await engine.prepare(asked)
+    events = engine.run(plan)
     stop = state.admission.cut_off
     if not asked.stream:
         body = collector(plan)

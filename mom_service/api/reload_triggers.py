@@ -30,6 +30,8 @@ FILE_WATCH = "file-watch"
 
 
 class ReloadTriggers:
+    """The SIGHUP handler and the file watch of one app, from its start to its shutdown."""
+
     def __init__(self, state: AppState) -> None:
         self._state = state
         self._tasks: set[asyncio.Task[None]] = set()

@@ -278,9 +278,10 @@ def test_reload_under_load_loses_no_request(reloadable: Service, fake: FakeUpstr
 
 
 @pytest.fixture(scope="module")
-def watched(fake_server: FakeUpstream, start_service: StartService) -> Service:
-    """MOM_CONFIG_WATCH=true, and no ADMIN_TOKEN: the admin API is off."""
-    return start_service(config(fake_server, V1), {"MOM_CONFIG_WATCH": "true"})
+def watched(start_service: StartService) -> Service:
+    """MOM_CONFIG_WATCH=true, no ADMIN_TOKEN (the admin API is off), and no config.yaml yet: the demo config runs,
+    and the watch waits for ./config.yaml."""
+    return start_service(None, {"MOM_CONFIG_WATCH": "true"})
 
 
 def test_admin_api_off_without_admin_token(watched: Service) -> None:
@@ -292,10 +293,13 @@ def test_admin_api_off_without_admin_token(watched: Service) -> None:
 
 def test_file_change_reloads_when_watched(watched: Service, fake: FakeUpstream) -> None:
     before = config_health(watched)
-    write(watched, config(fake, V1 | {"rl-watched": ["rl-a"]}))
+    assert before["demo"] is True and before["file"] is None and before["hash"] is None
+    write(watched, config(fake, V1 | {"rl-watched": ["rl-a"]}))  # the file appears: it replaces the demo
     wait_until(lambda: "rl-watched" in model_ids(watched))
     after = config_health(watched)
-    assert after["hash"] != before["hash"] and after["reloads"] == before["reloads"] + 1
+    assert after["demo"] is False and after["file"] == "config.yaml" and after["hash"] is not None
+    assert after["reloads"] == before["reloads"] + 1 and after["loaded_at"] != before["loaded_at"]
+    assert "mom" not in model_ids(watched)  # the demo's models are gone
 
     write(watched, "models:\n  - name: rl-half-writ")  # caught half written: refused, the running config kept
     wait_until(lambda: "Config reload (watch) refused" in watched.log())

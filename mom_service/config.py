@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from decimal import Decimal
@@ -239,6 +240,12 @@ class MoMConfig(_Strict):
     _llms: dict[str, LLMDefinition] = PrivateAttr(default_factory=dict)
     _prompts: dict[str, PromptDefinition] = PrivateAttr(default_factory=dict)
     _models: dict[str, MoMModelConfig] = PrivateAttr(default_factory=dict)
+    _digest: str | None = PrivateAttr(default=None)
+
+    @property
+    def digest(self) -> str | None:
+        """The SHA-256 (hex) of the file's bytes this config was read from; None when it was read from no file."""
+        return self._digest
 
     def model_post_init(self, context: Any, /) -> None:
         self._llms = {d.name: d for d in self.llm_definitions}
@@ -383,13 +390,15 @@ def parse_config(raw: Any, source: str) -> MoMConfig:
 def load_config(path: str | Path) -> MoMConfig:
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{source}: file not found") from None
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read the file ({exc.strerror})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.safe_load(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: not UTF-8 text") from None
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)
@@ -397,7 +406,9 @@ def load_config(path: str | Path) -> MoMConfig:
             where = f" at line {mark.line + 1}, column {mark.column + 1}"
         problem = getattr(exc, "problem", None) or "not valid YAML"
         raise ConfigError(f"{source}: invalid YAML{where}: {problem}") from None
-    return parse_config(raw, source)
+    config = parse_config(raw, source)
+    config._digest = hashlib.sha256(data).hexdigest()
+    return config
 
 
 def demo_config() -> MoMConfig:

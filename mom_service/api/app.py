@@ -19,14 +19,15 @@ from mom_service import __version__
 from mom_service.api.admission import Admission, AdmissionControl
 from mom_service.api.errors import install_error_handlers
 from mom_service.api.middleware import BodySizeLimit, QuietStartupFailure
-from mom_service.api.routers import anthropic, health, metrics, models, openai_chat, progress, responses, usage
+from mom_service.api.reload import Reloader
+from mom_service.api.reload_triggers import ReloadTriggers
+from mom_service.api.routers import admin, anthropic, health, metrics, models, openai_chat, progress, responses, usage
 from mom_service.api.routers.ui import ui_router
 from mom_service.api.signing import LinkSigner
 from mom_service.api.state import AppState
 from mom_service.cache.stores import CacheStore, MemoryCache, RedisCache
 from mom_service.config import MoMConfig, resolve_config
-from mom_service.engine.assembly import build_engine
-from mom_service.engine.cached import ResponseCache
+from mom_service.engine.assembly import EngineOptions, build_engine, key_values
 from mom_service.engine.plan import ImagePolicy
 from mom_service.errors import ConfigError
 from mom_service.observability.logs import LOGGER_NAME, setup_logging
@@ -57,8 +58,8 @@ DEMO_BANNER = (
 def build_state(settings: Settings, config: MoMConfig, config_path: str | None) -> AppState:
     """Everything the app needs, built without network I/O: the database is connected by the lifespan."""
     env = environment()
-    secrets = [*(t.decode() for t in settings.api_tokens)]
-    secrets += [env[d.api_key_env] for d in config.llm_definitions if d.api_key_env and env.get(d.api_key_env)]
+    secrets = [*(t.decode() for t in settings.api_tokens), *(t.decode() for t in settings.admin_tokens)]
+    secrets += key_values(config, env)
     secrets += [s for s in (settings.langfuse_secret_key, settings.langfuse_public_key) if s]
     secrets += [key.get_secret_value() for key in (settings.mom_signing_key, settings.mom_mcp_token) if key]
     secrets += [s for s in (url_password(settings.database_url), _redis_password(settings.redis_url)) if s]
@@ -66,8 +67,7 @@ def build_state(settings: Settings, config: MoMConfig, config_path: str | None) 
     usage = UsageDatabase(settings.database_url)
     writer = UsageWriter(usage.engine, max_queue=settings.mom_usage_queue_size)
     tracer = Tracer(settings)
-    engine = build_engine(
-        config,
+    options = EngineOptions(
         env=env,
         redactor=redactor,
         lean_calls=settings.mom_lean_calls,
@@ -79,16 +79,16 @@ def build_state(settings: Settings, config: MoMConfig, config_path: str | None) 
             max_bytes=settings.mom_max_image_bytes,
             fetch_timeout_s=settings.mom_image_fetch_timeout_seconds,
         ),
-        cache=ResponseCache(cache_store(settings), config) if settings.mom_cache_enabled else None,
+        cache_store=cache_store(settings) if settings.mom_cache_enabled else None,
         tracer=tracer,
         litellm_verbose=settings.litellm_verbose,
     )
+    engine = build_engine(config, options)
     metrics = Metrics(config, writer, engine.breakers)
     metrics.watch(engine.active)
     engine.add_recorders(writer.submit, metrics.record, remember_outcome)
     return AppState(
         settings=settings,
-        config_path=config_path,
         engine=engine,
         redactor=redactor,
         started_at=int(time.time()),
@@ -100,6 +100,7 @@ def build_state(settings: Settings, config: MoMConfig, config_path: str | None) 
         responses=ResponseStore(usage.engine, settings.mom_responses_ttl_days),
         progress=progress_hub(settings),
         links=LinkSigner.from_settings(settings),
+        reloader=Reloader(options, config, config_path),
     )
 
 
@@ -226,6 +227,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = await open_state(settings, config, config_path)
         app.state.mom = state
+        reloading = ReloadTriggers(state)  # SIGHUP, and the file watch (MOM_CONFIG_WATCH)
+        reloading.start()
         # Everything loaded so far (LiteLLM's tables, the config, the app) lives as long as the process: moved out
         # of the garbage collector's sight, so that a full collection does not walk it again and again, pausing
         # every stream for hundreds of milliseconds under load.
@@ -235,6 +238,7 @@ def create_app(
             async with mcp.session_manager.run() if mcp is not None else nullcontext():
                 yield
         finally:
+            await reloading.stop()
             await close_state(state, app)
 
     app = FastAPI(
@@ -245,7 +249,7 @@ def create_app(
         *(openai_chat.router, anthropic.router, responses.router, progress.router),
         *(models.router, usage.router, metrics.router),
     )
-    for router in (*routers, health.router):
+    for router in (*routers, health.router, admin.router):
         app.include_router(router)
     if settings.mom_ui_enabled:
         app.include_router(ui_router())

@@ -209,20 +209,21 @@ class Tools:
         controls: Annotated[dict[str, Any] | None, Field(description=CONTROLS)] = None,
     ) -> ConsultResult:
         state, caller = self.state(), self._caller(ctx)
+        engine = state.engine  # this call's, to its end: a config reload meanwhile does not change it
         asked = EngineRequest(
-            model=model or state.config.models[0].name,
+            model=model or engine.config.models[0].name,
             messages=[{"role": "user", "content": question}],
             params={},
             request_id=caller.request_id,
             caller=caller.id,
-            cache=CachePolicy() if state.engine.cache is not None else None,
+            cache=CachePolicy() if engine.cache is not None else None,
             surface="mcp",
             controls=controls,
         )
         try:
             await state.admission.hit(caller.token)
-            plan = await state.engine.prepare(asked)
-            work = _answer(plan, state.engine.run(plan), ctx)
+            plan = await engine.prepare(asked)
+            work = _answer(plan, engine.run(plan), ctx)
             return await unless_disconnected(None, work, state.admission.cut_off)
         except ServerStopping:
             raise ToolError(_error_text(Admission.cut_off_error())) from None

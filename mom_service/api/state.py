@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 
 from mom_service.api.admission import Admission
 from mom_service.api.signing import LinkSigner
+from mom_service.api.reload import Reloader
 from mom_service.config import MoMConfig
 from mom_service.engine.engine import Engine
 from mom_service.errors import ServiceUnavailable
@@ -26,8 +27,9 @@ from mom_service.usage.writer import UsageWriter
 @dataclass(slots=True)
 class AppState:
     settings: Settings
-    config_path: str | None
-    engine: Engine  # the config, the LLMs, the cache: everything an answer needs
+    # the config, the LLMs, the cache: everything an answer needs. A config reload replaces it (one assignment): a
+    # request reads it once and holds that engine to its end (`engine = state.engine`), never twice.
+    engine: Engine
     redactor: Redactor
     started_at: int
     usage: UsageDatabase
@@ -38,11 +40,18 @@ class AppState:
     responses: ResponseStore  # stored Responses (POST /v1/responses with store: true), in the usage database
     progress: ProgressHub  # every run's progress events (GET /v1/progress/{id}), in process or in Redis
     links: LinkSigner  # the progress streams' link tokens
+    reloader: Reloader  # where the running config came from, and its reloads (SIGHUP, /admin/reload, the watch)
     llm_checks: LiveChecks = field(default_factory=LiveChecks)  # the live calls of /health/detailed?check_llm
 
     @property
     def config(self) -> MoMConfig:
+        """The running config (of the engine now: a request holds its engine's, `engine.config`)."""
         return self.engine.config
+
+    @property
+    def config_path(self) -> str | None:
+        """The running config's file; None for the built-in demo config."""
+        return self.reloader.file
 
     @property
     def tracing_enabled(self) -> bool:

@@ -97,10 +97,11 @@ async def answer(
     """Plan and run one request; answer it whole (`asked.stream` false) or as SSE. A failure before the first
     byte is answered with its status in the surface's shape; after it, it ends the stream. A failure before the
     plan (a 4xx) is raised: there is no run, so no progress headers."""
-    plan = await state.engine.prepare(asked)
+    engine = state.engine  # this request's, to its end: a config reload meanwhile does not change it
+    plan = await engine.prepare(asked)
     progress = RunProgress(state.progress, plan, asked.caller)
     headers = progress_headers(plan.request_id, state.links)
-    run = _Run(request, state, state.engine.run(plan), progress, headers)
+    run = _Run(request, state, engine.run(plan), progress, headers)
     try:
         if not asked.stream:
             body = collector(plan)

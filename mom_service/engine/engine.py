@@ -60,7 +60,8 @@ class Takes:
 
 
 class Engine:
-    """One per app (so one per config): `prepare` a request into a Plan, then `run` it."""
+    """One per config the app runs (a reload makes the next one): `prepare` a request into a Plan, then `run` it.
+    A request holds the engine it started with to its end."""
 
     def __init__(
         self,
@@ -75,6 +76,8 @@ class Engine:
         recorders: Sequence[Recorder] = (),
         tracer: TraceStarter | None = None,
         ceilings: Mapping[str, int] | None = None,
+        active: InFlight | None = None,
+        flights: Flights | None = None,
     ) -> None:
         self.config = config
         self.calls = calls
@@ -86,9 +89,16 @@ class Engine:
         self.ceilings = ceilings or {d.name: max_output(d, None) for d in config.llm_definitions}
         self.images = images
         self.tracer = tracer
-        self.active = InFlight()  # requests being answered (their outcome not yet recorded)
+        # requests being answered (their outcome not yet recorded); a reloaded config's engine shares the count
+        self.active = active if active is not None else InFlight()
         self._recorders = recorders
-        self._flights = Flights()  # identical requests in flight follow one run
+        self.flights = (
+            flights if flights is not None else Flights()
+        )  # identical requests in flight follow one run (shared on a reload too)
+
+    @property
+    def recorders(self) -> Sequence[Recorder]:
+        return self._recorders
 
     def add_recorders(self, *recorders: Recorder) -> None:
         """Who is told each request's outcome (usage records, metrics, the request log), once it has ended."""
@@ -182,12 +192,12 @@ class Engine:
             return self._answer(plan, None)
         key = cache.answer_key(plan.mom.name, plan.conversation, plan.key_params, owner=plan.cache_owner)
         if not plan.cache.lookup:  # a fresh answer (stored for the next ones); nobody joins it
-            return self._flights.start(self._answer(plan, key)).follow()
-        running = self._flights.get(key)
+            return self.flights.start(self._answer(plan, key)).follow()
+        running = self.flights.get(key)
         if running is not None:
             return self._follow(plan, running)
         # registered before any await: an identical request from now on follows this one
-        return self._flights.start(self._lookup_or_answer(cache, plan, key), key).follow()
+        return self.flights.start(self._lookup_or_answer(cache, plan, key), key).follow()
 
     async def _lookup_or_answer(self, cache: ResponseCache, plan: Plan, key: str) -> AsyncGenerator[Event]:
         """A stored answer when there is one, else the panel's (in the flight: identical requests share both)."""

@@ -17,7 +17,7 @@ from mom_service.engine.events import Completed, Event, Failed
 
 class Flights:
     """The runs in flight: by cache key (those identical requests may join), and every pump task, referenced
-    until it ends. One per engine, so one per app: no state at module level."""
+    until it ends. One per app (a reloaded config's engine takes over the one before it): no state at module level."""
 
     def __init__(self) -> None:
         self._by_key: dict[str, Flight] = {}

@@ -18,7 +18,7 @@ from functools import partial
 from typing import Any, Literal, Protocol
 
 from mom_service.cache.stores import MemoryCache
-from mom_service.config import LLMDefinition
+from mom_service.config import LLMDefinition, MoMConfig
 from mom_service.engine.engine import Engine
 from mom_service.observability.live_checks import LiveChecks, Ping, PingRun
 from mom_service.observability.redaction import Redactor
@@ -55,11 +55,24 @@ def _elapsed_ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 1)
 
 
-class Sources(Protocol):
-    """What the report reads (the app's state has it all)."""
+class ConfigOrigin(Protocol):
+    """Where the running config came from (api/reload.py's Reloader)."""
 
-    config_path: str | None
+    last_error: str | None
+
+    def health(self) -> dict[str, Any]:
+        """`file` (None: the demo), `hash`, `loaded_at`, `reloads`, `last_error`."""
+
+
+class Sources(Protocol):
+    """What the report reads (the app's state has it all). `engine` is read once per report: a config reload
+    meanwhile does not mix two configs in one report."""
+
     engine: Engine
+
+    @property
+    def reloader(self) -> ConfigOrigin: ...
+
     redactor: Redactor
     usage: UsageDatabase
     usage_writer: UsageWriter
@@ -73,9 +86,9 @@ class Scrubber:
     """Makes an error text safe to show: every configured `api_base` named as such, then `redaction.scrub` (secrets
     redacted, URLs, hosts, addresses, paths and variable names removed, one short line)."""
 
-    def __init__(self, state: Sources) -> None:
+    def __init__(self, state: Sources, engine: Engine) -> None:
         self._redact = state.redactor
-        bases = {d.api_base.rstrip("/") for d in state.engine.config.llm_definitions if d.api_base}
+        bases = {d.api_base.rstrip("/") for d in engine.config.llm_definitions if d.api_base}
         self._bases = sorted(bases, key=len, reverse=True)
 
     def __call__(self, message: str) -> str:
@@ -101,10 +114,10 @@ async def check_database(state: Sources, scrub: Callable[[str], str]) -> Compone
     return Component("error" if error else "ok", latency_ms, details)
 
 
-async def check_cache(state: Sources) -> Component:
+async def check_cache(engine: Engine) -> Component:
     """The response cache: `none` when off; Redis is pinged (bounded), and `degraded` when down or failing lately."""
     started = time.perf_counter()
-    cache = state.engine.cache
+    cache = engine.cache
     if cache is None:
         return Component("ok", 0.0, {"backend": "none"})
     store = cache.store
@@ -225,38 +238,42 @@ def overall(components: Mapping[str, Component]) -> Status:
     return "ok"
 
 
-async def _live_results(state: Sources, live: LiveChecks | None, scrub: Callable[[str], str]) -> PingRun | None:
+async def _live_results(engine: Engine, live: LiveChecks | None, scrub: Callable[[str], str]) -> PingRun | None:
     if live is None:
         return None
-    return await live.results(partial(ping_llms, state.engine.caller, state.engine.config.llm_definitions, scrub))
+    return await live.results(partial(ping_llms, engine.caller, engine.config.llm_definitions, scrub))
+
+
+def config_component(state: Sources, config: MoMConfig) -> Component:
+    """The running config: its origin (file, hash, when it was loaded, the reloads; `degraded` while the file's
+    last reload was refused: the file no longer holds what runs, and a restart would fail), and what it serves."""
+    origin = state.reloader.health()
+    details = {
+        "demo": origin["file"] is None,
+        **origin,
+        "mom_model_count": len(config.models),
+        "mom_models": [m.name for m in config.models],
+        "llm_count": len(config.llm_definitions),
+        "llms": [d.name for d in config.llm_definitions],
+    }
+    return Component("degraded" if state.reloader.last_error else "ok", 0.0, details)
 
 
 async def detailed_report(state: Sources, *, live: LiveChecks | None = None) -> dict[str, Any]:
     """`{"status", "components": {name: {"status", "latency_ms", ...}}}`, each component checked now, concurrently;
     with `live`, the LLMs' live calls too (their results reused from `live`'s last run while it is recent)."""
-    scrub = Scrubber(state)
-    config = state.engine.config
-    caller = state.engine.caller
+    engine = state.engine
+    scrub = Scrubber(state, engine)
     database, cache, progress, run = await asyncio.gather(
-        check_database(state, scrub), check_cache(state), check_progress(state), _live_results(state, live, scrub)
+        check_database(state, scrub), check_cache(engine), check_progress(state), _live_results(engine, live, scrub)
     )
     components: dict[str, Component] = {
-        "config": Component(
-            "ok",
-            0.0,
-            {
-                "demo": state.config_path is None,
-                "mom_model_count": len(config.models),
-                "mom_models": [m.name for m in config.models],
-                "llm_count": len(config.llm_definitions),
-                "llms": [d.name for d in config.llm_definitions],
-            },
-        ),
+        "config": config_component(state, engine.config),
         "database": database,
         "cache": cache,
         "progress": progress,
         "tracing": Component("ok", 0.0, {"enabled": state.tracing_enabled}),
     }
-    for llm in config.llm_definitions:
-        components[f"llm:{llm.name}"] = llm_component(caller, llm, breakers=state.engine.breakers, run=run)
+    for llm in engine.config.llm_definitions:
+        components[f"llm:{llm.name}"] = llm_component(engine.caller, llm, breakers=engine.breakers, run=run)
     return {"status": overall(components), "components": {n: c.as_dict() for n, c in components.items()}}

@@ -47,6 +47,14 @@ class LiveChecks:
         self.reuse_s = reuse_s
         self._last: PingRun | None = None
         self._running: asyncio.Task[PingRun] | None = None
+        self._stale: set[asyncio.Task[PingRun]] = set()  # runs started before `forget`: their results not kept
+
+    def forget(self) -> None:
+        """The LLMs changed (a config reload): the next report calls them anew."""
+        self._last = None
+        if self._running is not None:
+            self._stale.add(self._running)
+            self._running = None
 
     async def results(self, run: Callable[[], Coroutine[Any, Any, PingRun]]) -> PingRun:
         """The last run's results while they are recent, else those of the run in flight, else of a new one."""
@@ -58,6 +66,9 @@ class LiveChecks:
         return await asyncio.shield(self._running)
 
     def _finished(self, task: asyncio.Task[PingRun]) -> None:
+        if task in self._stale:
+            self._stale.discard(task)
+            return
         self._running = None
         if not task.cancelled() and task.exception() is None:
             self._last = task.result()

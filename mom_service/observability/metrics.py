@@ -26,6 +26,7 @@ DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
 TOKEN_KINDS = ("prompt", "completion", "reasoning", "cached")
 CACHE_RESULTS = ("hit", "miss")
+RELOAD_RESULTS = ("reloaded", "unchanged", "refused")
 
 
 class _UsageWriterCollector:
@@ -51,7 +52,7 @@ class _CircuitCollector:
     """Each LLM's circuit breaker, read when Prometheus scrapes."""
 
     def __init__(self, breakers: CircuitBreakers) -> None:
-        self._breakers = breakers
+        self.breakers = breakers  # a reloaded config's engine brings its own
 
     def collect(self) -> Iterable[Metric]:
         state = GaugeMetricFamily(
@@ -62,8 +63,9 @@ class _CircuitCollector:
         opened = CounterMetricFamily(
             "mom_circuit_opened", "Times an LLM's circuit breaker opened (or re-opened after a probe).", labels=["llm"]
         )
-        for name in self._breakers.names():
-            view = self._breakers.view(name)
+        breakers = self.breakers
+        for name in breakers.names():
+            view = breakers.view(name)
             for candidate in CIRCUIT_STATES:
                 state.add_metric([name, candidate], 1.0 if view.state == candidate else 0.0)
             opened.add_metric([name], view.opened)
@@ -138,10 +140,29 @@ class Metrics:
             "outcome not recorded yet).",
             registry=r,
         )
+        self.reloads = Counter(
+            "mom_config_reloads",
+            "Config reloads (SIGHUP, POST /admin/reload, the file watch) by result: reloaded, unchanged, refused.",
+            ["result"],
+            registry=r,
+        )
+        for result in RELOAD_RESULTS:
+            self.reloads.labels(result)
         if writer is not None:
             r.register(_UsageWriterCollector(writer))
+        self._circuits: _CircuitCollector | None = None
         if breakers is not None:
-            r.register(_CircuitCollector(breakers))
+            self._circuits = _CircuitCollector(breakers)
+            r.register(self._circuits)
+        self._zero_series(config)
+
+    def reconfigure(self, config: MoMConfig, breakers: CircuitBreakers) -> None:
+        """A reloaded config: its names become labels (the old ones stay, for the requests still running on them),
+        its series start at 0, its engine's circuit breakers are the ones reported."""
+        self._models |= {m.name for m in config.models}
+        self._llms |= {d.name for d in config.llm_definitions}
+        if self._circuits is not None:
+            self._circuits.breakers = breakers
         self._zero_series(config)
 
     def _zero_series(self, config: MoMConfig) -> None:

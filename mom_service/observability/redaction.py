@@ -45,8 +45,16 @@ class Redactor:
     """Replaces known secret values and credential-shaped strings with ***."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        values = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
-        self._known = re.compile("|".join(re.escape(v) for v in values)) if values else None
+        self._values: frozenset[str] = frozenset()
+        self._known: re.Pattern[str] | None = None
+        self.add(secrets)
+
+    def add(self, secrets: Iterable[str]) -> None:
+        """More values to redact from now on (the keys of a reloaded config's new LLMs)."""
+        values = self._values | {s for s in secrets if len(s) >= 4}
+        if values != self._values:
+            ordered = sorted(values, key=len, reverse=True)
+            self._values, self._known = values, re.compile("|".join(re.escape(v) for v in ordered))
 
     def __call__(self, text: str) -> str:
         if self._known is not None:

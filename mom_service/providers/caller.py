@@ -152,8 +152,19 @@ def _own_copy(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class LLMCaller:
     """Calls the configured LLMs. Keys are read once from the environment; per-call work stays small."""
 
-    def __init__(self, config: MoMConfig, env: Mapping[str, str], redactor: Redactor, *, lean: bool = True) -> None:
+    def __init__(
+        self,
+        config: MoMConfig,
+        env: Mapping[str, str],
+        redactor: Redactor,
+        *,
+        lean: bool = True,
+        pool: openai_http.LeanPool | None = None,
+    ) -> None:
         self._redact = redactor
+        self.pool = (
+            pool if pool is not None else openai_http.LeanPool()
+        )  # the lean path's connections (a reloaded config's caller shares it)
         self._static: dict[str, dict[str, Any]] = {}
         self._ceiling: dict[str, int] = {}  # the operator's output limit per LLM (its params' max_tokens)
         self._missing_key: dict[str, str] = {}
@@ -186,20 +197,16 @@ class LLMCaller:
                 route = openai_http.lean_route(llm, static.get("api_key", NO_KEY), catalog, body_params)
                 if route is not None:
                     self._lean[llm.name] = route
-        self._session: aiohttp.ClientSession | None = None  # made on the first lean call, in the running loop
 
     def is_lean(self, llm: LLMDefinition) -> bool:
         """Whether this LLM's calls take the lean path (else LiteLLM)."""
         return llm.name in self._lean
 
     def _lean_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = openai_http.new_session()
-        return self._session
+        return self.pool.session()
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self.pool.aclose()
 
     def _map_error(self, llm: LLMDefinition, exc: BaseException, *, mid_stream: bool = False) -> LLMCallError:
         return map_error(exc, timeout_s=llm.timeout, redact=self._redact, mid_stream=mid_stream)

@@ -68,6 +68,14 @@ class CircuitBreakers:
     def enabled(self) -> bool:
         return self.threshold > 0
 
+    def carry_over(self, before: CircuitBreakers, names: Iterable[str]) -> None:
+        """After a config reload: these LLMs (their definitions unchanged) keep the circuits they had in `before`,
+        shared, so that the calls still running under the old config count on them too. The others start closed."""
+        for name in names:
+            circuit = before._circuits.get(name)
+            if circuit is not None and name in self._circuits:
+                self._circuits[name] = circuit
+
     def allow(self, name: str) -> Permit | None:
         """A permit for one call now, or None when the circuit is open (or half-open with its probe running)."""
         circuit = self._circuits.get(name)

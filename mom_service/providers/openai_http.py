@@ -112,6 +112,24 @@ def new_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
 
 
+class LeanPool:
+    """The one session of the lean path, made on first use (in the running loop): shared by the callers of every
+    config the service runs, so a reloaded config keeps the connections and the calls still running on the one
+    before it keep theirs."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = new_session()
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
 class UpstreamStatusError(Exception):
     """The server answered with an HTTP error. `message` is the error body's message; `response` (its headers) is
     kept for Retry-After."""

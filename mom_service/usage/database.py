@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import anyio
@@ -13,6 +14,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from mom_service.usage.audit import audit
 from mom_service.usage.report import GroupBy, usage_report
 from mom_service.usage.schema import create_engine, migrate
 
@@ -49,6 +51,10 @@ class UsageDatabase:
             return await usage_report(self.engine, **query)
         except SQLAlchemyError as exc:
             raise UsageUnavailable(type(exc).__name__) from exc
+
+    async def audit(self, who: str, action: str, detail: Mapping[str, Any]) -> bool:
+        """An admin action on record (usage/audit.py); False when the database did not take it."""
+        return await audit(self.engine, who, action, detail)
 
     async def round_trip(self) -> None:
         """One real round trip; raises when the database does not answer.

@@ -102,6 +102,17 @@ responses_table = Table(
     Column("conversation", Text, nullable=False),  # the engine's messages up to and with its output (JSON list)
 )
 
+# What the admins did (who: the hash of the admin token, or the signal or file watch; never a token), migration 8.
+audit_table = Table(
+    "mom_audit",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("created_ms", BigInteger, nullable=False, index=True),
+    Column("who", String(64), nullable=False),
+    Column("action", String(64), nullable=False),  # e.g. config.reload
+    Column("detail", Text, nullable=False),  # what it did (JSON): its outcome, what changed
+)
+
 versions_table = Table(
     "mom_schema_version",
     metadata,
@@ -187,6 +198,11 @@ async def _migration_7(conn: AsyncConnection) -> None:
     await conn.run_sync(add)
 
 
+async def _migration_8(conn: AsyncConnection) -> None:
+    """mom_audit: the admin actions (a config reload, ...)."""
+    await conn.run_sync(lambda sync: metadata.create_all(sync, tables=[audit_table]))
+
+
 MIGRATIONS: Sequence[Callable[[AsyncConnection], Any]] = (
     _migration_1,
     _migration_2,
@@ -195,6 +211,7 @@ MIGRATIONS: Sequence[Callable[[AsyncConnection], Any]] = (
     _migration_5,
     _migration_6,
     _migration_7,
+    _migration_8,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _PG_MIGRATION_LOCK = 0x4D6F4D5F  # "MoM_": replicas starting together migrate one at a time

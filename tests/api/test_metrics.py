@@ -178,6 +178,7 @@ def test_labels_are_only_configured_names(metered: Service, fake: FakeUpstream) 
         | {"prompt", "completion", "reasoning", "cached"}
         | {"closed", "open", "half_open"}  # circuit breaker states
         | {"chat", "messages", "responses", "mcp", "eval"}  # surfaces
+        | {"reloaded", "unchanged", "refused"}  # config reloads' results
     )
     bucket_bounds = {value for (name, labels) in after.samples for key, value in labels if key == "le"}
     assert after.label_values() - bucket_bounds <= allowed

@@ -140,7 +140,7 @@ async def table_names(engine: AsyncEngine) -> set[str]:
 async def test_migrate_creates_the_tables(bare_engine: AsyncEngine, tmp_path: Path) -> None:
     assert (tmp_path / "data").is_dir()  # create_engine made the folder
     assert await migrate(bare_engine) == 0
-    assert {"mom_requests", "mom_calls", "mom_schema_version"} <= await table_names(bare_engine)
+    assert {"mom_requests", "mom_calls", "mom_schema_version", "mom_audit"} <= await table_names(bare_engine)
     async with bare_engine.connect() as conn:
         versions = (await conn.execute(select(versions_table.c.version))).scalars().all()
     assert list(versions) == list(range(1, SCHEMA_VERSION + 1))
@@ -152,10 +152,10 @@ async def test_migrate_is_idempotent(bare_engine: AsyncEngine) -> None:
     writer = UsageWriter(bare_engine)
     writer.submit(simple("r1"))
     await writer.close()
-    assert await migrate(bare_engine) == SCHEMA_VERSION == 7
-    assert await migrate(bare_engine) == 7
+    assert await migrate(bare_engine) == SCHEMA_VERSION == 8
+    assert await migrate(bare_engine) == 8
     assert await table_names(bare_engine) == tables
-    assert await count(bare_engine, versions_table) == 7
+    assert await count(bare_engine, versions_table) == 8
     assert await count(bare_engine, requests_table) == 1  # data survives a second migration
     assert await count(bare_engine, calls_table) == 2
 

@@ -11,16 +11,17 @@ from mom_service.api.auth import Authorized
 from mom_service.api.errors import ANTHROPIC_VERSION
 from mom_service.api.schemas.anthropic import anthropic_model, anthropic_model_list
 from mom_service.api.schemas.openai import Capabilities, Panel, model_object
-from mom_service.api.state import AppState, StateDep
+from mom_service.api.state import StateDep
 from mom_service.config import MoMModelConfig
+from mom_service.engine.engine import Engine
 from mom_service.engine.tiers import tiers_shown
 from mom_service.errors import NotFound
 
 router = APIRouter(prefix="/v1")
 
 
-def capabilities(state: AppState, mom: str) -> Capabilities:
-    takes = state.engine.takes(mom)
+def capabilities(engine: Engine, mom: str) -> Capabilities:
+    takes = engine.takes(mom)
     return {"vision": takes.vision, "tools": takes.tools, "structured_output": takes.structured_output}
 
 
@@ -33,23 +34,25 @@ def panel(mom: MoMModelConfig) -> Panel:
     }
 
 
-def openai_model(state: AppState, mom: MoMModelConfig) -> dict[str, Any]:
+def openai_model(engine: Engine, mom: MoMModelConfig, created: int) -> dict[str, Any]:
     """A MoM model as OpenAI's model object, with what it takes, its panel and its effort tiers."""
-    return dict(model_object(mom.name, state.started_at, capabilities(state, mom.name), panel(mom), tiers_shown(mom)))
+    return dict(model_object(mom.name, created, capabilities(engine, mom.name), panel(mom), tiers_shown(mom)))
 
 
 @router.get("/models")
 async def list_models(request: Request, state: StateDep, _: Authorized) -> dict[str, Any]:
+    engine = state.engine  # one config throughout, even across a reload
     if ANTHROPIC_VERSION in request.headers:
-        return dict(anthropic_model_list([m.name for m in state.config.models], state.started_at))
-    return {"object": "list", "data": [openai_model(state, mom) for mom in state.config.models]}
+        return dict(anthropic_model_list([m.name for m in engine.config.models], state.started_at))
+    return {"object": "list", "data": [openai_model(engine, mom, state.started_at) for mom in engine.config.models]}
 
 
 @router.get("/models/{model_id:path}")
 async def get_model(model_id: str, request: Request, state: StateDep, _: Authorized) -> dict[str, Any]:
-    mom = state.config.mom_model(model_id)
+    engine = state.engine
+    mom = engine.config.mom_model(model_id)
     if mom is None:
         raise NotFound(f"The model '{model_id}' does not exist.", code="model_not_found", param="model")
     if ANTHROPIC_VERSION in request.headers:
         return dict(anthropic_model(mom.name, state.started_at))
-    return openai_model(state, mom)
+    return openai_model(engine, mom, state.started_at)

@@ -18,8 +18,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from mom_service import __version__
 from mom_service.api.admission import Admission, AdmissionControl
 from mom_service.api.errors import install_error_handlers
+from mom_service.api.keys import KeyGate
 from mom_service.api.middleware import BodySizeLimit, QuietStartupFailure
-from mom_service.api.routers import anthropic, health, metrics, models, openai_chat, responses, usage
+from mom_service.api.rate_limits import RateLimits
+from mom_service.api.routers import admin_keys, anthropic, health, metrics, models, openai_chat, responses, usage
 from mom_service.api.state import AppState
 from mom_service.cache.stores import CacheStore, MemoryCache, RedisCache
 from mom_service.config import MoMConfig, resolve_config
@@ -34,8 +36,10 @@ from mom_service.observability.request_log import RequestLog, remember_outcome
 from mom_service.observability.tracing import Tracer
 from mom_service.settings import Settings, environment
 from mom_service.usage.database import UsageDatabase, url_password
+from mom_service.usage.keys import KeyStore
 from mom_service.usage.responses_store import ResponseStore
 from mom_service.usage.schema import SCHEMA_VERSION
+from mom_service.usage.spend import SpendTracker
 from mom_service.usage.writer import UsageWriter
 
 if TYPE_CHECKING:
@@ -79,9 +83,16 @@ def build_state(settings: Settings, config: MoMConfig, config_path: str | None) 
         tracer=tracer,
         litellm_verbose=settings.litellm_verbose,
     )
-    metrics = Metrics(config, writer, engine.breakers)
+    metrics = Metrics(config, writer, engine.breakers, max_keys=settings.mom_metrics_max_keys)
     metrics.watch(engine.active)
-    engine.add_recorders(writer.submit, metrics.record, remember_outcome)
+    keys = KeyGate(
+        KeyStore(usage.engine),
+        SpendTracker(usage.engine, writer, settings.mom_key_spend_cache_seconds),
+        RateLimits(settings.redis_url, settings.mom_rate_limit_timeout_ms / 1000),
+        settings,
+    )
+    # the keys' recorder right after the writer's: a reserved request's record has just been queued
+    engine.add_recorders(writer.submit, keys.record, metrics.record, remember_outcome)
     return AppState(
         settings=settings,
         config_path=config_path,
@@ -92,7 +103,8 @@ def build_state(settings: Settings, config: MoMConfig, config_path: str | None) 
         usage_writer=writer,
         tracer=tracer,
         metrics=metrics,
-        admission=Admission(settings.mom_max_in_flight, settings.mom_rate_limit_rpm),
+        admission=Admission(settings.mom_max_in_flight),
+        keys=keys,
         responses=ResponseStore(usage.engine, settings.mom_responses_ttl_days),
     )
 
@@ -151,6 +163,7 @@ async def close_state(state: AppState, app: FastAPI | None = None) -> None:
     await state.engine.active.wait_idle(SETTLE_TIMEOUT_S)
     if app is not None:
         app.state.mom = None
+    await state.keys.close()
     await state.usage_writer.close()
     logger.info("Usage records written: %d, dropped: %d", state.usage_writer.written, state.usage_writer.dropped)
     await state.engine.caller.aclose()
@@ -223,7 +236,10 @@ def create_app(
         title="MoM Service", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
     install_error_handlers(app)
-    routers = (openai_chat.router, anthropic.router, responses.router, models.router, usage.router, metrics.router)
+    routers = (
+        *(openai_chat.router, anthropic.router, responses.router, models.router, usage.router, metrics.router),
+        admin_keys.router,
+    )
     for router in (*routers, health.router):
         app.include_router(router)
     if settings.mom_mcp_enabled:
@@ -246,7 +262,7 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
             allow_headers=[
                 *("Authorization", "Content-Type", "Cache-Control", "X-Request-ID"),
                 *("X-Api-Key", "Anthropic-Version", "Anthropic-Beta"),  # Anthropic's clients

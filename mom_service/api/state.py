@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from mom_service.api.admission import Admission
+from mom_service.api.keys import KeyGate
 from mom_service.config import MoMConfig
 from mom_service.engine.engine import Engine
 from mom_service.errors import ServiceUnavailable
@@ -32,7 +33,8 @@ class AppState:
     usage_writer: UsageWriter
     tracer: Tracer
     metrics: Metrics  # Prometheus metrics of this app (its own registry)
-    admission: Admission  # in-flight limit, per-token rate limit, draining at shutdown
+    admission: Admission  # in-flight limit, draining at shutdown
+    keys: KeyGate  # API keys: their records, rate limits (every caller's), budgets
     responses: ResponseStore  # stored Responses (POST /v1/responses with store: true), in the usage database
     llm_checks: LiveChecks = field(default_factory=LiveChecks)  # the live calls of /health/detailed?check_llm
 

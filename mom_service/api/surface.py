@@ -18,6 +18,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from mom_service.api.admission import Admission
+from mom_service.api.keys import Caller
 from mom_service.api.state import AppState
 from mom_service.api.streaming import ClientGone, ServerStopping, SSEResponse, unless_disconnected
 from mom_service.engine.events import Completed, Event, Failed
@@ -80,18 +81,28 @@ async def read_json(request: Request) -> Any:
         raise InvalidRequest(f"The request body is not valid JSON ({exc.msg}).", code="invalid_json") from None
 
 
+async def admitted(state: AppState, caller: Caller, asked: EngineRequest) -> Plan:
+    """The plan of a request its caller may make: its MoM model one the caller's key may use (403), planned (404,
+    400), within the key's budget (429; its worst case reserved). No upstream call before this returns."""
+    state.keys.allow_model(caller, asked.model)
+    plan = await state.engine.prepare(asked)
+    await state.keys.admit_spend(caller, plan, state.engine)
+    return plan
+
+
 async def answer(
     request: Request,
     state: AppState,
+    caller: Caller,
     asked: EngineRequest,
     *,
     collector: Callable[[Plan], BodyCollector],
     encoder: Callable[[Plan], StreamEncoder],
     on_completed: Callable[[BodyCollector | StreamEncoder], OnCompleted] | None = None,
 ) -> Response:
-    """Plan and run one request; answer it whole (`asked.stream` false) or as SSE. A failure before the first
-    byte is raised (answered with its status in the surface's shape); after it, it ends the stream."""
-    plan = await state.engine.prepare(asked)
+    """Plan (`admitted`) and run one request; answer it whole (`asked.stream` false) or as SSE. A failure before
+    the first byte is raised (answered with its status in the surface's shape); after it, it ends the stream."""
+    plan = await admitted(state, caller, asked)
     events = state.engine.run(plan)
     stop = state.admission.cut_off
     if not asked.stream:

@@ -67,6 +67,23 @@ class Sources(Protocol):
     def tracing_enabled(self) -> bool: ...
 
 
+class RateLimitSource(Protocol):
+    """The rate limits (api/rate_limits.py): where they are counted."""
+
+    async def check(self) -> dict[str, Any]:
+        """`status` (ok, degraded), `backend` (redis, per_replica), and `reason` when per replica."""
+        ...
+
+
+async def check_rate_limits(limits: RateLimitSource) -> Component:
+    """Where the rate limits are counted: in Redis (shared by every replica), or per replica (REDIS_URL unset, or
+    Redis not answering: `degraded`)."""
+    started = time.perf_counter()
+    details = await limits.check()
+    status = details.pop("status")
+    return Component(status, _elapsed_ms(started), details)
+
+
 class Scrubber:
     """Makes an error text safe to show: every configured `api_base` named as such, then `redaction.scrub` (secrets
     redacted, URLs, hosts, addresses, paths and variable names removed, one short line)."""
@@ -219,14 +236,19 @@ async def _live_results(state: Sources, live: LiveChecks | None, scrub: Callable
     return await live.results(partial(ping_llms, state.engine.caller, state.engine.config.llm_definitions, scrub))
 
 
-async def detailed_report(state: Sources, *, live: LiveChecks | None = None) -> dict[str, Any]:
+async def detailed_report(
+    state: Sources, *, live: LiveChecks | None = None, rate_limits: RateLimitSource | None = None
+) -> dict[str, Any]:
     """`{"status", "components": {name: {"status", "latency_ms", ...}}}`, each component checked now, concurrently;
     with `live`, the LLMs' live calls too (their results reused from `live`'s last run while it is recent)."""
     scrub = Scrubber(state)
     config = state.engine.config
     caller = state.engine.caller
-    database, cache, run = await asyncio.gather(
-        check_database(state, scrub), check_cache(state), _live_results(state, live, scrub)
+    database, cache, run, limits = await asyncio.gather(
+        check_database(state, scrub),
+        check_cache(state),
+        _live_results(state, live, scrub),
+        check_rate_limits(rate_limits) if rate_limits is not None else asyncio.sleep(0, None),
     )
     components: dict[str, Component] = {
         "config": Component(
@@ -244,6 +266,8 @@ async def detailed_report(state: Sources, *, live: LiveChecks | None = None) -> 
         "cache": cache,
         "tracing": Component("ok", 0.0, {"enabled": state.tracing_enabled}),
     }
+    if limits is not None:
+        components["rate_limits"] = limits
     for llm in config.llm_definitions:
         components[f"llm:{llm.name}"] = llm_component(caller, llm, breakers=state.engine.breakers, run=run)
     return {"status": overall(components), "components": {n: c.as_dict() for n, c in components.items()}}

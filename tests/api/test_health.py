@@ -18,7 +18,7 @@ from tests.fake_upstream import FakeUpstream
 
 MEMBERS = ("alpha", "beta", "gamma")
 PANEL_LLMS = ("alpha", "beta", "gamma", "judge", "seer", "sloth", "catalog")
-COMPONENTS = {"config", "database", "cache", "tracing", *(f"llm:{name}" for name in PANEL_LLMS)}
+COMPONENTS = {"config", "database", "cache", "tracing", "rate_limits", *(f"llm:{name}" for name in PANEL_LLMS)}
 UNREACHABLE_POSTGRES = "postgresql+asyncpg://postgres@127.0.0.1:1/nowhere"
 
 
@@ -134,6 +134,8 @@ def test_detailed_ok_on_the_standard_panel(service: Service, fake: FakeUpstream,
     assert database["dropped"] == 0 and isinstance(database["queue_depth"], int)
     assert components["cache"] == {"status": "ok", "latency_ms": 0.0, "backend": "none"}
     assert components["tracing"] == {"status": "ok", "latency_ms": 0.0, "enabled": False}
+    limits = components["rate_limits"]  # no REDIS_URL: counted in this replica's memory
+    assert (limits["status"], limits["backend"], limits["reason"]) == ("ok", "per_replica", "REDIS_URL is not set")
     alpha = components["llm:alpha"]
     # (circuit breakers are off in the shared test services: no `circuit` entry; see test_circuit_breaker.py)
     # alpha is served by an OpenAI-compatible server: the lean path, unless MOM_LEAN_CALLS=false

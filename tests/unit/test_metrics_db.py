@@ -152,10 +152,10 @@ async def test_migrate_is_idempotent(bare_engine: AsyncEngine) -> None:
     writer = UsageWriter(bare_engine)
     writer.submit(simple("r1"))
     await writer.close()
-    assert await migrate(bare_engine) == SCHEMA_VERSION == 7
-    assert await migrate(bare_engine) == 7
+    assert await migrate(bare_engine) == SCHEMA_VERSION == 8
+    assert await migrate(bare_engine) == 8
     assert await table_names(bare_engine) == tables
-    assert await count(bare_engine, versions_table) == 7
+    assert await count(bare_engine, versions_table) == 8
     assert await count(bare_engine, requests_table) == 1  # data survives a second migration
     assert await count(bare_engine, calls_table) == 2
 
@@ -195,6 +195,25 @@ async def test_migration_7_adds_the_stage_of_each_call(bare_engine: AsyncEngine)
     async with bare_engine.connect() as conn:
         rows = (await conn.execute(text("SELECT id, stage FROM mom_calls ORDER BY id"))).all()
     assert [tuple(r) for r in rows] == [("c", "conclude"), ("m", "answer")]
+
+
+async def test_migration_8_adds_keys_the_audit_and_each_request_s_key(bare_engine: AsyncEngine) -> None:
+    # a database as version 7 left it: mom_requests without key_id, one request in it, no keys nor audit tables
+    async with bare_engine.begin() as conn:
+        await conn.run_sync(lambda sync: versions_table.create(sync))
+        for version in range(1, 8):
+            await conn.execute(versions_table.insert().values(version=version, applied_ms=0))
+        await conn.run_sync(lambda sync: calls_table.create(sync))
+        columns = ", ".join(f"{c.name} TEXT" for c in requests_table.columns if c.name != "key_id")
+        await conn.execute(text(f"CREATE TABLE mom_requests ({columns})"))
+        await conn.execute(text("INSERT INTO mom_requests (id, created_ms) VALUES ('old', 1)"))
+    assert await migrate(bare_engine) == 7
+    async with bare_engine.connect() as conn:
+        rows = (await conn.execute(text("SELECT id, key_id FROM mom_requests"))).all()
+        indexes = await conn.run_sync(lambda sync: {i["name"] for i in inspect(sync).get_indexes("mom_requests")})
+    assert [tuple(r) for r in rows] == [("old", None)]  # made before keys: no key
+    assert "ix_mom_requests_key_created" in indexes
+    assert {"mom_keys", "mom_audit"} <= await table_names(bare_engine)
 
 
 async def test_migrate_on_a_new_engine_for_the_same_file(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
-"""`/v1/models` and `/v1/models/{id}`: the MoM models, in OpenAI's list and object shapes, or in Anthropic's when
-the request carries `anthropic-version` (as Anthropic's SDK and Claude Code send it)."""
+"""`/v1/models` and `/v1/models/{id}`: the MoM models (those an API key may use, for a key), in OpenAI's list and
+object shapes, or in Anthropic's when the request carries `anthropic-version` (as Anthropic's SDK and Claude Code
+send it)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from mom_service.api.auth import Authorized
+from mom_service.api.auth import Identified
 from mom_service.api.errors import ANTHROPIC_VERSION
+from mom_service.api.keys import Caller
 from mom_service.api.schemas.anthropic import anthropic_model, anthropic_model_list
 from mom_service.api.schemas.openai import Capabilities, model_object
 from mom_service.api.state import AppState, StateDep
@@ -29,17 +31,23 @@ def openai_model(state: AppState, mom: MoMModelConfig) -> dict[str, Any]:
     return dict(model_object(mom.name, state.started_at, capabilities(state, mom.name), tiers_shown(mom)))
 
 
+def usable_models(state: AppState, caller: Caller) -> list[MoMModelConfig]:
+    """The MoM models the caller may use: its key's, else all."""
+    return [m for m in state.config.models if caller.key is None or caller.key.allows(m.name)]
+
+
 @router.get("/models")
-async def list_models(request: Request, state: StateDep, _: Authorized) -> dict[str, Any]:
+async def list_models(request: Request, state: StateDep, caller: Identified) -> dict[str, Any]:
+    models = usable_models(state, caller)
     if ANTHROPIC_VERSION in request.headers:
-        return dict(anthropic_model_list([m.name for m in state.config.models], state.started_at))
-    return {"object": "list", "data": [openai_model(state, mom) for mom in state.config.models]}
+        return dict(anthropic_model_list([m.name for m in models], state.started_at))
+    return {"object": "list", "data": [openai_model(state, mom) for mom in models]}
 
 
 @router.get("/models/{model_id:path}")
-async def get_model(model_id: str, request: Request, state: StateDep, _: Authorized) -> dict[str, Any]:
+async def get_model(model_id: str, request: Request, state: StateDep, caller: Identified) -> dict[str, Any]:
     mom = state.config.mom_model(model_id)
-    if mom is None:
+    if mom is None or (caller.key is not None and not caller.key.allows(mom.name)):
         raise NotFound(f"The model '{model_id}' does not exist.", code="model_not_found", param="model")
     if ANTHROPIC_VERSION in request.headers:
         return dict(anthropic_model(mom.name, state.started_at))

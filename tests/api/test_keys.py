@@ -276,6 +276,133 @@ def check_usage_by_key(service: Service, fake: FakeUpstream) -> None:
     assert (spent["requests"], Decimal(repr(spent["spent_usd"]))) == (2, first_cost)
 
 
+def check_refusals(service: Service, fake: FakeUpstream) -> None:
+    def refused(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+        error = error_of(response, status, code)
+        assert upstream(fake) == [], "a refused request reached an upstream LLM"
+        return error
+
+    off, disabled = make_key(service)
+    assert admin(service, "PATCH", f"/{off['id']}", json={"disabled": True}).status_code == 200
+    _, narrow = make_key(service, models=["ky-other"])
+    _, poor = make_key(service, budget_usd=0.000001, budget_period="day")
+    _, slow = make_key(service, rpm_limit=1)
+    _, soon = make_key(service, expires_at=time.time() + 2)
+    assert chat(service, slow).status_code == 200 and chat(service, soon).status_code == 200
+    wait_until(lambda: chat(service, soon).status_code == 401)  # expired (and its record read again)
+    fake.clear_log()
+
+    assert refused(chat(service, new_key()), 401, "invalid_api_key")["message"] == "Incorrect API token."
+    refused(chat(service, "mom-not-a-key"), 401, "invalid_api_key")
+    assert "disabled" in refused(chat(service, disabled), 401, "invalid_api_key")["message"]
+    assert "expired at" in refused(chat(service, soon), 401, "invalid_api_key")["message"]
+    assert refused(chat(service, narrow), 403, "model_not_allowed")["type"] == "permission_error"
+    with pytest.raises(openai.PermissionDeniedError):
+        openai.OpenAI(base_url=service.base_url, api_key=narrow, max_retries=0).chat.completions.create(
+            model="ky",
+            messages=QUESTION,  # type: ignore[arg-type]
+        )
+    with pytest.raises(anthropic.PermissionDeniedError):
+        anthropic.Anthropic(base_url=service.url, api_key=narrow, max_retries=0).messages.create(
+            model="ky",
+            max_tokens=10,
+            messages=QUESTION,  # type: ignore[arg-type]
+        )
+    over = chat(service, poor)
+    assert refused(over, 429, "budget_exceeded")["type"] == "insufficient_quota"
+    assert int(over.headers["retry-after"]) >= 1
+    with pytest.raises(openai.RateLimitError) as raised:
+        openai.OpenAI(base_url=service.base_url, api_key=poor, max_retries=0).chat.completions.create(
+            model="ky",
+            messages=QUESTION,  # type: ignore[arg-type]
+        )
+    assert raised.value.code == "budget_exceeded"
+    limited = chat(service, slow)
+    assert "1 requests per minute for this API key" in refused(limited, 429, "rate_limit_exceeded")["message"]
+    assert limited.headers["x-ratelimit-remaining-requests"] == "0" and int(limited.headers["retry-after"]) >= 1
+    assert upstream(fake) == []
+
+
+def check_tokens_per_minute(service: Service, fake: FakeUpstream) -> None:
+    _, key = make_key(service, tpm_limit=50)
+    first = chat(service, key)
+    assert first.status_code == 200 and first.headers["x-ratelimit-remaining-tokens"] == "50"
+    assert first.json()["usage"]["total_tokens"] > 50  # its tokens fill the window once they are counted
+    # The count is added as an answer ends (the next request may come first), and a minute's boundary weighs the
+    # previous minute's count a little less (a sliding window counter): within a few requests, the window is full.
+    answered = 1
+    for _ in range(4):
+        response = chat(service, key)
+        if response.status_code == 429:
+            break
+        answered += 1
+    error = error_of(response, 429, "rate_limit_exceeded")
+    assert "50 tokens per minute" in error["message"] and response.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert answered <= 3 and upstream(fake).count(JUDGE) == answered
+
+
+def check_rate_limit_headers(service: Service, fake: FakeUpstream) -> None:
+    _, key = make_key(service, rpm_limit=5, tpm_limit=100_000)
+    whole = chat(service, key)
+    with httpx.stream(
+        "POST",
+        f"{service.base_url}/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "ky", "messages": QUESTION, "stream": True},
+        timeout=30,
+    ) as streamed:
+        streamed.read()
+    messages = httpx.post(
+        f"{service.url}/v1/messages",
+        headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+        json={"model": "ky", "max_tokens": 50, "messages": QUESTION},
+        timeout=30,
+    )
+    responses = httpx.post(
+        f"{service.base_url}/responses",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "ky", "input": "What does this key allow?"},
+        timeout=30,
+    )
+    answers = [whole, streamed, messages, responses]
+    assert [r.status_code for r in answers] == [200] * 4
+    assert [r.headers["x-ratelimit-remaining-requests"] for r in answers] == ["4", "3", "2", "1"]
+    tokens_used = whole.json()["usage"]["total_tokens"]
+    for response in answers:
+        assert response.headers["x-ratelimit-limit-requests"] == "5"
+        assert re.fullmatch(r"\d+s", response.headers["x-ratelimit-reset-requests"])
+        assert response.headers["x-ratelimit-limit-tokens"] == "100000"
+        assert re.fullmatch(r"\d+s", response.headers["x-ratelimit-reset-tokens"])
+    remaining_tokens = [int(r.headers["x-ratelimit-remaining-tokens"]) for r in answers]
+    assert remaining_tokens[0] == 100_000 and remaining_tokens == sorted(remaining_tokens, reverse=True)
+    assert 100_000 - 3 * tokens_used <= remaining_tokens[-1] < 100_000  # the first answers' tokens counted by then
+    # a static API_TOKEN has no limits here (MOM_RATE_LIMIT_RPM unset): no rate-limit headers
+    static = chat(service, TOKEN)
+    assert static.status_code == 200 and not [h for h in static.headers if h.startswith("x-ratelimit")]
+
+
+def check_budget_midway(service: Service, fake: FakeUpstream) -> None:
+    budget = Decimal("0.01")
+    record, key = make_key(service, budget_usd=str(budget), budget_period="day")
+    statuses: list[int] = []
+    while len(statuses) < 30 and 429 not in statuses:
+        response = chat(service, key)
+        statuses.append(response.status_code)
+    answered = statuses.count(200)
+    assert statuses == [200] * answered + [429] and answered >= 2, statuses
+    message = error_of(response, 429, "budget_exceeded")["message"]
+    spent_text, worst_text = re.findall(r"\$(\d+(?:\.\d+)?)", message)[1:3]
+    spent, worst = Decimal(spent_text), Decimal(worst_text)
+    assert f"budget of ${budget} per day" in message
+    assert Decimal(0) < spent <= budget < spent + worst  # some left, not enough for this request's worst case
+    wait_until(lambda: spend_of(service, record["id"])["requests"] == answered)
+    report = spend_of(service, record["id"])
+    assert Decimal(repr(report["spent_usd"])) == spent and report["period"] == "day"
+    assert Decimal(repr(report["remaining_usd"])) == budget - spent
+    error_of(chat(service, key), 429, "budget_exceeded")  # and the next one too
+    assert upstream(fake) == sorted([*MEMBERS, JUDGE] * answered)
+
+
 # ------------------------------------------------------------------------------------------------ the tests
 
 
@@ -296,133 +423,6 @@ def test_a_key_life_cycle_through_the_admin_api(keyed: Service, fake: FakeUpstre
 
 def test_a_key_life_cycle_through_the_cli(keyed: Service, fake: FakeUpstream) -> None:
     check_cli_life_cycle(keyed, sqlite_audit(keyed))
-
-
-def test_each_refusal_comes_before_any_upstream_call(keyed: Service, fake: FakeUpstream) -> None:
-    def refused(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-        error = error_of(response, status, code)
-        assert upstream(fake) == [], "a refused request reached an upstream LLM"
-        return error
-
-    off, disabled = make_key(keyed)
-    assert admin(keyed, "PATCH", f"/{off['id']}", json={"disabled": True}).status_code == 200
-    _, narrow = make_key(keyed, models=["ky-other"])
-    _, poor = make_key(keyed, budget_usd=0.000001, budget_period="day")
-    _, slow = make_key(keyed, rpm_limit=1)
-    _, soon = make_key(keyed, expires_at=time.time() + 2)
-    assert chat(keyed, slow).status_code == 200 and chat(keyed, soon).status_code == 200
-    wait_until(lambda: chat(keyed, soon).status_code == 401)  # expired (and its record read again)
-    fake.clear_log()
-
-    assert refused(chat(keyed, new_key()), 401, "invalid_api_key")["message"] == "Incorrect API token."
-    refused(chat(keyed, "mom-not-a-key"), 401, "invalid_api_key")
-    assert "disabled" in refused(chat(keyed, disabled), 401, "invalid_api_key")["message"]
-    assert "expired at" in refused(chat(keyed, soon), 401, "invalid_api_key")["message"]
-    assert refused(chat(keyed, narrow), 403, "model_not_allowed")["type"] == "permission_error"
-    with pytest.raises(openai.PermissionDeniedError):
-        openai.OpenAI(base_url=keyed.base_url, api_key=narrow, max_retries=0).chat.completions.create(
-            model="ky",
-            messages=QUESTION,  # type: ignore[arg-type]
-        )
-    with pytest.raises(anthropic.PermissionDeniedError):
-        anthropic.Anthropic(base_url=keyed.url, api_key=narrow, max_retries=0).messages.create(
-            model="ky",
-            max_tokens=10,
-            messages=QUESTION,  # type: ignore[arg-type]
-        )
-    over = chat(keyed, poor)
-    assert refused(over, 429, "budget_exceeded")["type"] == "insufficient_quota"
-    assert int(over.headers["retry-after"]) >= 1
-    with pytest.raises(openai.RateLimitError) as raised:
-        openai.OpenAI(base_url=keyed.base_url, api_key=poor, max_retries=0).chat.completions.create(
-            model="ky",
-            messages=QUESTION,  # type: ignore[arg-type]
-        )
-    assert raised.value.code == "budget_exceeded"
-    limited = chat(keyed, slow)
-    assert "1 requests per minute for this API key" in refused(limited, 429, "rate_limit_exceeded")["message"]
-    assert limited.headers["x-ratelimit-remaining-requests"] == "0" and int(limited.headers["retry-after"]) >= 1
-    assert upstream(fake) == []
-
-
-def test_tokens_per_minute_refuse_once_the_window_is_full(keyed: Service, fake: FakeUpstream) -> None:
-    _, key = make_key(keyed, tpm_limit=50)
-    first = chat(keyed, key)
-    assert first.status_code == 200 and first.headers["x-ratelimit-remaining-tokens"] == "50"
-    assert first.json()["usage"]["total_tokens"] > 50  # its tokens fill the window once they are counted
-    # The count is added as an answer ends (the next request may come first), and a minute's boundary weighs the
-    # previous minute's count a little less (a sliding window counter): within a few requests, the window is full.
-    answered = 1
-    for _ in range(4):
-        response = chat(keyed, key)
-        if response.status_code == 429:
-            break
-        answered += 1
-    error = error_of(response, 429, "rate_limit_exceeded")
-    assert "50 tokens per minute" in error["message"] and response.headers["x-ratelimit-remaining-tokens"] == "0"
-    assert answered <= 3 and upstream(fake).count(JUDGE) == answered
-
-
-def test_answers_carry_openai_rate_limit_headers(keyed: Service, fake: FakeUpstream) -> None:
-    _, key = make_key(keyed, rpm_limit=5, tpm_limit=100_000)
-    whole = chat(keyed, key)
-    with httpx.stream(
-        "POST",
-        f"{keyed.base_url}/chat/completions",
-        headers={"Authorization": f"Bearer {key}"},
-        json={"model": "ky", "messages": QUESTION, "stream": True},
-        timeout=30,
-    ) as streamed:
-        streamed.read()
-    messages = httpx.post(
-        f"{keyed.url}/v1/messages",
-        headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
-        json={"model": "ky", "max_tokens": 50, "messages": QUESTION},
-        timeout=30,
-    )
-    responses = httpx.post(
-        f"{keyed.base_url}/responses",
-        headers={"Authorization": f"Bearer {key}"},
-        json={"model": "ky", "input": "What does this key allow?"},
-        timeout=30,
-    )
-    answers = [whole, streamed, messages, responses]
-    assert [r.status_code for r in answers] == [200] * 4
-    assert [r.headers["x-ratelimit-remaining-requests"] for r in answers] == ["4", "3", "2", "1"]
-    tokens_used = whole.json()["usage"]["total_tokens"]
-    for response in answers:
-        assert response.headers["x-ratelimit-limit-requests"] == "5"
-        assert re.fullmatch(r"\d+s", response.headers["x-ratelimit-reset-requests"])
-        assert response.headers["x-ratelimit-limit-tokens"] == "100000"
-        assert re.fullmatch(r"\d+s", response.headers["x-ratelimit-reset-tokens"])
-    remaining_tokens = [int(r.headers["x-ratelimit-remaining-tokens"]) for r in answers]
-    assert remaining_tokens[0] == 100_000 and remaining_tokens == sorted(remaining_tokens, reverse=True)
-    assert 100_000 - 3 * tokens_used <= remaining_tokens[-1] < 100_000  # the first answers' tokens counted by then
-    # a static API_TOKEN has no limits here (MOM_RATE_LIMIT_RPM unset): no rate-limit headers
-    static = chat(keyed, TOKEN)
-    assert static.status_code == 200 and not [h for h in static.headers if h.startswith("x-ratelimit")]
-
-
-def test_a_budget_is_reached_midway_through_a_series(keyed: Service, fake: FakeUpstream) -> None:
-    budget = Decimal("0.01")
-    record, key = make_key(keyed, budget_usd=str(budget), budget_period="day")
-    statuses: list[int] = []
-    while len(statuses) < 30 and 429 not in statuses:
-        response = chat(keyed, key)
-        statuses.append(response.status_code)
-    answered = statuses.count(200)
-    assert statuses == [200] * answered + [429] and answered >= 2, statuses
-    message = error_of(response, 429, "budget_exceeded")["message"]
-    spent_text, worst_text = re.findall(r"\$(\d+(?:\.\d+)?)", message)[1:3]
-    spent, worst = Decimal(spent_text), Decimal(worst_text)
-    assert f"budget of ${budget} per day" in message
-    assert Decimal(0) < spent <= budget < spent + worst  # some left, not enough for this request's worst case
-    wait_until(lambda: spend_of(keyed, record["id"])["requests"] == answered)
-    report = spend_of(keyed, record["id"])
-    assert Decimal(repr(report["spent_usd"])) == spent and report["period"] == "day"
-    assert Decimal(repr(report["remaining_usd"])) == budget - spent
-    error_of(chat(keyed, key), 429, "budget_exceeded")  # and the next one too
-    assert upstream(fake) == sorted([*MEMBERS, JUDGE] * answered)
 
 
 def test_usage_by_key_and_a_key_reads_only_its_own(keyed: Service, fake: FakeUpstream) -> None:
@@ -446,3 +446,19 @@ def test_the_key_is_written_nowhere(keyed: Service, fake: FakeUpstream) -> None:
     assert key.encode() not in database and key[12:].encode() not in database
     assert key not in keyed.log()
     assert record["prefix"].encode() in database  # what is kept to recognize it by
+
+
+def test_each_refusal_comes_before_any_upstream_call(keyed: Service, fake: FakeUpstream) -> None:
+    check_refusals(keyed, fake)
+
+
+def test_tokens_per_minute_refuse_once_the_window_is_full(keyed: Service, fake: FakeUpstream) -> None:
+    check_tokens_per_minute(keyed, fake)
+
+
+def test_answers_carry_openai_rate_limit_headers(keyed: Service, fake: FakeUpstream) -> None:
+    check_rate_limit_headers(keyed, fake)
+
+
+def test_a_budget_is_reached_midway_through_a_series(keyed: Service, fake: FakeUpstream) -> None:
+    check_budget_midway(keyed, fake)

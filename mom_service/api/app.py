@@ -57,7 +57,7 @@ DEMO_BANNER = (
 def build_state(settings: Settings, config: MoMConfig, config_path: str | None) -> AppState:
     """Everything the app needs, built without network I/O: the database is connected by the lifespan."""
     env = environment()
-    secrets = [*(t.decode() for t in settings.api_tokens)]
+    secrets = [t.decode() for t in (*settings.api_tokens, *settings.admin_tokens)]
     secrets += [env[d.api_key_env] for d in config.llm_definitions if d.api_key_env and env.get(d.api_key_env)]
     secrets += [s for s in (settings.langfuse_secret_key, settings.langfuse_public_key) if s]
     secrets += [key.get_secret_value() for key in (settings.mom_signing_key, settings.mom_mcp_token) if key]

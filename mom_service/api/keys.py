@@ -13,7 +13,6 @@ within that time; on this one at once), and kept while the database does not ans
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -29,8 +28,6 @@ from mom_service.errors import AuthenticationFailed, BudgetExceeded, Forbidden, 
 from mom_service.settings import Settings
 from mom_service.usage.keys import ApiKey, KeyStore, KeyStoreUnavailable, hash_key
 from mom_service.usage.spend import SpendTracker, SpendUnavailable, period_bounds
-
-logger = logging.getLogger("mom_service")
 
 MAX_CACHED_KEYS = 10_000  # key records (and unknown keys) cached per replica
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
@@ -154,6 +151,11 @@ class KeyGate:
                 raise _over_budget(key, key.budget_usd, spent, worst, end_ms, now)
             self.spend.reserve(key.id, plan.request_id, worst)
 
+    def release(self, request_id: str) -> None:
+        """A request admitted under a budget ended before its run reported an outcome (one that never started
+        reports none): its reservation no longer counts (its outcome, if one comes, still settles it)."""
+        self.spend.release(request_id)
+
     def record(self, outcome: RequestOutcome) -> None:
         """An engine recorder, right after the usage writer's: a keyed request's cost settles its reservation,
         and the tokens it used are added to its key's tokens per minute."""
@@ -181,7 +183,7 @@ def _over_budget(
     retry_after = max(1, int(end_ms / 1000 - now) + 1)
     so_far = "today" if key.period == "day" else "this month"
     return BudgetExceeded(
-        f"This API key's budget of {usd(budget)} per {key.period} is spent: {usd(spent)} {so_far} (UTC), and this "
-        f"request could cost up to {usd(worst)}. The budget renews at {iso_ms(end_ms)}.",
+        f"This API key's budget of {usd(budget)} per {key.period} would be exceeded: {usd(spent)} spent {so_far} "
+        f"(UTC), and this request could cost up to {usd(worst)}. The budget renews at {iso_ms(end_ms)}.",
         headers={"Retry-After": str(retry_after)},
     )

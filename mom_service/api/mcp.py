@@ -232,6 +232,8 @@ class Tools:
             raise ToolError(_error_text(Admission.cut_off_error())) from None
         except MoMError as exc:
             raise ToolError(_error_text(exc)) from None
+        finally:  # a run that never started reports no outcome (a settled one is not changed)
+            state.keys.release(asker.request_id)
 
     async def list_models(self) -> ModelList:
         models = self.state().config.models

@@ -103,9 +103,27 @@ async def answer(
     """Plan (`admitted`) and run one request; answer it whole (`asked.stream` false) or as SSE. A failure before
     the first byte is raised (answered with its status in the surface's shape); after it, it ends the stream."""
     plan = await admitted(state, caller, asked)
+    try:
+        response = await _respond(request, state, plan, collector, encoder, on_completed)
+    except BaseException:
+        state.keys.release(plan.request_id)  # a run that never started reports no outcome: nothing was spent
+        raise
+    if response.status_code == CLIENT_CLOSED:
+        state.keys.release(plan.request_id)
+    return response
+
+
+async def _respond(
+    request: Request,
+    state: AppState,
+    plan: Plan,
+    collector: Callable[[Plan], BodyCollector],
+    encoder: Callable[[Plan], StreamEncoder],
+    on_completed: Callable[[BodyCollector | StreamEncoder], OnCompleted] | None,
+) -> Response:
     events = state.engine.run(plan)
     stop = state.admission.cut_off
-    if not asked.stream:
+    if not plan.stream:
         body = collector(plan)
         done = on_completed(body) if on_completed is not None else None
 

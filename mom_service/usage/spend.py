@@ -175,6 +175,14 @@ class SpendTracker:
         if len(self._key_of) + sum(len(e) for e in self._local.values()) > COMPACT_AT:
             self._compact()
 
+    def release(self, request_id: str) -> None:
+        """A reserved request's run ended without an outcome so far (or never started): its worst case no longer
+        counts. Its outcome, if one still comes, settles it at its cost."""
+        key_id = self._key_of.get(request_id)
+        entry = self._local.get(key_id, {}).get(request_id) if key_id is not None else None
+        if entry is not None and entry.place is None:
+            entry.amount = ZERO
+
     def _compact(self) -> None:
         """Drop the entries whose records are written (their keys' sums are read again) and the reservations
         whose requests never reported."""

@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mom_service.api.admin_auth import admin_id
 from mom_service.usage.keys import new_key
+from tests.api.test_mcp import eventually, session_of
 from tests.conftest import TOKEN, Service, StartService, llm, wait_until
 from tests.fake_upstream import FakeUpstream
 
@@ -53,7 +54,13 @@ def keys_config(fake: FakeUpstream) -> dict[str, Any]:
 
 
 def keys_env(**extra: str) -> dict[str, str]:
-    return {"ADMIN_TOKEN": ADMIN, "MOM_KEY_CACHE_SECONDS": "0.5", "MOM_METRICS_MAX_KEYS": str(MAX_KEYS), **extra}
+    return {
+        "ADMIN_TOKEN": ADMIN,
+        "MOM_KEY_CACHE_SECONDS": "0.5",
+        "MOM_METRICS_MAX_KEYS": str(MAX_KEYS),
+        "MOM_MCP_ENABLED": "true",
+        **extra,
+    }
 
 
 def configure(fake: FakeUpstream) -> None:
@@ -462,3 +469,20 @@ def test_answers_carry_openai_rate_limit_headers(keyed: Service, fake: FakeUpstr
 
 def test_a_budget_is_reached_midway_through_a_series(keyed: Service, fake: FakeUpstream) -> None:
     check_budget_midway(keyed, fake)
+
+
+async def test_mcp_holds_a_key_to_its_models_and_its_own_usage(keyed: Service, fake: FakeUpstream) -> None:
+    _, narrow = make_key(keyed, models=["ky-other"])
+    async with session_of(keyed, {"Authorization": f"Bearer {narrow}"}) as session:
+        refused = await session.call_tool("consult", {"question": "Which model?", "model": "ky"})
+        assert refused.is_error and "(model_not_allowed)" in refused.content[0].text  # type: ignore[union-attr]
+        assert upstream(fake) == []
+        answered = await session.call_tool("consult", {"question": "Which model?", "model": "ky-other"})
+        assert not answered.is_error and upstream(fake) == sorted([MEMBERS[0], JUDGE])
+
+        async def only_its_own() -> bool:
+            report = await session.call_tool("usage", {"group_by": "key"})
+            assert not report.is_error and report.structured_content is not None
+            return [g["requests"] for g in report.structured_content["groups"]] == [1]
+
+        await eventually(only_its_own)

@@ -248,6 +248,22 @@ async def test_a_replica_counts_its_own_requests_at_once_and_each_once(engine: A
     assert await spend.spent("key_a", start_ms, budget, worst) == Decimal("0.125")
 
 
+async def test_a_reservation_released_counts_nothing_until_its_outcome_comes(engine: AsyncEngine) -> None:
+    writer = UsageWriter(engine)
+    spend = SpendTracker(engine, writer, ttl_s=60.0)
+    start_ms = period_bounds("day", time.time())[0]
+    budget, worst = Decimal(100), Decimal(2)
+    spend.reserve("key_a", "never-ran", worst)
+    spend.reserve("key_a", "ran", worst)
+    spend.release("never-ran")  # its run never started: no outcome will come
+    spend.release("ran")  # the client left: its outcome is still to come
+    assert await spend.spent("key_a", start_ms, budget, worst) == 0
+    writer.submit(keyed_outcome("ran", "key_a", "0.75"))
+    spend.settle("ran", Decimal("0.75"))
+    spend.release("ran")  # settled: a release changes nothing
+    assert await spend.spent("key_a", start_ms, budget, worst) == Decimal("0.75")
+
+
 async def test_the_cached_sum_is_read_again_near_the_budget_or_once_stale(engine: AsyncEngine) -> None:
     clock = Clock()
     spend = SpendTracker(engine, UsageWriter(engine), ttl_s=1.0, monotonic=clock)

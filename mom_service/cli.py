@@ -1,5 +1,5 @@
 """`mom-service serve`, `mom-service mcp` (the MCP server over stdio), `mom-service eval DATASET` (the evaluation
-harness) and `mom-service check-config [PATH]`."""
+harness), `mom-service keys ...` (API keys, cli_keys.py) and `mom-service check-config [PATH]`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from types import FrameType
 
+from mom_service.cli_keys import add_parser as add_keys_parser
 from mom_service.config import MoMConfig, load_config, resolve_config
 from mom_service.errors import ConfigError
 from mom_service.settings import Settings
@@ -182,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=None)
     commands.add_parser("mcp", help="the MCP server over stdio (MOM_MCP_ENABLED=true)")
     _eval_parser(commands)
+    add_keys_parser(commands)
     check = commands.add_parser("check-config", help="validate a config file and print what is wrong")
     check.add_argument("path", nargs="?", default=None, help="default: MOM_CONFIG, else ./config.yaml")
     args = parser.parse_args(argv)
@@ -192,6 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _mcp(settings)
     if args.command == "eval":
         return _eval(settings, args)
+    if args.command == "keys":
+        from mom_service.cli_keys import keys_command
+
+        return keys_command(settings, args)
     return _serve(settings, args.host, args.port)
 
 

@@ -5,11 +5,13 @@ Hierarchy::
 
     MoMError                      any error we answer with: status, type, code, param, message
     ├── InvalidRequest            400 invalid_request_error (bad JSON, wrong field, n != 1, ...)
-    ├── AuthenticationFailed      401 authentication_error (missing or wrong bearer token)
+    ├── AuthenticationFailed      401 authentication_error (missing or wrong bearer token, a key disabled or expired)
+    ├── Forbidden                 403 permission_error (code: model_not_allowed: a MoM model the API key may not use)
     ├── NotFound                  404 not_found_error / model_not_found
     ├── MethodNotAllowed          405 invalid_request_error
     ├── PayloadTooLarge           413 invalid_request_error
     ├── RateLimited               429 requests (code: rate_limit_exceeded, over_capacity), with Retry-After
+    ├── BudgetExceeded            429 insufficient_quota / budget_exceeded (an API key's budget), with Retry-After
     ├── InternalError             500 server_error (a bug; the message says nothing more)
     ├── CutOffByShutdown          500 server_error / cut_off_by_shutdown (an answer ended by the shutdown's grace
     │                             period: its LLM calls so far are paid, so it must not be re-sent as if refused)
@@ -142,6 +144,11 @@ class AuthenticationFailed(MoMError):
     default_code = "invalid_api_key"
 
 
+class Forbidden(MoMError):
+    default_status = 403
+    error_type = "permission_error"
+
+
 class NotFound(MoMError):
     default_status = 404
     error_type = "not_found_error"
@@ -165,6 +172,14 @@ class RateLimited(MoMError):
     default_status = 429
     error_type = "requests"
     default_code = "rate_limit_exceeded"
+
+
+class BudgetExceeded(MoMError):
+    """An API key's budget for its period is spent (OpenAI's own quota errors have the type `insufficient_quota`)."""
+
+    default_status = 429
+    error_type = "insufficient_quota"
+    default_code = "budget_exceeded"
 
 
 class UpstreamFailed(MoMError):

@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     mom_max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
     mom_max_in_flight: int = Field(default=512, gt=0)  # chat requests answered at once; beyond: 429
     mom_rate_limit_rpm: int = Field(default=0, ge=0)  # chat requests per minute per bearer token; 0: no limit
+    mom_rate_limit_timeout_ms: int = Field(default=250, gt=0)  # each Redis operation of the rate limits
+    mom_key_cache_seconds: float = Field(default=5.0, ge=0)  # an API key's record is cached this long per replica
+    mom_key_spend_cache_seconds: float = Field(default=1.0, ge=0)  # a key's spend, far from its budget, cached
+    mom_metrics_max_keys: int = Field(default=50, ge=0)  # API keys with series of their own in /metrics; more: `other`
     mom_circuit_failures: int = Field(default=5, ge=0)  # consecutive failures that open an LLM's circuit; 0: off
     mom_circuit_cooldown_seconds: float = Field(default=30.0, gt=0)
     mom_shutdown_grace_seconds: float = Field(default=20.0, ge=0)  # SIGTERM: time in-flight answers get to finish

@@ -1,4 +1,4 @@
-"""Admission to the chat endpoint: a limit on requests in flight, a per-token rate limit, and draining at shutdown.
+"""Admission to the chat endpoint: a limit on requests in flight, and draining at shutdown.
 
 `AdmissionControl` (pure ASGI middleware) counts chat requests from their arrival until their response (a whole
 stream included) has been sent. Beyond `MOM_MAX_IN_FLIGHT` a request is answered 429 `over_capacity` at once, and
@@ -7,28 +7,23 @@ so before any upstream call: safe to send elsewhere. An answer still running whe
 refused but cut off (`Admission.cut_off_error`): 500 `cut_off_by_shutdown`, since its LLM calls are already paid for.
 Health, metrics and the other endpoints are never refused: a loaded or stopping service still answers its probes.
 
-`Admission.hit` (called by the `RateLimitedToken` dependency, after authentication) allows `MOM_RATE_LIMIT_RPM`
-chat requests per minute per bearer token, in a moving window (the `limits` library); the token is keyed by a
-hash, never kept.
+The per-minute rate limits are counted after authentication (api/auth.py's `RateLimitedToken`, rate_limits.py);
+their headers, which that dependency leaves on the request's state, are added here to whatever the answer is.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import math
-import time
 
-from limits import RateLimitItemPerMinute
-from limits.aio.storage import MemoryStorage
-from limits.aio.strategies import MovingWindowRateLimiter
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mom_service.api.errors import scope_error_response
 from mom_service.engine.inflight import InFlight
 from mom_service.errors import CutOffByShutdown, MoMError, RateLimited, ServiceUnavailable
 from mom_service.observability.metrics import Metrics
 from mom_service.observability.request_log import ANSWER_PATHS
+
+RATE_LIMIT_HEADERS = "rate_limit_headers"  # request.state's: the rate-limit headers of the answer (api/auth.py)
 
 OVER_CAPACITY_RETRY_S = 1
 SHUTTING_DOWN_RETRY_S = 1
@@ -37,14 +32,11 @@ SHUTTING_DOWN_RETRY_S = 1
 class Admission:
     """The chat endpoint's gate. One per app; `in_flight` is what the shutdown waits for."""
 
-    def __init__(self, max_in_flight: int, rpm: int = 0) -> None:
+    def __init__(self, max_in_flight: int) -> None:
         self.max_in_flight = max_in_flight
-        self.rpm = rpm
         self.in_flight = InFlight()  # chat requests from arrival until their response is sent
         self.draining = False  # shutting down: readiness 503, new chat requests 503
         self.cut_off = asyncio.Event()  # the grace period is over: answers still running end now, with an error
-        self._limiter = MovingWindowRateLimiter(MemoryStorage()) if rpm else None
-        self._item = RateLimitItemPerMinute(rpm) if rpm else None
 
     @staticmethod
     def shutting_down() -> ServiceUnavailable:
@@ -75,25 +67,6 @@ class Admission:
             )
         return None
 
-    async def hit(self, token: bytes) -> None:
-        """Count one chat request against the token's per-minute limit; RateLimited when it is used up."""
-        if self._limiter is None or self._item is None:
-            return
-        key = hashlib.sha256(token).hexdigest()
-        if await self._limiter.hit(self._item, key):
-            return
-        stats = await self._limiter.get_window_stats(self._item, key)
-        retry_after = max(1, math.ceil(stats.reset_time - time.time()))
-        raise RateLimited(
-            f"Rate limit reached: {self.rpm} requests per minute for this API token. Retry in {retry_after} s.",
-            headers={
-                "Retry-After": str(retry_after),
-                "x-ratelimit-limit-requests": str(self.rpm),
-                "x-ratelimit-remaining-requests": "0",
-                "x-ratelimit-reset-requests": f"{retry_after}s",
-            },
-        )
-
 
 class AdmissionControl:
     """Pure ASGI middleware: admit chat requests (or refuse them) and count them while they are answered."""
@@ -113,6 +86,7 @@ class AdmissionControl:
             await scope_error_response(refusal, scope)(scope, receive, send)
             return
         metrics = getattr(state, "metrics", None)
+        send = _with_rate_limit_headers(scope, send)
         admission.in_flight.enter()
         try:
             if isinstance(metrics, Metrics):
@@ -122,3 +96,18 @@ class AdmissionControl:
                 await self.app(scope, receive, send)
         finally:
             admission.in_flight.leave()
+
+
+def _with_rate_limit_headers(scope: Scope, send: Send) -> Send:
+    """`send`, adding to the answer's start the rate-limit headers the request was counted with (those it does not
+    carry already: a refusal carries its own)."""
+
+    async def sending(message: Message) -> None:
+        extra = scope.get("state", {}).get(RATE_LIMIT_HEADERS) if message["type"] == "http.response.start" else None
+        if extra:
+            present = {name.lower() for name, _ in message.get("headers", [])}
+            added = [(k.encode(), v.encode()) for k, v in extra.items() if k.encode() not in present]
+            message = {**message, "headers": [*message.get("headers", []), *added]}
+        await send(message)
+
+    return sending

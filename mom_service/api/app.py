@@ -18,10 +18,23 @@ from fastapi.middleware.cors import CORSMiddleware
 from mom_service import __version__
 from mom_service.api.admission import Admission, AdmissionControl
 from mom_service.api.errors import install_error_handlers
+from mom_service.api.keys import KeyGate
 from mom_service.api.middleware import BodySizeLimit, QuietStartupFailure
+from mom_service.api.rate_limits import RateLimits
 from mom_service.api.reload import Reloader
 from mom_service.api.reload_triggers import ReloadTriggers
-from mom_service.api.routers import admin, anthropic, health, metrics, models, openai_chat, progress, responses, usage
+from mom_service.api.routers import (
+    admin,
+    admin_keys,
+    anthropic,
+    health,
+    metrics,
+    models,
+    openai_chat,
+    progress,
+    responses,
+    usage,
+)
 from mom_service.api.routers.ui import ui_router
 from mom_service.api.signing import LinkSigner
 from mom_service.api.state import AppState
@@ -39,8 +52,10 @@ from mom_service.progress.hub import Limits, MemoryHub, ProgressHub
 from mom_service.progress.redis_hub import RedisHub
 from mom_service.settings import Settings, environment
 from mom_service.usage.database import UsageDatabase, url_password
+from mom_service.usage.keys import KeyStore
 from mom_service.usage.responses_store import ResponseStore
 from mom_service.usage.schema import SCHEMA_VERSION
+from mom_service.usage.spend import SpendTracker
 from mom_service.usage.writer import UsageWriter
 
 if TYPE_CHECKING:
@@ -84,9 +99,16 @@ def build_state(settings: Settings, config: MoMConfig, config_path: str | None) 
         litellm_verbose=settings.litellm_verbose,
     )
     engine = build_engine(config, options)
-    metrics = Metrics(config, writer, engine.breakers)
+    metrics = Metrics(config, writer, engine.breakers, max_keys=settings.mom_metrics_max_keys)
     metrics.watch(engine.active)
-    engine.add_recorders(writer.submit, metrics.record, remember_outcome)
+    keys = KeyGate(
+        KeyStore(usage.engine),
+        SpendTracker(usage.engine, writer, settings.mom_key_spend_cache_seconds),
+        RateLimits(settings.redis_url, settings.mom_rate_limit_timeout_ms / 1000),
+        settings,
+    )
+    # the keys' recorder right after the writer's: a reserved request's record has just been queued
+    engine.add_recorders(writer.submit, keys.record, metrics.record, remember_outcome)
     return AppState(
         settings=settings,
         engine=engine,
@@ -96,7 +118,8 @@ def build_state(settings: Settings, config: MoMConfig, config_path: str | None) 
         usage_writer=writer,
         tracer=tracer,
         metrics=metrics,
-        admission=Admission(settings.mom_max_in_flight, settings.mom_rate_limit_rpm),
+        admission=Admission(settings.mom_max_in_flight),
+        keys=keys,
         responses=ResponseStore(usage.engine, settings.mom_responses_ttl_days),
         progress=progress_hub(settings),
         links=LinkSigner.from_settings(settings),
@@ -169,6 +192,7 @@ async def close_state(state: AppState, app: FastAPI | None = None) -> None:
     await state.engine.active.wait_idle(SETTLE_TIMEOUT_S)
     if app is not None:
         app.state.mom = None
+    await state.keys.close()
     await state.usage_writer.close()
     logger.info("Usage records written: %d, dropped: %d", state.usage_writer.written, state.usage_writer.dropped)
     await state.engine.caller.aclose()
@@ -247,7 +271,7 @@ def create_app(
     install_error_handlers(app)
     routers = (
         *(openai_chat.router, anthropic.router, responses.router, progress.router),
-        *(models.router, usage.router, metrics.router),
+        *(models.router, usage.router, metrics.router, admin_keys.router),
     )
     for router in (*routers, health.router, admin.router):
         app.include_router(router)
@@ -273,7 +297,7 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
             allow_headers=[
                 *("Authorization", "Content-Type", "Cache-Control", "X-Request-ID"),
                 *("X-Api-Key", "Anthropic-Version", "Anthropic-Beta"),  # Anthropic's clients

@@ -1,20 +1,26 @@
-"""Token check (a bearer token, or `x-api-key`): 503 when no token is configured (never open), 401 otherwise,
-constant-time on bytes.
+"""Who asks: a static token (API_TOKEN, a comma-separated list) or an API key (docs/keys.md), as a bearer token or
+`x-api-key`. 503 when neither API_TOKEN nor a valid key is there (never open), 401 otherwise; constant-time on bytes
+for the static tokens, and a static token never costs a database round trip (keys are tried after them).
 
-A caller is known by a hash of its token (never the token itself): the response cache keeps each caller's
-answers apart (unless a MoM model shares them), and per-token limits count by it.
+A caller is known by a hash of its token (never the token itself): the response cache keeps each caller's answers
+apart (unless a MoM model shares them), stored responses and usage records are their caller's, and per-token
+limits count by it (a key's, by the key's id).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from mom_service.api.admission import RATE_LIMIT_HEADERS
+from mom_service.api.keys import Caller, usable
 from mom_service.api.state import StateDep
 from mom_service.errors import AuthenticationFailed, ServiceUnavailable
+from mom_service.usage.keys import looks_like_key
 
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
@@ -33,35 +39,50 @@ def presented_token(request: Request) -> bytes:
     return request.headers.get("x-api-key", "").strip().encode()
 
 
-async def require_token(request: Request, state: StateDep) -> str:
-    """The caller's identity (`caller_id`), once its token is one of API_TOKEN's."""
+async def require_caller(request: Request, state: StateDep) -> Caller:
+    """The caller, once its token is one of API_TOKEN's or a key that is neither disabled nor expired."""
     tokens = state.settings.api_tokens
+    presented = presented_token(request)
+    if presented:
+        matched = False
+        for token in tokens:  # compare with every token, so timing does not tell which one nearly matched
+            matched |= hmac.compare_digest(presented, token)
+        if matched:
+            return Caller(caller_id(presented))
+        if looks_like_key(presented):
+            key = await state.keys.key_of(presented)
+            if key is not None:
+                return Caller(caller_id(presented), usable(key, int(time.time() * 1000)))
     if not tokens:
         raise ServiceUnavailable(
-            "The service is misconfigured: no API_TOKEN is set, so protected endpoints are closed.",
+            "The service is misconfigured: no API_TOKEN is set, so protected endpoints are closed to all but API keys.",
             code="service_misconfigured",
         )
-    presented = presented_token(request)
     if not presented:
         raise AuthenticationFailed(
             "Missing API token: send 'Authorization: Bearer <API_TOKEN>' (or 'x-api-key: <API_TOKEN>').",
             headers=_CHALLENGE,
         )
-    matched = False
-    for token in tokens:  # compare with every token, so timing does not tell which one nearly matched
-        matched |= hmac.compare_digest(presented, token)
-    if not matched:
-        raise AuthenticationFailed("Incorrect API token.", headers=_CHALLENGE)
-    return caller_id(presented)
+    raise AuthenticationFailed("Incorrect API token.", headers=_CHALLENGE)
+
+
+Identified = Annotated[Caller, Depends(require_caller)]
+
+
+async def require_token(caller: Identified) -> str:
+    """The caller's identity (`caller_id`), for the endpoints that need no more of it."""
+    return caller.id
 
 
 Authorized = Annotated[str, Depends(require_token)]
 
 
-async def within_rate_limit(request: Request, state: StateDep) -> None:
-    """After `Authorized`: one request against the bearer token's per-minute limit (MOM_RATE_LIMIT_RPM)."""
-    if state.admission.rpm:
-        await state.admission.hit(presented_token(request))
+async def within_rate_limit(request: Request, state: StateDep, caller: Identified) -> None:
+    """After authentication: one request against the caller's per-minute limits (its key's, else
+    MOM_RATE_LIMIT_RPM); the rate-limit headers kept for its answer."""
+    headers = await state.keys.admit_rate(caller)
+    if headers:
+        setattr(request.state, RATE_LIMIT_HEADERS, headers)
 
 
 RateLimitedToken = Annotated[None, Depends(within_rate_limit)]

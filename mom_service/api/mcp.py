@@ -30,12 +30,13 @@ from starlette.types import Receive, Scope, Send
 
 from mom_service import __version__
 from mom_service.api.admission import Admission
-from mom_service.api.auth import caller_id, presented_token, require_token
+from mom_service.api.auth import caller_id, require_caller
 from mom_service.api.errors import scope_error_response
+from mom_service.api.keys import Caller
 from mom_service.api.routers.usage import usage_report
 from mom_service.api.state import AppState, get_state
 from mom_service.api.streaming import ServerStopping, unless_disconnected
-from mom_service.api.surface import request_id
+from mom_service.api.surface import admitted, request_id
 from mom_service.engine.events import (
     Breakdown,
     CallReport,
@@ -110,37 +111,38 @@ class ModelList(BaseModel):
 
 
 @dataclass(frozen=True, slots=True)
-class Caller:
-    """Who asks, for one tool call: their identity (the cache's owner), their token (the rate limit's key), and
-    the request's id (records, trace, log)."""
+class Asker:
+    """Who asks, for one tool call: the caller (their identity, their key) and the request's id (records, trace,
+    log)."""
 
-    id: str
-    token: bytes
+    caller: Caller
     request_id: str
 
 
 StateSource = Callable[[], AppState | None]
-CallerSource = Callable[[Context], Caller]
+CallerSource = Callable[[Context], Asker]
+CALLER = "mcp_caller"  # request.state's: the caller `McpEndpoint` authenticated
 
 
-def http_caller(ctx: Context) -> Caller:
-    """The caller of a tool call over HTTP: its POST's token (checked by `McpEndpoint`), its request id."""
+def http_caller(ctx: Context) -> Asker:
+    """The caller of a tool call over HTTP: its POST's (authenticated by `McpEndpoint`), its request id."""
     request = ctx.request_context.request
-    if not isinstance(request, Request):
+    caller = getattr(request.state, CALLER, None) if isinstance(request, Request) else None
+    if not isinstance(request, Request) or not isinstance(caller, Caller):
         raise ToolError("This tool call came without its HTTP request.")
-    token = presented_token(request)
-    return Caller(caller_id(token), token, request_id(request))
+    return Asker(caller, request_id(request))
 
 
 def stdio_caller(settings: Settings) -> CallerSource:
     """Over stdio the process owner is trusted; their requests are MOM_MCP_TOKEN's, else the first API_TOKEN's
-    (sharing that token's cached answers and rate limit), else a local caller's."""
+    (sharing that token's cached answers and rate limit), else a local caller's. (A static token: an API key there
+    is not looked up.)"""
     token = settings.mom_mcp_token.get_secret_value().encode() if settings.mom_mcp_token else None
     token = token or next(iter(settings.api_tokens), None)
-    identity = caller_id(token) if token else LOCAL_CALLER
+    identity = Caller(caller_id(token) if token else LOCAL_CALLER)
 
-    def caller(ctx: Context) -> Caller:
-        return Caller(identity, token or LOCAL_CALLER.encode(), str(uuid.uuid4()))
+    def caller(ctx: Context) -> Asker:
+        return Asker(identity, str(uuid.uuid4()))
 
     return caller
 
@@ -208,27 +210,31 @@ class Tools:
         model: Annotated[str | None, Field(description="A MoM model (list_models); default: the first")] = None,
         controls: Annotated[dict[str, Any] | None, Field(description=CONTROLS)] = None,
     ) -> ConsultResult:
-        state, caller = self.state(), self._caller(ctx)
+        state, asker = self.state(), self._caller(ctx)
+        caller = asker.caller
         engine = state.engine  # this call's, to its end: a config reload meanwhile does not change it
         asked = EngineRequest(
             model=model or engine.config.models[0].name,
             messages=[{"role": "user", "content": question}],
             params={},
-            request_id=caller.request_id,
+            request_id=asker.request_id,
             caller=caller.id,
+            key=caller.label,
             cache=CachePolicy() if engine.cache is not None else None,
             surface="mcp",
             controls=controls,
         )
         try:
-            await state.admission.hit(caller.token)
-            plan = await engine.prepare(asked)
+            await state.keys.admit_rate(caller)
+            plan = await admitted(state, engine, caller, asked)
             work = _answer(plan, engine.run(plan), ctx)
             return await unless_disconnected(None, work, state.admission.cut_off)
         except ServerStopping:
             raise ToolError(_error_text(Admission.cut_off_error())) from None
         except MoMError as exc:
             raise ToolError(_error_text(exc)) from None
+        finally:  # a run that never started reports no outcome (a settled one is not changed)
+            state.keys.release(asker.request_id)
 
     async def list_models(self) -> ModelList:
         models = self.state().config.models
@@ -246,12 +252,13 @@ class Tools:
         end: Annotated[str | None, Field(description="ISO 8601 or unix seconds; default: now")] = None,
         model: Annotated[str | None, Field(description="only this MoM model")] = None,
         llm: Annotated[str | None, Field(description="only this LLM's calls")] = None,
-        group_by: Annotated[str | None, Field(description="model, llm, surface, day or hour")] = None,
+        group_by: Annotated[str | None, Field(description="model, llm, surface, key, day or hour")] = None,
     ) -> dict[str, Any]:
         try:
-            caller = self._caller(ctx).id  # the caller's own requests only
+            caller = self._caller(ctx).caller  # the caller's own requests only (a key's: the key's)
             query = {"start": start, "end": end, "model": model, "llm": llm, "group_by": group_by}
-            return await usage_report(self.state(), **query, caller=caller)
+            owner = {"key_id": caller.key.id} if caller.key is not None else {"caller": caller.id}
+            return await usage_report(self.state(), **query, **owner)
         except MoMError as exc:
             raise ToolError(_error_text(exc)) from None
 
@@ -334,7 +341,7 @@ class McpEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
         try:
-            await require_token(request, await get_state(request))
+            setattr(request.state, CALLER, await require_caller(request, await get_state(request)))
         except MoMError as exc:
             await scope_error_response(exc, scope)(scope, receive, send)
             return

@@ -8,8 +8,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from mom_service.api.admission import Admission
-from mom_service.api.signing import LinkSigner
+from mom_service.api.keys import KeyGate
 from mom_service.api.reload import Reloader
+from mom_service.api.signing import LinkSigner
 from mom_service.config import MoMConfig
 from mom_service.engine.engine import Engine
 from mom_service.errors import ServiceUnavailable
@@ -36,7 +37,8 @@ class AppState:
     usage_writer: UsageWriter
     tracer: Tracer
     metrics: Metrics  # Prometheus metrics of this app (its own registry)
-    admission: Admission  # in-flight limit, per-token rate limit, draining at shutdown
+    admission: Admission  # in-flight limit, draining at shutdown
+    keys: KeyGate  # API keys: their records, rate limits (every caller's), budgets
     responses: ResponseStore  # stored Responses (POST /v1/responses with store: true), in the usage database
     progress: ProgressHub  # every run's progress events (GET /v1/progress/{id}), in process or in Redis
     links: LinkSigner  # the progress streams' link tokens

@@ -23,8 +23,10 @@ from fastapi.responses import JSONResponse, Response
 from mom_service.api.admission import Admission
 from mom_service.api.encoders.progress import RunProgress, progress_headers
 from mom_service.api.errors import error_response_for
+from mom_service.api.keys import Caller
 from mom_service.api.state import AppState
 from mom_service.api.streaming import ClientGone, ServerStopping, SSEResponse, unless_disconnected
+from mom_service.engine.engine import Engine
 from mom_service.engine.events import Completed, Event, Failed
 from mom_service.engine.plan import CachePolicy, Plan
 from mom_service.engine.plan import Request as EngineRequest
@@ -85,20 +87,31 @@ async def read_json(request: Request) -> Any:
         raise InvalidRequest(f"The request body is not valid JSON ({exc.msg}).", code="invalid_json") from None
 
 
+async def admitted(state: AppState, engine: Engine, caller: Caller, asked: EngineRequest) -> Plan:
+    """The plan of a request its caller may make: its MoM model one the caller's key may use (403), planned by
+    `engine` (404, 400), within the key's budget (429; its worst case reserved). No upstream call before this
+    returns."""
+    state.keys.allow_model(caller, asked.model)
+    plan = await engine.prepare(asked)
+    await state.keys.admit_spend(caller, plan, engine)
+    return plan
+
+
 async def answer(
     request: Request,
     state: AppState,
+    caller: Caller,
     asked: EngineRequest,
     *,
     collector: Callable[[Plan], BodyCollector],
     encoder: Callable[[Plan], StreamEncoder],
     on_completed: Callable[[BodyCollector | StreamEncoder], OnCompleted] | None = None,
 ) -> Response:
-    """Plan and run one request; answer it whole (`asked.stream` false) or as SSE. A failure before the first
-    byte is answered with its status in the surface's shape; after it, it ends the stream. A failure before the
-    plan (a 4xx) is raised: there is no run, so no progress headers."""
+    """Plan (`admitted`) and run one request; answer it whole (`asked.stream` false) or as SSE. A failure before
+    the first byte is answered with its status in the surface's shape; after it, it ends the stream. A failure
+    before the plan (a 4xx) is raised: there is no run, so no progress headers."""
     engine = state.engine  # this request's, to its end: a config reload meanwhile does not change it
-    plan = await engine.prepare(asked)
+    plan = await admitted(state, engine, caller, asked)
     progress = RunProgress(state.progress, plan, asked.caller)
     headers = progress_headers(plan.request_id, state.links)
     run = _Run(request, state, engine.run(plan), progress, headers)
@@ -110,13 +123,18 @@ async def answer(
         return await _streamed(run, stream, on_completed(stream) if on_completed is not None else None)
     except ClientGone:
         progress.close()  # (the work may have been cancelled before it began)
+        state.keys.release(plan.request_id)  # a run that never started reports no outcome: nothing was spent
         return Response(status_code=CLIENT_CLOSED, headers=headers)
     except (MoMError, ServerStopping) as exc:
         progress.close()
+        state.keys.release(plan.request_id)
         error = Admission.cut_off_error() if isinstance(exc, ServerStopping) else exc
         response = error_response_for(error, request.url.path, request.headers)
         response.headers.update(headers)
         return response
+    except BaseException:
+        state.keys.release(plan.request_id)
+        raise
 
 
 @dataclass(frozen=True, slots=True)

@@ -231,6 +231,14 @@ Event = (
 RequestStatus = Literal["ok", "error", "cancelled"]
 
 
+@dataclass(frozen=True, slots=True)
+class KeyLabel:
+    """The API key a request came with, as its records and metrics name it (docs/keys.md)."""
+
+    id: str
+    name: str
+
+
 @dataclass(slots=True)
 class RequestOutcome:
     """What a finished request leaves for the usage records: how it ended and every upstream call."""
@@ -247,3 +255,4 @@ class RequestOutcome:
     surface: Surface = "chat"
     overrides: dict[str, Any] = field(default_factory=dict)  # the caller's controls applied (records, logs, traces)
     caller: str = ""  # who asked: the hash of its token (its usage is its own)
+    key: KeyLabel | None = None  # the API key it came with (None: a static API_TOKEN)

@@ -9,7 +9,7 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from mom_service.config import LLMDefinition, MoMModelConfig
-from mom_service.engine.events import Surface
+from mom_service.engine.events import KeyLabel, Surface
 from mom_service.engine.steering import NO_STEERING, Steering
 
 
@@ -31,6 +31,7 @@ class Request:
     surface: Surface = "chat"  # the protocol it came in by (records, metrics, logs, traces; never the cache key)
     controls: Mapping[str, Any] | None = None  # the caller's steering: the `mom` body field, as sent (a JSON object)
     effort: str | None = None  # the request's reasoning effort as a level (none, minimal, low, medium, high, xhigh)
+    key: KeyLabel | None = None  # the API key it came with (None: a static API_TOKEN): its records name it
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +110,7 @@ class Plan:
     max_cost_usd: Decimal | None = None  # the request's cost cap (the caller's, else the MoM model's), USD
     steering: Steering = NO_STEERING  # what the caller's controls changed (`mom` is the model as steered)
     caller: str = ""  # who asks (the hash of its token): its usage records are its own
+    key: KeyLabel | None = None  # the API key it came with: its records and metrics name it
     tier: str | None = None  # the effort tier chosen (engine/tiers.py)
     efforts: tuple[str | None, str | None] = (None, None)  # the members' and the concluding effort, as asked
     strategy: str = "synthesize"  # what follows the panel's answers (engine/strategies), as this request runs it

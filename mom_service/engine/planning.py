@@ -12,7 +12,7 @@ from typing import Any, Literal
 import orjson
 
 from mom_service.config import LLMDefinition, MoMConfig, MoMModelConfig
-from mom_service.engine.events import Surface
+from mom_service.engine.events import KeyLabel, Surface
 from mom_service.engine.plan import DEFAULT_IMAGES, NO_CACHE, CachePolicy, Concluder, ImagePolicy, Member, Plan, Request
 from mom_service.engine.steering import NO_STEERING, Steering, steer
 from mom_service.engine.tiers import Tiered, choose_tier
@@ -93,6 +93,7 @@ def make_plan(
     cache: CachePolicy | None = None,
     downloaded: Mapping[str, str] = NOTHING_DOWNLOADED,
     caller: str = "",
+    key: KeyLabel | None = None,
     final_params: dict[str, Any] | None = None,
     tools: list[dict[str, Any]] | None = None,
     tools_ok: Mapping[str, bool] | None = None,
@@ -141,6 +142,7 @@ def make_plan(
         max_cost_usd=steering.max_cost_usd if steering.max_cost_usd is not None else mom.max_cost_usd,
         steering=steering,
         caller=caller,
+        key=key,
         tier=tiered.tier,
         efforts=(tiered.member_effort, tiered.concluding_effort),
         strategy=strategy,
@@ -328,6 +330,7 @@ async def prepare(
         user=request.user,
         cache=request.cache,
         caller=request.caller,
+        key=request.key,
         final_params=request.final_params,
         tools=request.tools,
         tools_ok=tools_ok,

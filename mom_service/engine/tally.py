@@ -67,4 +67,5 @@ class Tally:
             surface=self.plan.surface,
             overrides=self.plan.steering.applied,
             caller=self.plan.caller,
+            key=self.plan.key,
         )

@@ -82,6 +82,23 @@ class Sources(Protocol):
     def tracing_enabled(self) -> bool: ...
 
 
+class RateLimitSource(Protocol):
+    """The rate limits (api/rate_limits.py): where they are counted."""
+
+    async def check(self) -> dict[str, Any]:
+        """`status` (ok, degraded), `backend` (redis, per_replica), and `reason` when per replica."""
+        ...
+
+
+async def check_rate_limits(limits: RateLimitSource) -> Component:
+    """Where the rate limits are counted: in Redis (shared by every replica), or per replica (REDIS_URL unset, or
+    Redis not answering: `degraded`)."""
+    started = time.perf_counter()
+    details = await limits.check()
+    status = details.pop("status")
+    return Component(status, _elapsed_ms(started), details)
+
+
 class Scrubber:
     """Makes an error text safe to show: every configured `api_base` named as such, then `redaction.scrub` (secrets
     redacted, URLs, hosts, addresses, paths and variable names removed, one short line)."""
@@ -259,13 +276,19 @@ def config_component(state: Sources, config: MoMConfig) -> Component:
     return Component("degraded" if state.reloader.last_error else "ok", 0.0, details)
 
 
-async def detailed_report(state: Sources, *, live: LiveChecks | None = None) -> dict[str, Any]:
+async def detailed_report(
+    state: Sources, *, live: LiveChecks | None = None, rate_limits: RateLimitSource | None = None
+) -> dict[str, Any]:
     """`{"status", "components": {name: {"status", "latency_ms", ...}}}`, each component checked now, concurrently;
     with `live`, the LLMs' live calls too (their results reused from `live`'s last run while it is recent)."""
     engine = state.engine
     scrub = Scrubber(state, engine)
-    database, cache, progress, run = await asyncio.gather(
-        check_database(state, scrub), check_cache(engine), check_progress(state), _live_results(engine, live, scrub)
+    database, cache, progress, run, limits = await asyncio.gather(
+        check_database(state, scrub),
+        check_cache(engine),
+        check_progress(state),
+        _live_results(engine, live, scrub),
+        check_rate_limits(rate_limits) if rate_limits is not None else asyncio.sleep(0, None),
     )
     components: dict[str, Component] = {
         "config": config_component(state, engine.config),
@@ -274,6 +297,8 @@ async def detailed_report(state: Sources, *, live: LiveChecks | None = None) -> 
         "progress": progress,
         "tracing": Component("ok", 0.0, {"enabled": state.tracing_enabled}),
     }
+    if limits is not None:
+        components["rate_limits"] = limits
     for llm in engine.config.llm_definitions:
         components[f"llm:{llm.name}"] = llm_component(engine.caller, llm, breakers=engine.breakers, run=run)
     return {"status": overall(components), "components": {n: c.as_dict() for n, c in components.items()}}

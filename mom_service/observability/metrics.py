@@ -1,7 +1,8 @@
 """Prometheus metrics: one registry per app, filled by an engine recorder, served at `GET /metrics`.
 
-Every label value is a name from the config (MoM models, LLMs) or one of a fixed set of words: nothing a client
-sends becomes a label, so the number of series stays bounded.
+Every label value is a name from the config (MoM models, LLMs), one of a fixed set of words, or the name of an API
+key (the first MOM_METRICS_MAX_KEYS keys seen; the others are counted as `other`): nothing a client sends becomes a
+label, so the number of series stays bounded.
 """
 
 from __future__ import annotations
@@ -77,11 +78,18 @@ class Metrics:
     """The app's Prometheus metrics. `record` is an engine recorder: it sees every finished request once."""
 
     def __init__(
-        self, config: MoMConfig, writer: UsageWriter | None = None, breakers: CircuitBreakers | None = None
+        self,
+        config: MoMConfig,
+        writer: UsageWriter | None = None,
+        breakers: CircuitBreakers | None = None,
+        *,
+        max_keys: int = 50,
     ) -> None:
         self.registry = CollectorRegistry()
         self._models = frozenset(m.name for m in config.models)
         self._llms = frozenset(d.name for d in config.llm_definitions)
+        self._max_keys = max_keys
+        self._keys: set[str] = set()  # the key names with series of their own
         r = self.registry
         self.requests = Counter(
             "mom_requests",
@@ -131,6 +139,18 @@ class Metrics:
             "mom_cost_saved_usd",
             "USD not spent thanks to the response cache (answers and members' answers).",
             ["model"],
+            registry=r,
+        )
+        self.key_requests = Counter(
+            "mom_key_requests",
+            "Requests made with an API key, by key name (beyond MOM_METRICS_MAX_KEYS names: other) and outcome.",
+            ["key", "outcome"],
+            registry=r,
+        )
+        self.key_cost = Counter(
+            "mom_key_cost_usd",
+            "USD of the upstream calls of requests made with an API key, by key name (beyond the limit: other).",
+            ["key"],
             registry=r,
         )
         self.in_flight = Gauge("mom_requests_in_flight", "Chat requests being answered.", registry=r)
@@ -194,11 +214,24 @@ class Metrics:
     def _llm(self, name: str) -> str:
         return name if name in self._llms else OTHER
 
+    def _key(self, name: str) -> str:
+        """A key's label: its name while at most MOM_METRICS_MAX_KEYS names have series, else `other`."""
+        if name not in self._keys:
+            if len(self._keys) >= self._max_keys:
+                return OTHER
+            self._keys.add(name)
+        return name
+
     def record(self, outcome: RequestOutcome) -> None:
         """The engine recorder: count the request and each of its upstream calls."""
         model = self._model(outcome.mom_model)
         breakdown = outcome.breakdown
         self.requests.labels(model, outcome.surface, outcome.status).inc()
+        if outcome.key is not None:
+            key = self._key(outcome.key.name)
+            self.key_requests.labels(key, outcome.status).inc()
+            cost = breakdown.cost
+            self.key_cost.labels(key).inc(float(cost) if cost else 0.0)
         self.request_duration.labels(model).observe(outcome.latency_ms / 1000)
         if outcome.ttft_ms is not None:
             self.ttft.labels(model).observe(outcome.ttft_ms / 1000)

@@ -183,6 +183,7 @@ def line_fields(
             "overrides": outcome.overrides or None,
             "notices": len(breakdown.notices),
             "tier": breakdown.tier,
+            "key": outcome.key.id if outcome.key is not None else None,  # the API key's id (docs/keys.md)
         }
     if content is not None:
         fields["content"] = content

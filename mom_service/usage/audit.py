@@ -1,13 +1,10 @@
-"""The audit table: who did what, when, for every admin action (a config reload, by the admin API, a signal or the
-file watch). Who is an identity, never a token or key (api/admin_auth.py `admin_id`)."""
+"""The audit table: every admin action (the admin API's and `mom-service keys`'), who took it, what it was and
+when. Never a key: a key's row names it by its id."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
 import uuid
-from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -16,26 +13,31 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mom_service.usage.schema import audit_table
 
-logger = logging.getLogger("mom_service")
 
-AUDIT_TIMEOUT_S = 5.0
+class AuditUnavailable(Exception):
+    """The database did not answer a write or read of the audit table."""
 
 
-async def audit(engine: AsyncEngine, who: str, action: str, detail: Mapping[str, Any]) -> bool:
-    """One row of the audit table; also a log line, so the action is on record even when the database does not
-    answer (then False: the action itself is not undone)."""
-    logger.info("audit: %s by %s: %s", action, who, orjson.dumps(detail).decode())
-    row = {
+def audit_row(
+    actor: str, action: str, target: str | None = None, details: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One audit row: `actor` (admin:<hash of its token>, cli:<user>), `action` (key.create, ...), its target."""
+    return {
         "id": str(uuid.uuid4()),
         "created_ms": int(time.time() * 1000),
-        "who": who,
+        "actor": actor,
         "action": action,
-        "detail": orjson.dumps(detail).decode(),
+        "target": target,
+        "details": orjson.dumps(details).decode() if details else None,
     }
+
+
+async def audit(
+    engine: AsyncEngine, actor: str, action: str, target: str | None = None, details: dict[str, Any] | None = None
+) -> None:
+    """Write one audit row, for an action that changes nothing else in the database (a config reload)."""
     try:
-        async with asyncio.timeout(AUDIT_TIMEOUT_S), engine.begin() as conn:
-            await conn.execute(audit_table.insert().values(**row))
-    except (SQLAlchemyError, OSError, TimeoutError) as exc:
-        logger.error("audit record of %s by %s not written: %s", action, who, type(exc).__name__)
-        return False
-    return True
+        async with engine.begin() as conn:
+            await conn.execute(audit_table.insert().values(audit_row(actor, action, target, details)))
+    except SQLAlchemyError as exc:
+        raise AuditUnavailable(type(exc).__name__) from exc

@@ -4,21 +4,26 @@ report, checks that it answers (for health), and closes. Nothing outside this pa
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import anyio
+import orjson
 from sqlalchemy import literal, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from mom_service.usage.audit import audit
+from mom_service.usage.audit import AuditUnavailable, audit
 from mom_service.usage.report import GroupBy, usage_report
 from mom_service.usage.schema import create_engine, migrate
 
+logger = logging.getLogger("mom_service")
+
 PROBE_TIMEOUT_S = 2.0
+AUDIT_TIMEOUT_S = 5.0  # an audit write: past it, the action stands and the log line is its record
 
 
 class UsageUnavailable(Exception):
@@ -53,8 +58,16 @@ class UsageDatabase:
             raise UsageUnavailable(type(exc).__name__) from exc
 
     async def audit(self, who: str, action: str, detail: Mapping[str, Any]) -> bool:
-        """An admin action on record (usage/audit.py); False when the database did not take it."""
-        return await audit(self.engine, who, action, detail)
+        """An admin action on record (usage/audit.py), and a log line, so that it is on record even when the
+        database does not take it (then False: the action itself is not undone)."""
+        logger.info("audit: %s by %s: %s", action, who, orjson.dumps(detail).decode())
+        try:
+            async with asyncio.timeout(AUDIT_TIMEOUT_S):
+                await audit(self.engine, who, action, details=dict(detail))
+        except (AuditUnavailable, OSError, TimeoutError) as exc:
+            logger.error("audit record of %s by %s not written: %s", action, who, type(exc).__name__)
+            return False
+        return True
 
     async def round_trip(self) -> None:
         """One real round trip; raises when the database does not answer.

@@ -76,6 +76,7 @@ def rows_for(outcome: RequestOutcome) -> tuple[dict[str, Any], list[dict[str, An
         "surface": outcome.surface,
         "overrides": orjson.dumps(outcome.overrides).decode() if outcome.overrides else None,
         "caller": outcome.caller or None,
+        "key_id": outcome.key.id if outcome.key is not None else None,
     }
     return request, calls
 

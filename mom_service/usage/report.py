@@ -24,7 +24,8 @@ from mom_service.usage.schema import calls_table, requests_table
 
 logger = logging.getLogger("mom_service")
 
-GroupBy = Literal["model", "llm", "surface", "day", "hour"]
+GroupBy = Literal["model", "llm", "surface", "key", "day", "hour"]
+STATIC_CALLERS = "api_token"  # group_by=key: the group of the requests made with a static API_TOKEN (no key)
 _MS_PER = {"day": 86_400_000, "hour": 3_600_000}
 _FRACTIONS = (0.50, 0.95)  # the latency percentiles reported: p50 and p95
 Percentiles = tuple[float | None, float | None]
@@ -62,6 +63,8 @@ class _Group:
 
 
 def _group_key(group_by: GroupBy | None, raw: Any) -> str:
+    if group_by == "key" and raw is None:
+        return STATIC_CALLERS
     if group_by in _MS_PER:
         seconds = int(raw) * _MS_PER[str(group_by)] // 1000
         stamp = time.gmtime(seconds)
@@ -78,11 +81,12 @@ def _key(table: Table, group_by: GroupBy | None) -> Any:
         return c.mom_model
     if group_by == "llm":
         return c.llm
-    if group_by == "surface":  # a call's surface is its request's
+    if group_by in ("surface", "key"):  # a call's surface and key are its request's
+        column = "surface" if group_by == "surface" else "key_id"
         if table is requests_table:
-            return c.surface
+            return c[column]
         r = requests_table.c
-        return select(r.surface).where(r.id == c.request_id).scalar_subquery()
+        return select(r[column]).where(r.id == c.request_id).scalar_subquery()
     return literal("all")
 
 
@@ -192,10 +196,11 @@ async def usage_report(
     llm: str | None,
     group_by: GroupBy | None,
     caller: str | None = None,
+    key_id: str | None = None,
 ) -> dict[str, Any]:
     """Totals and groups over [start, end). Per request, unless an LLM is named (filter or grouping): then per
     upstream call of those LLMs, with `requests` counting the distinct requests they served. With `caller`, only
-    that caller's requests (and their calls)."""
+    that caller's requests (and their calls); with `key_id`, only that API key's."""
     per_call = llm is not None or group_by == "llm"
     table = calls_table if per_call else requests_table
     c = table.c
@@ -205,9 +210,11 @@ async def usage_report(
         conditions.append(c.mom_model == model)
     if llm is not None:
         conditions.append(c.llm == llm)
-    if caller is not None:
-        r = requests_table.c
-        mine = r.caller == caller
+    r = requests_table.c
+    owned = [r.caller == caller] if caller is not None else []
+    if key_id is not None:
+        owned.append(r.key_id == key_id)
+    for mine in owned:  # a call is its request's
         conditions.append(mine if not per_call else c.request_id.in_(select(r.id).where(mine)))
     async with engine.connect() as conn:
         rows = (await conn.execute(_aggregate(table, key, conditions, per_call))).all()

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Column,
     Connection,
     Float,
+    Index,
     Integer,
     MetaData,
     String,
@@ -61,6 +62,8 @@ requests_table = Table(
     Column("surface", String(16), nullable=False, server_default="chat"),  # chat|messages|responses|mcp|eval; mig. 5
     Column("overrides", Text),  # the caller's controls applied (JSON), null when none; migration 6
     Column("caller", String(64), index=True),  # who asked: the hash of its token (null before); migration 6
+    Column("key_id", String(32)),  # the API key that asked (null: a static API_TOKEN, or before); migration 8
+    Index("ix_mom_requests_key_created", "key_id", "created_ms"),  # a key's spend in a period, its usage
 )
 
 calls_table = Table(
@@ -102,15 +105,38 @@ responses_table = Table(
     Column("conversation", Text, nullable=False),  # the engine's messages up to and with its output (JSON list)
 )
 
-# What the admins did (who: the hash of the admin token, or the signal or file watch; never a token), migration 8.
+# API keys (docs/keys.md); migration 8. The key itself is never stored: its SHA-256 (a key is 256 random bits, so a
+# plain hash is as good as a slow one) and a short prefix to recognize it by.
+keys_table = Table(
+    "mom_keys",
+    metadata,
+    Column("id", String(32), primary_key=True),  # key_<hex>
+    Column("key_hash", String(64), nullable=False, unique=True),  # sha256 of the key, hex
+    Column("prefix", String(16), nullable=False),  # its first characters, for people to recognize it by
+    Column("name", String(128), nullable=False),
+    Column("owner", String(128)),
+    Column("models", Text),  # the MoM models it may use (JSON list); null: all
+    Column("budget_pico", BigInteger),  # USD * 1e12 per period; null: no budget
+    Column("budget_period", String(8)),  # day | month (UTC)
+    Column("rpm_limit", Integer),
+    Column("tpm_limit", Integer),
+    Column("expires_ms", BigInteger),
+    Column("disabled", Boolean, nullable=False, server_default=false()),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),
+    Column("deleted_ms", BigInteger),  # deleted keys stay, for their usage records' names and the audit
+)
+
+# Every admin action (the admin API's and the CLI's): who, what, when; never a key. Migration 8.
 audit_table = Table(
     "mom_audit",
     metadata,
     Column("id", String(36), primary_key=True),
     Column("created_ms", BigInteger, nullable=False, index=True),
-    Column("who", String(64), nullable=False),
-    Column("action", String(64), nullable=False),  # e.g. config.reload
-    Column("detail", Text, nullable=False),  # what it did (JSON): its outcome, what changed
+    Column("actor", String(64), nullable=False),  # admin:<hash of the admin token>, or cli:<user>
+    Column("action", String(32), nullable=False),  # key.create, key.update, key.delete, ...
+    Column("target", String(64)),  # the key's id
+    Column("details", Text),  # what changed (JSON)
 )
 
 versions_table = Table(
@@ -199,8 +225,17 @@ async def _migration_7(conn: AsyncConnection) -> None:
 
 
 async def _migration_8(conn: AsyncConnection) -> None:
-    """mom_audit: the admin actions (a config reload, ...)."""
-    await conn.run_sync(lambda sync: metadata.create_all(sync, tables=[audit_table]))
+    """API keys and the audit table; mom_requests.key_id (the key that asked; null before), indexed with the time:
+    a key's spend in a period is read on the requests' path."""
+
+    def add(sync: Connection) -> None:
+        metadata.create_all(sync, tables=[keys_table, audit_table])
+        if "key_id" not in {c["name"] for c in inspect(sync).get_columns("mom_requests")}:
+            sync.execute(text("ALTER TABLE mom_requests ADD COLUMN key_id VARCHAR(32)"))
+        if "ix_mom_requests_key_created" not in {i["name"] for i in inspect(sync).get_indexes("mom_requests")}:
+            sync.execute(text("CREATE INDEX ix_mom_requests_key_created ON mom_requests (key_id, created_ms)"))
+
+    await conn.run_sync(add)
 
 
 MIGRATIONS: Sequence[Callable[[AsyncConnection], Any]] = (

@@ -30,7 +30,8 @@ class UsageWriter:
         self.batch_size = batch_size
         self.queue: asyncio.Queue[Batch] = asyncio.Queue(max_queue)
         self.dropped = 0
-        self.written = 0
+        self.submitted = 0  # records queued so far: the last one's place in the queue (first in, first out)
+        self.written = 0  # records committed so far: every record whose place is at most this is in the database
         self.schema_ready = False  # set once migrations ran; until then each flush tries them first
         self._pending: list[Batch] = []
         self._task: asyncio.Task[None] | None = None
@@ -40,6 +41,7 @@ class UsageWriter:
     def submit(self, outcome: RequestOutcome) -> None:
         try:
             self.queue.put_nowait(rows_for(outcome))
+            self.submitted += 1
         except asyncio.QueueFull:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 100 == 0:

@@ -9,7 +9,8 @@ opening fence (docs/development.md, "Runnable examples in the docs"):
 A runnable block is run as a reader runs it, against the service started as users start it (`mom-service serve`
 with the built-in offline demo config, the response cache and circuit breakers on as by default): shell blocks in
 bash, with curl failing on an HTTP error status; Python blocks with this virtualenv's Python. The documented
-address (http://127.0.0.1:8000) becomes the live service's, and `API_TOKEN` is set in their environment.
+address (http://127.0.0.1:8000) becomes the live service's, and `API_TOKEN` and `ADMIN_TOKEN` are set in their
+environment.
 
 docs/configuration.md is also checked against the code: every environment setting and every config.yaml field is
 in it, and no `MOM_*` variable the code does not read is named anywhere in the docs.
@@ -33,6 +34,7 @@ from mom_service.settings import Settings
 from tests.conftest import ROOT, TOKEN, Service, StartService
 
 DOCUMENTED_URL = "http://127.0.0.1:8000"
+ADMIN_TOKEN = "docs-admin-token-123456"  # the demo service's and the reader's, for the admin API's examples
 DOC_FILES = (ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")))
 RUNNABLE_LANGUAGES = {"sh": "bash", "bash": "bash", "shell": "bash", "python": "python", "py": "python"}
 EXAMPLE_TIMEOUT_S = 90
@@ -177,6 +179,7 @@ def demo(start_service: StartService) -> Service:
         # (the shared start_service turns these two off for the other tests; a reader has them on)
         "MOM_CACHE_ENABLED": str(defaults["mom_cache_enabled"].default).lower(),
         "MOM_CIRCUIT_FAILURES": str(defaults["mom_circuit_failures"].default),
+        "ADMIN_TOKEN": ADMIN_TOKEN,  # the admin API's examples (docs/keys.md)
     }
     return start_service(None, env)
 
@@ -189,6 +192,7 @@ def example_environment(home: Path) -> dict[str, str]:
     env.update(
         {
             "API_TOKEN": TOKEN,
+            "ADMIN_TOKEN": ADMIN_TOKEN,
             "CURL_HOME": str(home),
             "NO_PROXY": "127.0.0.1,localhost",
             "no_proxy": "127.0.0.1,localhost",

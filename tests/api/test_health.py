@@ -18,7 +18,10 @@ from tests.fake_upstream import FakeUpstream
 
 MEMBERS = ("alpha", "beta", "gamma")
 PANEL_LLMS = ("alpha", "beta", "gamma", "judge", "seer", "sloth", "catalog")
-COMPONENTS = {"config", "database", "cache", "progress", "tracing", *(f"llm:{name}" for name in PANEL_LLMS)}
+COMPONENTS = {
+    *("config", "database", "cache", "progress", "tracing", "rate_limits"),
+    *(f"llm:{name}" for name in PANEL_LLMS),
+}
 UNREACHABLE_POSTGRES = "postgresql+asyncpg://postgres@127.0.0.1:1/nowhere"
 
 
@@ -136,6 +139,8 @@ def test_detailed_ok_on_the_standard_panel(service: Service, fake: FakeUpstream,
     assert components["tracing"] == {"status": "ok", "latency_ms": 0.0, "enabled": False}
     progress = components["progress"]
     assert progress["backend"] == "memory" and progress["max_runs"] == 1000 and isinstance(progress["runs"], int)
+    limits = components["rate_limits"]  # no REDIS_URL: counted in this replica's memory
+    assert (limits["status"], limits["backend"], limits["reason"]) == ("ok", "per_replica", "REDIS_URL is not set")
     alpha = components["llm:alpha"]
     # (circuit breakers are off in the shared test services: no `circuit` entry; see test_circuit_breaker.py)
     # alpha is served by an OpenAI-compatible server: the lean path, unless MOM_LEAN_CALLS=false

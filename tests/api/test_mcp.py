@@ -250,7 +250,7 @@ async def test_usage_reports_the_consult(served: Service, fake: FakeUpstream) ->
 
         await eventually(counted)
         bad = await session.call_tool("usage", {"group_by": "weekday"})
-    assert bad.is_error and "use one of model, llm, surface, day, hour" in bad.content[0].text  # type: ignore[union-attr]
+    assert bad.is_error and "use one of model, llm, surface, key, day, hour" in bad.content[0].text  # type: ignore[union-attr]
     with sqlite3.connect(served.workdir / "data" / "mom.db") as db:
         surfaces = {row[0] for row in db.execute("SELECT surface FROM mom_requests WHERE mom_model = 'duo'")}
     assert "mcp" in surfaces

@@ -89,7 +89,7 @@ def asked(fake: FakeUpstream, marker: str) -> list[str]:
 
 def audit_rows(service: Service) -> list[dict[str, Any]]:
     with sqlite3.connect(f"file:{service.workdir / 'data' / 'mom.db'}?mode=ro", uri=True) as db:
-        rows = db.execute("SELECT who, action, detail FROM mom_audit ORDER BY created_ms").fetchall()
+        rows = db.execute("SELECT actor, action, details FROM mom_audit ORDER BY created_ms").fetchall()
     return [{"who": who, "action": action, **orjson.loads(detail)} for who, action, detail in rows]
 
 

@@ -3,24 +3,21 @@ Redis goes away."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
-from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import httpx
 import pytest
 import redis
 
 from tests.api.test_cache import Answer, ask, assert_hit, assert_miss, usd
-from tests.conftest import REDIS_HOST, Service, StartService, empty_redis_db, free_port, llm, wait_until
+from tests.conftest import Service, StartService, empty_redis_db, llm, wait_until
 from tests.fake_upstream import FakeUpstream
+from tests.integration.conftest import OwnRedis
 
 REDIS_DB = 14  # this module's own key space, flushed before and after
 MEMBERS = ("cr-one", "cr-two")
@@ -48,16 +45,6 @@ def configure(fake: FakeUpstream) -> None:
 
 def upstream(fake: FakeUpstream) -> list[str]:
     return sorted(e["model"] for e in fake.log() if e["model"] in OURS)
-
-
-def unavailable(reason: str, what: str) -> NoReturn:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true requires {what}: {reason}")
-    pytest.skip(reason)
-
-
-def redis_client(port: int, db: int = 0) -> redis.Redis:
-    return redis.Redis(host=REDIS_HOST, port=port, db=db, socket_timeout=2, socket_connect_timeout=2)
 
 
 @pytest.fixture
@@ -138,38 +125,6 @@ def test_replicas_share_the_cache_and_the_records(
         assert "redis://" not in response.text
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], redis.Redis]]:
-    """A redis-server of this test's own (no persistence), on a free port: the test may kill it."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        unavailable("redis-server is not installed", "redis-server")
-    port = free_port()
-    with (tmp_path / "redis.log").open("wb") as log:
-        process = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", REDIS_HOST, "--save", "", "--appendonly", "no"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=tmp_path,
-        )
-    client = redis_client(port)
-
-    def answers() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.RedisError:
-            return False
-
-    try:
-        wait_until(answers)
-        yield process, client
-    finally:
-        client.close()
-        if process.poll() is None:
-            process.kill()
-        process.wait(5)
-
-
 def answered_without_the_cache(service: Service, fake: FakeUpstream, text: str, original: Answer, what: str) -> None:
     """Whole and streamed requests each answered promptly, as misses, by the panel."""
     fake.clear_log()
@@ -200,7 +155,7 @@ def assert_cache_degraded(service: Service) -> None:
 def test_redis_slow_or_gone_makes_misses_not_failures(
     fake_server: FakeUpstream,
     start_service: StartService,
-    own_redis: tuple[subprocess.Popen[bytes], redis.Redis],
+    own_redis: OwnRedis,
 ) -> None:
     fake = fake_server
     fake.reset()

@@ -262,7 +262,7 @@ async def test_usage_estimated_counts_requests_or_calls(engine: AsyncEngine) -> 
     assert (await report(engine, llm="alpha"))["totals"]["usage_estimated"] == 0
 
 
-async def test_migrations_3_to_6_add_usage_estimated_turn_surface_overrides_and_caller_to_a_version_2_database(
+async def test_migrations_3_to_8_add_usage_estimated_turn_surface_overrides_caller_and_keys_to_a_version_2_database(
     engine: AsyncEngine,
 ) -> None:
     # a database as version 2 left it: mom_requests without usage_estimated, one request in it
@@ -274,6 +274,7 @@ async def test_migrations_3_to_6_add_usage_estimated_turn_surface_overrides_and_
     old.pop("surface", None)  # nor this one (migration 5)
     old.pop("overrides", None)  # nor these (migration 6)
     old.pop("caller", None)
+    old.pop("key_id", None)  # nor this one (migration 8)
     async with engine.begin() as conn:
         await conn.execute(text("ALTER TABLE mom_requests DROP COLUMN usage_estimated"))
         await conn.execute(text("ALTER TABLE mom_requests DROP COLUMN turn"))
@@ -282,10 +283,14 @@ async def test_migrations_3_to_6_add_usage_estimated_turn_surface_overrides_and_
         await conn.execute(text("ALTER TABLE mom_requests DROP COLUMN caller"))
         await conn.execute(text("ALTER TABLE mom_requests DROP COLUMN overrides"))
         await conn.execute(text("DROP TABLE mom_responses"))
+        await conn.execute(text("DROP INDEX ix_mom_requests_key_created"))
+        await conn.execute(text("ALTER TABLE mom_requests DROP COLUMN key_id"))
+        await conn.execute(text("DROP TABLE mom_keys"))
+        await conn.execute(text("DROP TABLE mom_audit"))
         await conn.execute(versions_table.delete().where(versions_table.c.version > 2))
         await conn.execute(requests_table.insert().values(**old))
     assert await migrate(engine) == 2
-    assert await migrate(engine) == SCHEMA_VERSION == 7
+    assert await migrate(engine) == SCHEMA_VERSION == 8
     async with engine.connect() as conn:
         columns = await conn.run_sync(lambda sync: {c["name"]: c for c in inspect(sync).get_columns("mom_requests")})
         kept = (
@@ -297,6 +302,7 @@ async def test_migrations_3_to_6_add_usage_estimated_turn_surface_overrides_and_
                     requests_table.c.surface,
                     requests_table.c.overrides,
                     requests_table.c.caller,
+                    requests_table.c.key_id,
                 )
             )
         ).all()
@@ -305,11 +311,12 @@ async def test_migrations_3_to_6_add_usage_estimated_turn_surface_overrides_and_
     assert columns["usage_estimated"]["nullable"] is False
     assert columns["turn"]["nullable"] is False
     assert columns["surface"]["nullable"] is False
-    assert "mom_responses" in tables
+    assert {"mom_responses", "mom_keys", "mom_audit"} <= tables
     assert "ix_mom_requests_caller" in indexes  # a caller reads its own usage
+    assert "ix_mom_requests_key_created" in indexes  # a key's spend in its period
     # the old row is kept, with nothing estimated, counted as the only kind of turn and surface there was, with no
-    # overrides and no caller known
-    assert [tuple(row) for row in kept] == [("old", False, "ensemble", "chat", None, None)]
+    # overrides, no caller and no key known
+    assert [tuple(row) for row in kept] == [("old", False, "ensemble", "chat", None, None, None)]
 
     await write(engine, estimated_sample())
     result = await report(engine, group_by="model")

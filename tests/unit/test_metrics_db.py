@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, inspect, select, text
+from sqlalchemy import Table, func, inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mom_service.engine.events import Breakdown, CallReport, RequestOutcome, Usage
@@ -181,20 +181,40 @@ async def test_migration_2_adds_cost_saved_to_a_version_1_database(bare_engine: 
     assert [tuple(r) for r in rows] == [("old", None)]  # the old row is kept, with nothing saved
 
 
+async def as_version(engine: AsyncEngine, version: int, whole: Table, partial: Table, missing: str, rows: str) -> None:
+    """A database as `version` left it: `whole` as declared now, `partial` without its column `missing` (every
+    other one TEXT), with `rows` (an INSERT's VALUES) in it."""
+    async with engine.begin() as conn:
+        await conn.run_sync(lambda sync: versions_table.create(sync))
+        for number in range(1, version + 1):
+            await conn.execute(versions_table.insert().values(version=number, applied_ms=0))
+        await conn.run_sync(lambda sync: whole.create(sync))
+        columns = [c.name for c in partial.columns if c.name != missing]
+        await conn.execute(text(f"CREATE TABLE {partial.name} ({', '.join(f'{c} TEXT' for c in columns)})"))
+        await conn.execute(text(f"INSERT INTO {partial.name} {rows}"))
+
+
 async def test_migration_7_adds_the_stage_of_each_call(bare_engine: AsyncEngine) -> None:
     # a database as version 6 left it: mom_calls without stage, a member's and a concluding call's rows in it
-    async with bare_engine.begin() as conn:
-        await conn.run_sync(lambda sync: versions_table.create(sync))
-        for version in range(1, 7):
-            await conn.execute(versions_table.insert().values(version=version, applied_ms=0))
-        await conn.run_sync(lambda sync: requests_table.create(sync))
-        columns = ", ".join(f"{c.name} TEXT" for c in calls_table.columns if c.name != "stage")
-        await conn.execute(text(f"CREATE TABLE mom_calls ({columns})"))
-        await conn.execute(text("INSERT INTO mom_calls (id, role) VALUES ('m', 'member'), ('c', 'concluding')"))
+    await as_version(
+        bare_engine, 6, requests_table, calls_table, "stage", "(id, role) VALUES ('m', 'member'), ('c', 'concluding')"
+    )
     assert await migrate(bare_engine) == 6
     async with bare_engine.connect() as conn:
         rows = (await conn.execute(text("SELECT id, stage FROM mom_calls ORDER BY id"))).all()
     assert [tuple(r) for r in rows] == [("c", "conclude"), ("m", "answer")]
+
+
+async def test_migration_8_adds_keys_the_audit_and_each_request_s_key(bare_engine: AsyncEngine) -> None:
+    # a database as version 7 left it: mom_requests without key_id, one request in it, no keys nor audit tables
+    await as_version(bare_engine, 7, calls_table, requests_table, "key_id", "(id, created_ms) VALUES ('old', 1)")
+    assert await migrate(bare_engine) == 7
+    async with bare_engine.connect() as conn:
+        rows = (await conn.execute(text("SELECT id, key_id FROM mom_requests"))).all()
+        indexes = await conn.run_sync(lambda sync: {i["name"] for i in inspect(sync).get_indexes("mom_requests")})
+    assert [tuple(r) for r in rows] == [("old", None)]  # made before keys: no key
+    assert "ix_mom_requests_key_created" in indexes
+    assert {"mom_keys", "mom_audit"} <= await table_names(bare_engine)
 
 
 async def test_migrate_on_a_new_engine_for_the_same_file(tmp_path: Path) -> None:

@@ -10,8 +10,9 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from mom_service.api.auth import Authorized, RateLimitedToken
+from mom_service.api.auth import Identified, RateLimitedToken
 from mom_service.api.encoders.anthropic import MessageCollector, MessageStreamEncoder
+from mom_service.api.keys import Caller
 from mom_service.api.schemas.anthropic import (
     CountTokensRequest,
     MessagesRequest,
@@ -54,7 +55,7 @@ def _named(error: InvalidRequest, images: ImagePaths) -> InvalidRequest:
 
 
 def _asked(
-    request: Request, state: AppState, body: CountTokensRequest, parts: EngineParts, caller: str, stream: bool
+    request: Request, state: AppState, body: CountTokensRequest, parts: EngineParts, caller: Caller, stream: bool
 ) -> EngineRequest:
     return EngineRequest(
         model=body.model,
@@ -63,7 +64,8 @@ def _asked(
         final_params=parts.final_params,
         tools=parts.tools,
         request_id=request_id(request),
-        caller=caller,
+        caller=caller.id,
+        key=caller.label,
         stream=stream,
         user=parts.user,
         cache=request_cache(request, state),
@@ -74,7 +76,7 @@ def _asked(
 
 
 @router.post("/messages")
-async def messages(request: Request, state: StateDep, caller: Authorized, _: RateLimitedToken) -> Response:
+async def messages(request: Request, state: StateDep, caller: Identified, _: RateLimitedToken) -> Response:
     signer = ThinkingSigner.from_settings(state.settings)
     body, parts = _parsed(state, await read_json(request), signer, MessagesRequest)
     asked = _asked(request, state, body, parts, caller, bool(body.stream))
@@ -92,17 +94,18 @@ async def messages(request: Request, state: StateDep, caller: Authorized, _: Rat
         return MessageStreamEncoder(plan.mom.name, thinking=thinking(plan), sign=signer.sign, notices=notices)
 
     try:
-        return await answer(request, state, asked, collector=collector, encoder=encoder)
+        return await answer(request, state, caller, asked, collector=collector, encoder=encoder)
     except InvalidRequest as exc:  # the engine's checks (images, tools) name its conversation: name the client's
         raise _named(exc, parts.images) from None
 
 
 @router.post("/messages/count_tokens")
-async def count_tokens(request: Request, state: StateDep, caller: Authorized) -> dict[str, int]:
+async def count_tokens(request: Request, state: StateDep, caller: Identified) -> dict[str, int]:
     """The tokens the concluding LLM would read for this request (before the panel's answers), by our count."""
     signer = ThinkingSigner.from_settings(state.settings)
     body, parts = _parsed(state, await read_json(request), signer, CountTokensRequest)
     asked = _asked(request, state, body, parts, caller, stream=False)
+    state.keys.allow_model(caller, asked.model)
     try:
         return {"input_tokens": await state.engine.count_tokens(asked)}
     except InvalidRequest as exc:

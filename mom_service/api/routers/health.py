@@ -56,5 +56,6 @@ async def detailed(
         bool, Query(description="one single-token call to every LLM (billed; results reused for 60 s)")
     ] = False,
 ) -> JSONResponse:
-    report = await health.detailed_report(state, live=state.llm_checks if check_llm else None)
+    live = state.llm_checks if check_llm else None
+    report = await health.detailed_report(state, live=live, rate_limits=state.keys.limits)
     return _json(report, 503 if report["status"] == "error" else 200)

@@ -1,5 +1,6 @@
-"""`/v1/models` and `/v1/models/{id}`: the MoM models, in OpenAI's list and object shapes, or in Anthropic's when
-the request carries `anthropic-version` (as Anthropic's SDK and Claude Code send it)."""
+"""`/v1/models` and `/v1/models/{id}`: the MoM models (those an API key may use, for a key), in OpenAI's list and
+object shapes, or in Anthropic's when the request carries `anthropic-version` (as Anthropic's SDK and Claude Code
+send it)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from mom_service.api.auth import Authorized
+from mom_service.api.auth import Identified
 from mom_service.api.errors import ANTHROPIC_VERSION
+from mom_service.api.keys import Caller
 from mom_service.api.schemas.anthropic import anthropic_model, anthropic_model_list
 from mom_service.api.schemas.openai import Capabilities, Panel, model_object
 from mom_service.api.state import StateDep
-from mom_service.config import MoMModelConfig
+from mom_service.config import MoMConfig, MoMModelConfig
 from mom_service.engine.engine import Engine
 from mom_service.engine.tiers import tiers_shown
 from mom_service.errors import NotFound
@@ -39,19 +41,25 @@ def openai_model(engine: Engine, mom: MoMModelConfig, created: int) -> dict[str,
     return dict(model_object(mom.name, created, capabilities(engine, mom.name), panel(mom), tiers_shown(mom)))
 
 
+def usable_models(config: MoMConfig, caller: Caller) -> list[MoMModelConfig]:
+    """The MoM models the caller may use: its key's, else all."""
+    return [m for m in config.models if caller.key is None or caller.key.allows(m.name)]
+
+
 @router.get("/models")
-async def list_models(request: Request, state: StateDep, _: Authorized) -> dict[str, Any]:
+async def list_models(request: Request, state: StateDep, caller: Identified) -> dict[str, Any]:
     engine = state.engine  # one config throughout, even across a reload
+    models = usable_models(engine.config, caller)
     if ANTHROPIC_VERSION in request.headers:
-        return dict(anthropic_model_list([m.name for m in engine.config.models], state.started_at))
-    return {"object": "list", "data": [openai_model(engine, mom, state.started_at) for mom in engine.config.models]}
+        return dict(anthropic_model_list([m.name for m in models], state.started_at))
+    return {"object": "list", "data": [openai_model(engine, mom, state.started_at) for mom in models]}
 
 
 @router.get("/models/{model_id:path}")
-async def get_model(model_id: str, request: Request, state: StateDep, _: Authorized) -> dict[str, Any]:
+async def get_model(model_id: str, request: Request, state: StateDep, caller: Identified) -> dict[str, Any]:
     engine = state.engine
     mom = engine.config.mom_model(model_id)
-    if mom is None:
+    if mom is None or (caller.key is not None and not caller.key.allows(mom.name)):
         raise NotFound(f"The model '{model_id}' does not exist.", code="model_not_found", param="model")
     if ANTHROPIC_VERSION in request.headers:
         return dict(anthropic_model(mom.name, state.started_at))

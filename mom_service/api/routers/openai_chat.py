@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from mom_service.api.auth import Authorized, RateLimitedToken
+from mom_service.api.auth import Identified, RateLimitedToken
 from mom_service.api.encoders.openai import CompletionCollector, StreamSerializer
 from mom_service.api.schemas.openai import RequestLimits, parse_chat_request
 from mom_service.api.state import StateDep
@@ -18,7 +18,7 @@ router = APIRouter(prefix="/v1")
 
 
 @router.post("/chat/completions")
-async def chat_completions(request: Request, state: StateDep, caller: Authorized, _: RateLimitedToken) -> Response:
+async def chat_completions(request: Request, state: StateDep, caller: Identified, _: RateLimitedToken) -> Response:
     settings = state.settings
     limits = RequestLimits(max_messages=settings.mom_max_messages, max_text_chars=settings.mom_max_text_chars)
     chat = parse_chat_request(await read_json(request), limits)
@@ -29,7 +29,8 @@ async def chat_completions(request: Request, state: StateDep, caller: Authorized
         final_params=chat.final_params(),
         tools=chat.upstream_tools(),
         request_id=request_id(request),
-        caller=caller,
+        caller=caller.id,
+        key=caller.label,
         stream=bool(chat.stream),
         user=chat.user,
         cache=request_cache(request, state),
@@ -49,4 +50,4 @@ async def chat_completions(request: Request, state: StateDep, caller: Authorized
             plan.mom, include_usage=chat.include_usage, json_answer=json_answer, notices=plan.steering.notices
         )
 
-    return await answer(request, state, asked, collector=collector, encoder=encoder)
+    return await answer(request, state, caller, asked, collector=collector, encoder=encoder)

@@ -16,7 +16,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response
 
-from mom_service.api.auth import presented_token, require_token
+from mom_service.api.auth import presented_token, require_caller
 from mom_service.api.state import AppState, StateDep
 from mom_service.api.streaming import SSEResponse
 from mom_service.errors import AuthenticationFailed, NotFound, RateLimited, ServiceUnavailable
@@ -75,7 +75,7 @@ async def _reader(request: Request, state: AppState, run_id: str, token: str | N
     """Whose runs the request may read: its bearer token's caller; None (any run's owner) when it shows this run's
     link token. 401 for a wrong token of either kind, or none."""
     if not state.settings.api_tokens or presented_token(request):
-        return await require_token(request, state)  # (503 when the service has no token at all)
+        return (await require_caller(request, state)).id  # (503 when the service has no token at all)
     if token is None:
         raise AuthenticationFailed(
             "Missing token: send 'Authorization: Bearer <API_TOKEN>', or the run's link token as '?token=' (the "

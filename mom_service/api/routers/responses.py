@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from mom_service.api.auth import Authorized, RateLimitedToken
+from mom_service.api.auth import Authorized, Identified, RateLimitedToken
 from mom_service.api.encoders.responses import ResponseCollector, ResponseShape
 from mom_service.api.encoders.responses_stream import ResponseStreamEncoder
 from mom_service.api.schemas.openai import RequestLimits
@@ -84,11 +84,11 @@ async def _turn(state: AppState, asked: ResponsesRequest, caller: str, limits: R
 
 
 @router.post("/responses")
-async def create_response(request: Request, state: StateDep, caller: Authorized, _: RateLimitedToken) -> Response:
+async def create_response(request: Request, state: StateDep, caller: Identified, _: RateLimitedToken) -> Response:
     settings = state.settings
     limits = RequestLimits(max_messages=settings.mom_max_messages, max_text_chars=settings.mom_max_text_chars)
     asked = parse_responses_request(await read_json(request), limits)
-    turn = await _turn(state, asked, caller, limits)
+    turn = await _turn(state, asked, caller.id, limits)
     engine_request = EngineRequest(
         model=asked.model,
         messages=turn.messages,
@@ -96,7 +96,8 @@ async def create_response(request: Request, state: StateDep, caller: Authorized,
         final_params=asked.final_params(),
         tools=asked.upstream_tools(),
         request_id=request_id(request),
-        caller=caller,
+        caller=caller.id,
+        key=caller.label,
         stream=bool(asked.stream),
         user=asked.caller_user,
         cache=request_cache(request, state),
@@ -124,7 +125,7 @@ async def create_response(request: Request, state: StateDep, caller: Authorized,
                 return
             conversation = [*turn.conversation, out.assistant]
             try:
-                await state.responses.save(out.shape.id, caller, out.response, turn.items, conversation)
+                await state.responses.save(out.shape.id, caller.id, out.response, turn.items, conversation)
             except ResponseStoreUnavailable:
                 if isinstance(out, ResponseStreamEncoder):
                     raise  # after the stream began: it ends with response.failed (server_error)
@@ -133,7 +134,9 @@ async def create_response(request: Request, state: StateDep, caller: Authorized,
         return save
 
     on_completed = store if asked.stores else None
-    return await answer(request, state, engine_request, collector=collector, encoder=encoder, on_completed=on_completed)
+    return await answer(
+        request, state, caller, engine_request, collector=collector, encoder=encoder, on_completed=on_completed
+    )
 
 
 @router.get("/responses/{response_id}")

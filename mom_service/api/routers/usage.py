@@ -1,4 +1,5 @@
-"""`/v1/metrics/usage`: usage and cost over a time range, with filters and grouping."""
+"""`/v1/metrics/usage`: usage and cost over a time range, with filters and grouping. An API key reads its own
+requests only; a static API_TOKEN reads everyone's (docs/keys.md)."""
 
 from __future__ import annotations
 
@@ -9,46 +10,19 @@ from typing import Any, cast, get_args
 
 from fastapi import APIRouter
 
-from mom_service.api.auth import Authorized
+from mom_service.api.auth import Identified
+from mom_service.api.schemas.validation import parse_time
 from mom_service.api.state import AppState, StateDep
 from mom_service.errors import InvalidRequest, ServiceUnavailable
 from mom_service.usage.database import UsageUnavailable
-from mom_service.usage.report import GroupBy
+from mom_service.usage.keys import KeyStoreUnavailable
+from mom_service.usage.report import STATIC_CALLERS, GroupBy
 
 logger = logging.getLogger("mom_service")
 router = APIRouter(prefix="/v1")
 
 DEFAULT_PERIOD_S = 24 * 3600
 MAX_RANGE_DAYS = 366  # a longer range is refused: a year of records per query at most
-MAX_UNIX_S = 253402300800  # 10000-01-01
-
-
-def parse_time(value: str, param: str) -> float:
-    """Unix seconds, or ISO 8601 (a time without offset is UTC)."""
-    text = value.strip()
-    try:
-        seconds = float(text)
-    except ValueError:
-        pass
-    else:
-        if not 0 <= seconds < MAX_UNIX_S:
-            raise InvalidRequest(
-                f"Invalid value for '{param}': {value} is not a time in unix seconds.",
-                param=param,
-                code="invalid_value",
-            )
-        return seconds
-    try:
-        parsed = datetime.fromisoformat(text.replace("z", "Z"))
-    except ValueError:
-        raise InvalidRequest(
-            f"Invalid value for '{param}': '{value}' is neither ISO 8601 nor unix seconds.",
-            param=param,
-            code="invalid_value",
-        ) from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()
 
 
 def check_range(start_s: float, end_s: float) -> None:
@@ -62,6 +36,13 @@ def check_range(start_s: float, end_s: float) -> None:
         )
 
 
+async def _named(state: AppState, groups: list[dict[str, Any]]) -> None:
+    """Each group of a report by key with its key's name (null for the static API_TOKEN callers' group)."""
+    names = await state.keys.store.names([g["key"] for g in groups if g["key"] != STATIC_CALLERS])
+    for group in groups:
+        group["name"] = names.get(group["key"])
+
+
 def iso(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
 
@@ -69,14 +50,15 @@ def iso(seconds: float) -> str:
 @router.get("/metrics/usage")
 async def usage(
     state: StateDep,
-    _: Authorized,
+    caller: Identified,
     start: str | None = None,
     end: str | None = None,
     model: str | None = None,
     llm: str | None = None,
     group_by: str | None = None,
 ) -> dict[str, Any]:
-    return await usage_report(state, start=start, end=end, model=model, llm=llm, group_by=group_by)
+    key_id = caller.key.id if caller.key is not None else None
+    return await usage_report(state, start=start, end=end, model=model, llm=llm, group_by=group_by, key_id=key_id)
 
 
 async def usage_report(
@@ -88,9 +70,10 @@ async def usage_report(
     llm: str | None = None,
     group_by: str | None = None,
     caller: str | None = None,
+    key_id: str | None = None,
 ) -> dict[str, Any]:
-    """The usage report of the query's parameters (the usage API's, and the MCP server's `usage` tool's: `caller`
-    limits it to that caller's requests)."""
+    """The usage report of the query's parameters (the usage API's, and the MCP server's `usage` tool's): `caller`
+    limits it to that caller's requests, `key_id` to that API key's. Grouped by key, each group has its key's name."""
     end_s = parse_time(end, "end") if end is not None else time.time()
     start_s = parse_time(start, "start") if start is not None else end_s - DEFAULT_PERIOD_S
     if end_s < start_s:
@@ -111,8 +94,11 @@ async def usage_report(
             llm=llm,
             group_by=cast(GroupBy | None, group_by),  # checked against GroupBy's values above
             caller=caller,
+            key_id=key_id,
         )
-    except UsageUnavailable as exc:
+        if group_by == "key":
+            await _named(state, report["groups"])
+    except (UsageUnavailable, KeyStoreUnavailable) as exc:
         logger.error("usage query failed: %s", exc)
         raise ServiceUnavailable(
             "The usage database is not answering; try again later.", code="usage_database_unavailable"

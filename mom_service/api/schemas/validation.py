@@ -4,6 +4,7 @@ wrote it (`messages[0].content[1].text`), in OpenAI's words for wrong types and 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -11,6 +12,7 @@ from pydantic_core import ErrorDetails
 
 from mom_service.errors import InvalidRequest
 
+MAX_UNIX_S = 253402300800  # 10000-01-01
 _TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
 
@@ -102,3 +104,31 @@ def conversation_chars(messages: Sequence[dict[str, Any]]) -> int:
             total += sum(len(part.get("text", "")) for part in content)
         total += sum(len(call["function"]["arguments"]) for call in message.get("tool_calls") or ())
     return total
+
+
+def parse_time(value: str, param: str) -> float:
+    """Unix seconds, or ISO 8601 (a time without offset is UTC)."""
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        if not 0 <= seconds < MAX_UNIX_S:
+            raise InvalidRequest(
+                f"Invalid value for '{param}': {value} is not a time in unix seconds.",
+                param=param,
+                code="invalid_value",
+            )
+        return seconds
+    try:
+        parsed = datetime.fromisoformat(text.replace("z", "Z"))
+    except ValueError:
+        raise InvalidRequest(
+            f"Invalid value for '{param}': '{value}' is neither ISO 8601 nor unix seconds.",
+            param=param,
+            code="invalid_value",
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()

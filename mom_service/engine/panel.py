@@ -148,6 +148,7 @@ async def wait_for_panel(
     pending = set(tasks.indexes)
     cut_reason = ""
     overdue = False  # the deadline passed with too few answers: start as soon as there are enough
+    answered = 0  # of the members settled so far (a member's report may say ok before its settling is taken)
     while pending:
         await tasks.wait(deadline if not overdue else None)
         settled = False
@@ -157,18 +158,24 @@ async def wait_for_panel(
             elif item in pending:
                 pending.discard(item)
                 settled = True
-                yield MemberFinished(item.result())
-        if settled and mom.quorum is not None and _answers(members) >= mom.quorum:
+                report = item.result()
+                answered += report.status == "ok"
+                yield MemberFinished(report)
+        if settled and mom.quorum is not None and answered >= mom.quorum:
             cut_reason = f"cut off: the quorum of {mom.quorum} had answered"
             break
         if deadline is not None and loop.time() >= deadline:
-            if _answers(members) >= mom.min_successful:
+            if answered >= mom.min_successful:
                 cut_reason = f"cut off: member_deadline_ms ({mom.member_deadline_ms}) passed"
                 break
             overdue = True  # too few answers: wait on, each member within its own timeout
+    finished = [task for task in pending if task.done()]  # (finished while the events above were being sent)
+    for task in finished:
+        yield MemberFinished(members[tasks.indexes[task]])
+    pending.difference_update(finished)
     for task in pending:  # members cut off by the quorum or the deadline: cancelled, reported as such
         index = tasks.indexes[task]
-        if not task.done():  # (one may have finished while the events above were being sent)
+        if not task.done():
             task.cancel()
             member = plan.members[index]
             streamed = tasks.text(index)
@@ -180,10 +187,6 @@ async def wait_for_panel(
             yield item
     for task in pending:
         yield MemberFinished(members[tasks.indexes[task]])
-
-
-def _answers(members: list[CallReport]) -> int:
-    return sum(1 for r in members if r.status == "ok")
 
 
 def cancel_members(

@@ -24,16 +24,14 @@ from tests.api.test_progress import (
     client,
     config,
     configure,
-    kinds,
+    lifecycle,
     of,
     progress,
     read_all,
 )
 from tests.conftest import TOKEN, Service, StartService, empty_redis_db, wait_until
 from tests.fake_upstream import FakeUpstream
-from tests.integration.test_cache_replicas import own_redis, url_of
-
-__all__ = ["own_redis"]  # a fixture of this module's tests too
+from tests.integration.test_cache_replicas import url_of
 
 REDIS_DB = 11  # this module's own key space, flushed before and after
 TTL_S = 120
@@ -59,7 +57,7 @@ def test_a_run_on_one_replica_is_followed_on_the_other(
     run_id, url, mom, content = ask(first)
     elsewhere = read_all(second, url)  # after the run: all of it, from Redis
     assert elsewhere == read_all(first, url)
-    assert kinds(elsewhere)[:7] == ["run_started", *["member_started"] * 3, *["member_done"] * 3]
+    assert lifecycle(elsewhere)[:7] == ["run_started", *["member_started"] * 3, *["member_done"] * 3]
     assert_panel(elsewhere)
     assert_answered(elsewhere, mom, content)
     assert read_all(second, f"/v1/progress/{run_id}", Authorization=f"Bearer {TOKEN}") == elsewhere

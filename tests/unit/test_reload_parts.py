@@ -17,8 +17,8 @@ from mom_service.config_changes import config_changes
 from mom_service.engine.assembly import EngineOptions, build_engine, successor
 from mom_service.observability.redaction import Redactor
 from mom_service.providers.circuit_breaker import CircuitBreakers, Permit
-from mom_service.usage.audit import audit
-from mom_service.usage.schema import audit_table, create_engine, migrate
+from mom_service.usage.database import UsageDatabase
+from mom_service.usage.schema import audit_table
 
 KEY = "sk-reloaded-key-0123456789"
 
@@ -101,16 +101,17 @@ def test_a_config_file_carries_the_hash_of_its_bytes(tmp_path: Path) -> None:
 
 async def test_audit_rows_and_a_database_that_does_not_answer(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="mom_service")
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'usage.db'}")
+    usage = UsageDatabase(f"sqlite+aiosqlite:///{tmp_path / 'usage.db'}")
     try:
-        assert await audit(engine, "admin:0123", "config.reload", {"status": "unchanged"}) is False  # no table yet
+        assert await usage.audit("admin:0123", "config.reload", {"status": "unchanged"}) is False  # no table yet
         assert "audit record of config.reload by admin:0123 not written" in caplog.text
-        await migrate(engine)
-        assert await audit(engine, "admin:0123", "config.reload", {"status": "reloaded", "hash": "abc"}) is True
-        async with engine.connect() as conn:
-            rows = (await conn.execute(select(audit_table.c.who, audit_table.c.action, audit_table.c.detail))).all()
+        await usage.migrate()
+        assert await usage.audit("admin:0123", "config.reload", {"status": "reloaded", "hash": "abc"}) is True
+        async with usage.engine.connect() as conn:
+            columns = (audit_table.c.actor, audit_table.c.action, audit_table.c.target, audit_table.c.details)
+            rows = (await conn.execute(select(*columns))).all()
     finally:
-        await engine.dispose()
-    assert [tuple(r) for r in rows] == [("admin:0123", "config.reload", '{"status":"reloaded","hash":"abc"}')]
+        await usage.dispose()
+    assert [tuple(r) for r in rows] == [("admin:0123", "config.reload", None, '{"status":"reloaded","hash":"abc"}')]
     logged = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert any("audit: config.reload by admin:0123" in line for line in logged)

@@ -179,6 +179,12 @@ class MoMModelConfig(_Strict):
     member_deadline_ms: int | None = Field(default=None, gt=0)
     # A member cut off by the quorum or the deadline gives the concluding LLM what it had written, marked partial.
     partial_answers: bool = False
+    # Members called streaming (their text seen as they write it): on, off, or auto (default): when their text is
+    # used live, i.e. reasoning_content thinking in a streamed answer, or partial_answers with a quorum or deadline.
+    # The progress stream (docs/progress.md) shows member_delta events only for members streamed; a request turns
+    # it on with `mom.stream_members: "on"` (the playground does). Each streamed chunk costs a read, a parse and an
+    # event: about 40 us of CPU (docs/benchmarks.md).
+    stream_members: Literal["auto", "on", "off"] = "auto"
     concluding_fallbacks: list[Name] = Field(default_factory=list)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     tools: ToolsConfig = Field(default_factory=ToolsConfig)

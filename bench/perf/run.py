@@ -173,6 +173,7 @@ class Bench:
         self.fake_process: Process | None = None
         self.upstream = f"http://127.0.0.1:{self.fake_port}/v1"
         self.mom_env = dict(item.split("=", 1) for item in args.mom_env)
+        self.stream_members: str | None = args.stream_members
 
     # ----------------------------------------------------------------------------------------------- processes
     def launch(self, args: list[str], env: dict[str, str] | None, cpu: int | None, name: str) -> Process:
@@ -220,7 +221,7 @@ class Bench:
         """One `mom-service serve` for every mom-* target; None (and the targets skipped) if it does not start."""
         folder = self.workdir / name
         folder.mkdir()
-        (folder / "config.yaml").write_text(yaml.safe_dump(mom_config(self.upstream, targets)))
+        (folder / "config.yaml").write_text(yaml.safe_dump(mom_config(self.upstream, targets, self.stream_members)))
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("API_TOKEN", "MOM_", "LITELLM_", "OPENAI_"))}
         env |= {
@@ -309,9 +310,10 @@ class Bench:
         return out
 
 
-def mom_config(upstream: str, targets: list[Target]) -> dict[str, Any]:
+def mom_config(upstream: str, targets: list[Target], stream_members: str | None = None) -> dict[str, Any]:
     price = {"input_per_million": 1, "output_per_million": 4}
     judges = [JUDGE, SHORT, LONG]
+    streaming = {"stream_members": stream_members} if stream_members is not None else {}
     return {
         "llm_definitions": [
             {"name": name, "model": f"openai/{name}", "api_base": upstream, "pricing": price}
@@ -324,6 +326,7 @@ def mom_config(upstream: str, targets: list[Target]) -> dict[str, Any]:
                 "llms_to_query": t.members,
                 "concluding_llm": judge,
                 "concluding_prompt": "synth",
+                **streaming,
             }
             for t in targets
             for judge in judges
@@ -589,6 +592,11 @@ def main() -> int:
         default=[],
         metavar="NAME=VALUE",
         help="an environment variable for mom-service, e.g. MOM_LEAN_CALLS=false (repeatable)",
+    )
+    parser.add_argument(
+        "--stream-members",
+        choices=("auto", "on", "off"),
+        help="the MoM models' stream_members (default: the config's default, auto: members asked whole here)",
     )
     args = parser.parse_args()
     if unknown := set(args.targets) - set(TARGETS):

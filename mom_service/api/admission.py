@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import asyncio
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mom_service.api.errors import scope_error_response
 from mom_service.engine.inflight import InFlight
 from mom_service.errors import CutOffByShutdown, MoMError, RateLimited, ServiceUnavailable
 from mom_service.observability.metrics import Metrics
 from mom_service.observability.request_log import ANSWER_PATHS
-
-RATE_LIMIT_HEADERS = "rate_limit_headers"  # request.state's: the rate-limit headers of the answer (api/auth.py)
 
 OVER_CAPACITY_RETRY_S = 1
 SHUTTING_DOWN_RETRY_S = 1
@@ -86,7 +84,6 @@ class AdmissionControl:
             await scope_error_response(refusal, scope)(scope, receive, send)
             return
         metrics = getattr(state, "metrics", None)
-        send = _with_rate_limit_headers(scope, send)
         admission.in_flight.enter()
         try:
             if isinstance(metrics, Metrics):
@@ -96,18 +93,3 @@ class AdmissionControl:
                 await self.app(scope, receive, send)
         finally:
             admission.in_flight.leave()
-
-
-def _with_rate_limit_headers(scope: Scope, send: Send) -> Send:
-    """`send`, adding to the answer's start the rate-limit headers the request was counted with (those it does not
-    carry already: a refusal carries its own)."""
-
-    async def sending(message: Message) -> None:
-        extra = scope.get("state", {}).get(RATE_LIMIT_HEADERS) if message["type"] == "http.response.start" else None
-        if extra:
-            present = {name.lower() for name, _ in message.get("headers", [])}
-            added = [(k.encode(), v.encode()) for k, v in extra.items() if k.encode() not in present]
-            message = {**message, "headers": [*message.get("headers", []), *added]}
-        await send(message)
-
-    return sending

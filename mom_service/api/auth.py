@@ -16,10 +16,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from mom_service.api.admission import RATE_LIMIT_HEADERS
 from mom_service.api.keys import Caller, usable
 from mom_service.api.state import StateDep
 from mom_service.errors import AuthenticationFailed, ServiceUnavailable
+from mom_service.observability.request_log import ANSWER_HEADERS
 from mom_service.usage.keys import looks_like_key
 
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
@@ -82,7 +82,7 @@ async def within_rate_limit(request: Request, state: StateDep, caller: Identifie
     MOM_RATE_LIMIT_RPM); the rate-limit headers kept for its answer."""
     headers = await state.keys.admit_rate(caller)
     if headers:
-        setattr(request.state, RATE_LIMIT_HEADERS, headers)
+        setattr(request.state, ANSWER_HEADERS, headers)
 
 
 RateLimitedToken = Annotated[None, Depends(within_rate_limit)]

@@ -56,38 +56,54 @@ def new_breakdown(plan: Plan, not_answered: str) -> Breakdown:
     )
 
 
+DELTA_WAKE_S = 0.02  # members' text waits at most this long before the waiting loop is woken for it
+
+
 class MemberTasks:
     """The members' calls in flight: each one's task and index in the plan, the text each has streamed so far, and
     what their tasks send the waiting loop, in order: MemberStarted, MemberDelta..., then the task itself once it
-    has ended. One deque and one future to wake the loop: no task, queue or lock per piece. A piece that comes
-    while the one before it still waits to be taken joins it (one event the less; nothing is held back)."""
+    has ended. One deque and one future to wake the loop: no task, queue or lock per piece.
 
-    __slots__ = ("_items", "_waiter", "indexes", "streamed")
+    A member's start and end wake the loop at once; its text does not: a piece joins the member's MemberDelta not
+    yet taken, and the loop is woken for text by one timer, DELTA_WAKE_S after the first piece it has not seen (or
+    sooner, by a start or an end). So a member streaming many chunks costs the loop one wake per batch, not one per
+    chunk; each member's pieces keep their order, and come before its end."""
+
+    __slots__ = ("_items", "_open", "_timer", "_waiter", "indexes", "streamed")
 
     def __init__(self, size: int) -> None:
         self.indexes: dict[asyncio.Task[CallReport], int] = {}
         self.streamed: list[list[str]] = [[] for _ in range(size)]  # each member's text, as streamed
         self._items: deque[Sent] = deque()
+        self._open: dict[int, MemberDelta] = {}  # by id(report): each member's delta not yet taken
         self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def send(self, item: Sent) -> None:
         self._items.append(item)
+        self._wake()
+
+    def delta(self, report: CallReport, text: str) -> None:
+        """A piece of a member's answer (its task's per-piece path)."""
+        waiting = self._open.get(id(report))
+        if waiting is not None:
+            waiting.text += text
+            return
+        item = self._open[id(report)] = MemberDelta(report, text)
+        self._items.append(item)
+        if self._timer is None and self._waiter is not None:
+            self._timer = asyncio.get_running_loop().call_later(DELTA_WAKE_S, self._wake)
+
+    def _wake(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def delta(self, report: CallReport, text: str) -> None:
-        """A piece of a member's answer (its task's per-piece path)."""
-        items = self._items
-        if items:
-            last = items[-1]
-            if type(last) is MemberDelta and last.report is report:
-                last.text += text
-                return
-        self.send(MemberDelta(report, text))
-
     async def wait(self, until: float | None) -> None:
-        """Until something was sent, or the loop's time `until` (None: no limit)."""
+        """Until something was sent (text: within DELTA_WAKE_S), or the loop's time `until` (None: no limit)."""
         if self._items:
             return
         loop = asyncio.get_running_loop()
@@ -99,12 +115,18 @@ class MemberTasks:
             self._waiter = None
             if timer is not None:
                 timer.cancel()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
 
     def taken(self) -> Iterator[Sent]:
         """What was sent, oldest first, each taken as it is yielded (what comes meanwhile is yielded too)."""
         items = self._items
         while items:
-            yield items.popleft()
+            item = items.popleft()
+            if type(item) is MemberDelta:
+                del self._open[id(item.report)]
+            yield item
 
     def text(self, index: int) -> str:
         return "".join(self.streamed[index])
@@ -209,8 +231,9 @@ async def ask_member(
     tasks: MemberTasks,
     index: int,
 ) -> CallReport:
-    """Ask one member, its answer streamed to `tasks` as it comes, filling its `report` in place (the engine
-    settles it itself when it cuts it off). A cached answer is sent as one piece."""
+    """Ask one member, its answer streamed to `tasks` as it comes (when members stream: `Plan.members_streamed`;
+    else asked whole, and its answer sent as one piece, as a cached answer is), filling its `report` in place (the
+    engine settles it itself when it cuts it off)."""
     llm = member.llm
     started = time.perf_counter()
     verdict: Result = "abandoned"  # for the circuit breaker; the permit always goes back, however this ends
@@ -230,9 +253,13 @@ async def ask_member(
                 return report
         generation = trace.generation(report, member.messages, member.params)
         tasks.send(MemberStarted(report))
-        send = partial(tasks.delta, report)
-        pieces = tasks.streamed[index]
-        verdict = await calls.streamed(member, report, pieces, send)
+        if plan.members_streamed:
+            send = partial(tasks.delta, report)
+            verdict = await calls.streamed(member, report, tasks.streamed[index], send)
+        else:  # asked whole: one read, one parse; its text is one piece
+            verdict = await calls.whole(llm, report, member.messages, member.params, member.encoded)
+            if report.text:
+                tasks.delta(report, report.text)
     except asyncio.CancelledError:
         generation.finish(report, "")
         raise

@@ -117,6 +117,18 @@ class Plan:
     rankers: tuple[Concluder, ...] = ()  # rank: who ranks, as each would be asked (empty: the members who answered)
 
     @property
+    def members_streamed(self) -> bool:
+        """Whether members are called streaming: as the MoM model (or the request) says; `auto`: when their text is
+        used as they write it (reasoning_content thinking in a streamed answer; partial answers of members that a
+        quorum or deadline may cut)."""
+        mom = self.mom
+        if mom.stream_members != "auto":
+            return mom.stream_members == "on"
+        live = self.stream and mom.include_thinking_context and mom.thinking_format == "reasoning_content"
+        cut = mom.partial_answers and (mom.quorum is not None or mom.member_deadline_ms is not None)
+        return live or cut
+
+    @property
     def concluding_params(self) -> dict[str, Any]:
         """The concluding call's parameters: the sampling, the final answer's shape, the real tools."""
         params = {**self.params, **self.final_params}

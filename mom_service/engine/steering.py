@@ -28,9 +28,11 @@ KEYS = (
     "max_cost_usd",
     "cache",
     "strategy",
+    "stream_members",
 )
 THINKING = ("off", "think_tags", "reasoning_content")
 CACHE = ("on", "off")
+STREAM_MEMBERS = ("auto", "on", "off")
 
 Source = Literal["body", "directive"]
 
@@ -48,8 +50,10 @@ class Steering:
 
     @property
     def key(self) -> dict[str, Any]:
-        """What of it decides the answer (for the cache key): all but the cap, the cache and the thinking context."""
-        return {k: v for k, v in self.applied.items() if k not in ("max_cost_usd", "cache", "thinking")}
+        """What of it decides the answer (for the cache key): all but the cap, the cache, the thinking context and
+        whether members stream."""
+        kept = ("max_cost_usd", "cache", "thinking", "stream_members")
+        return {k: v for k, v in self.applied.items() if k not in kept}
 
 
 NO_STEERING = Steering()
@@ -226,6 +230,9 @@ def _rules(reader: _Reader, mom: MoMModelConfig, members: int, applied: dict[str
     strategy = reader.choice("strategy", STRATEGIES)
     if strategy is not None:
         update["strategy"] = applied["strategy"] = strategy
+    streaming = reader.choice("stream_members", STREAM_MEMBERS)
+    if streaming is not None:
+        update["stream_members"] = applied["stream_members"] = streaming
     for key, minimum in (("min_successful", 1), ("quorum", 1), ("member_deadline_ms", 1)):
         value = reader.integer(key, minimum)
         if value is not None:

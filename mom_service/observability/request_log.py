@@ -211,6 +211,11 @@ def render_text(fields: dict[str, Any]) -> str:
     return " ".join(f"{k}={_text_value(v)}" for k, v in shown.items() if v is not None and v != [])
 
 
+# request.state's: headers for the answer's start, set by the app (the rate-limit headers a request was counted
+# with, api/auth.py); added here, by the one send wrapper every answer passes, not by a wrapper of their own
+ANSWER_HEADERS = "answer_headers"
+
+
 class RequestLog:
     """Pure ASGI middleware: request id in and out, one log line per request."""
 
@@ -237,6 +242,10 @@ class RequestLog:
             if message["type"] == "http.response.start":
                 headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != HEADER]
                 headers.append((HEADER, request_id.encode()))
+                extra = scope.get("state", {}).get(ANSWER_HEADERS)
+                if extra:  # (those it does not carry already: a refusal carries its own)
+                    present = {name.lower() for name, _ in headers}
+                    headers += [(k.encode(), v.encode()) for k, v in extra.items() if k.encode() not in present]
                 message = {**message, "headers": headers}
                 response.status = int(message["status"])
                 response.json_error = response.status >= 400 and any(

@@ -1,6 +1,7 @@
-"""Members are called streaming: their usage from the stream's last chunk, their text in the thinking context as
-they write it (reasoning_content), and what a member cut off had written given to the concluding LLM when the MoM
-model says `partial_answers`."""
+"""Members are called streaming when their text is used as they write it (`stream_members`: on, or auto with
+reasoning_content thinking or partial answers; else asked whole): their usage from the stream's last chunk, their
+text in the thinking context as they write it (reasoning_content), and what a member cut off had written given to
+the concluding LLM when the MoM model says `partial_answers`."""
 
 from __future__ import annotations
 
@@ -29,10 +30,11 @@ def test_members_are_asked_streaming_and_their_usage_is_the_streams_own(service:
             "judge": {"text": "Because of Rayleigh scattering."},
         }
     )
-    response = service.chat("mom", messages=QUESTION)
+    response = service.chat("mom", messages=QUESTION, mom={"stream_members": "on"})  # the request's control
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["choices"][0]["message"]["content"] == "Because of Rayleigh scattering."
+    assert body["mom"]["overrides"]["stream_members"] == "on"
     asked = {e["model"]: e for e in fake.log() if e["model"] in ("alpha", "beta", "gamma")}
     assert sorted(asked) == ["alpha", "beta", "gamma"]
     for entry in asked.values():  # on either call path
@@ -57,6 +59,30 @@ def test_members_are_asked_streaming_and_their_usage_is_the_streams_own(service:
     rows = call_rows(service, request_id)
     assert (rows["alpha"]["prompt_tokens"], rows["alpha"]["completion_tokens"]) == (4321, 3)
     assert rows["alpha"]["usage_estimated"] == 0
+
+
+def test_by_default_members_nobody_watches_are_asked_whole(service: Service, fake: FakeUpstream) -> None:
+    """auto: a plain request (no live thinking, no partial answers) asks its members whole: one read each; a
+    reasoning_content stream asks them streaming."""
+    fake.configure(
+        {
+            "alpha": {"text": "Rayleigh scattering, mostly.", "prompt_tokens": 4321},
+            "beta": {"text": "Short waves scatter."},
+            "gamma": {"text": "Blue light bends more."},
+            "judge": {"text": "Because of Rayleigh scattering."},
+        }
+    )
+    body = service.chat("mom", messages=QUESTION).json()
+    assert body["choices"][0]["message"]["content"] == "Because of Rayleigh scattering."
+    asked = [e for e in fake.log() if e["model"] in ("alpha", "beta", "gamma")]
+    assert len(asked) == 3 and all(e["stream"] is False for e in asked)
+    alpha = members(body)["alpha"]
+    assert (alpha["status"], alpha["usage"]["prompt_tokens"], alpha["usage_estimated"]) == ("ok", 4321, False)
+    fake.clear_log()
+    _, content = _reasoning_stream(service, "mom-reason")
+    assert content == "Because of Rayleigh scattering."
+    asked = [e for e in fake.log() if e["model"] in ("alpha", "beta", "gamma")]
+    assert len(asked) == 3 and all(e["stream"] is True for e in asked)
 
 
 # alpha writes its first sentence over a second, and its last after three; gamma writes between. beta fails at once.
@@ -156,7 +182,7 @@ def partial(fake_server: FakeUpstream, start_service: StartService, call_path: C
                 "member_deadline_ms": 1500,
                 "partial_answers": True,
             },
-            {"name": "quorum-whole", "llms_to_query": CUT, "concluding_llm": "pj", "quorum": 2},
+            {"name": "quorum-whole", "llms_to_query": CUT, "concluding_llm": "pj", "quorum": 2, "stream_members": "on"},
         ],
     }
     return start_service(config, call_path.env)

@@ -21,7 +21,8 @@ CONFIG = parse_config(
         "llm_definitions": [
             {"name": n, "model": f"openai/{n}", "api_base": "http://x"} for n in ("good", "buggy", "j")
         ],
-        "models": [{"name": "mom", "llms_to_query": ["good", "buggy"], "concluding_llm": "j"}],
+        # members streamed (as the concluding call is): the callers below answer by `stream` alone
+        "models": [{"name": "mom", "llms_to_query": ["good", "buggy"], "concluding_llm": "j", "stream_members": "on"}],
     },
     "<test>",
 )

@@ -72,7 +72,8 @@ function request() {
     : question;
   const body = { model: model.id, messages: [{ role: "user", content }], stream: true,
     stream_options: { include_usage: true } };
-  const mom = {};
+  // members streamed, so that their columns fill as they write (docs/progress.md)
+  const mom = { stream_members: "on" };
   if ($("strategy").value) mom.strategy = $("strategy").value;
   if ($("thinking").value) mom.thinking = $("thinking").value;
   const chosen = [...$("members").querySelectorAll("input:checked")].map((box) => box.value);

@@ -234,22 +234,6 @@ def test_hang_client_timeout_is_recorded_as_disconnected(fake: FakeUpstream) -> 
     assert entry["disconnected_at"] - gave_up < 0.3
 
 
-def test_gate_holds_requests_until_opened(fake: FakeUpstream) -> None:
-    fake.configure({"held": {"gate": "g", "text": "let through"}})
-    body = {"model": "held", "messages": [{"role": "user", "content": "x"}]}
-    with ThreadPoolExecutor(1) as pool:
-        answer = pool.submit(_post, fake, body)
-        (entry,) = fake.wait_for(lambda log: len(log) == 1)
-        assert entry["outcome"] is None and not answer.done()  # held: no answer before the gate opens
-        fake.open_gate("g")
-        assert answer.result().json()["choices"][0]["message"]["content"] == "let through"
-    assert _post(fake, body).status_code == 200  # open: every later request goes through
-    fake.configure({"gone": {"gate": "never"}})
-    with pytest.raises(httpx.ReadTimeout):
-        _post(fake, {**body, "model": "gone"}, timeout=0.3)
-    fake.wait_for(lambda log: log[-1]["outcome"] == "disconnected", timeout=2.0)
-
-
 def test_disconnect_while_streaming_is_recorded(fake: FakeUpstream) -> None:
     fake.configure({"long": {"text": "t " * 50, "token_delay_ms": 50}})
     body = {"model": "long", "stream": True, "messages": [{"role": "user", "content": "x"}]}

@@ -337,3 +337,25 @@ def worst_of(
 ) -> Decimal:
     """A call's worst case: what it reads (our count) and `tokens` of answer."""
     return count(model, messages, None) * prices.input + tokens * output_price(prices)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A call made under the cost cap: refused (why), or its output ceiling and the worst case to reserve before
+    the next call made at the same time. Without a cap: neither (`max_tokens` None, nothing reserved)."""
+
+    refused: str | None = None
+    max_tokens: int | None = None
+    worst: Decimal = ZERO
+
+
+def reservation(
+    plan: Plan, model: str, ceiling: int, messages: list[dict[str, Any]], spent: Decimal, prices: Prices | None
+) -> Reservation:
+    """A stage call's or a later round's member's place under the cap, after `spent` (and what is reserved)."""
+    space = stage_room(plan, model, ceiling, messages, spent, prices)
+    if space is None:
+        return Reservation()
+    if space.refused is not None or prices is None:
+        return Reservation(refused=f"not asked: {space.refused}")
+    return Reservation(max_tokens=space.tokens, worst=worst_of(space.tokens, messages, model, prices))

@@ -13,7 +13,7 @@ from typing import Any
 
 from mom_service.engine.calls import NOT_ANSWERED, Calls
 from mom_service.engine.concluding import Concluded, conclude, too_few_answered
-from mom_service.engine.cost_cap import stage_room, worst_of
+from mom_service.engine.cost_cap import Reservation, reservation
 from mom_service.engine.events import Breakdown, Event, PanelDone, StageStarted
 from mom_service.engine.panel import cancel_members, fan_out, member_reports, wait_for_panel
 from mom_service.engine.plan import Member, Plan
@@ -33,15 +33,15 @@ def _round(plan: Plan, note: dict[str, Any], spent: Decimal, prices: Any) -> Pla
             continue
         messages = [*member.messages, note]
         params = member.params
-        ceiling = params.get("max_tokens")
+        ceiling = params.get("max_tokens")  # (set on every member's call under a cap)
         price = prices.get(member.llm.name)
-        space = stage_room(plan, member.llm.model, ceiling, messages, reserved, price) if ceiling else None
-        if space is not None and (space.refused is not None or price is None):
-            members.append(Member(member.llm, [], skipped=f"not asked: {space.refused}", skipped_kind="cost_cap"))
+        place = reservation(plan, member.llm.model, ceiling, messages, reserved, price) if ceiling else Reservation()
+        if place.refused is not None:
+            members.append(Member(member.llm, [], skipped=place.refused, skipped_kind="cost_cap"))
             continue
-        if space is not None and price is not None:
-            params = {**params, "max_tokens": space.tokens}
-            reserved += worst_of(space.tokens, messages, member.llm.model, price)
+        if place.max_tokens is not None:
+            params = {**params, "max_tokens": place.max_tokens}
+            reserved += place.worst
         members.append(dataclasses.replace(member, messages=messages, encoded=None, params=params))
     return dataclasses.replace(plan, members=tuple(members))
 

@@ -9,7 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 from mom_service.engine.calls import NOT_ANSWERED, Calls, ms_since
-from mom_service.engine.cost_cap import STAGE_CEILING, stage_room, worst_of
+from mom_service.engine.cost_cap import STAGE_CEILING, reservation
 from mom_service.engine.events import CallReport, Role
 from mom_service.engine.plan import Concluder, Plan
 from mom_service.engine.tracing import NO_GENERATION, Trace
@@ -39,14 +39,14 @@ def reserve(
     worst case (to reserve before the next call made at the same time); None when too little is left (the report
     says so). Without a cap: its parameters, and nothing reserved."""
     params = stage_params(plan, who)
-    prices = calls.prices.get(who.llm.name)
-    space = stage_room(plan, who.llm.model, who.ceiling or STAGE_CEILING, messages, spent, prices)
-    if space is None:
-        return params, ZERO
-    if space.refused is not None or prices is None:
-        report.skipped("cost_cap", f"not asked: {space.refused}")
+    ceiling = who.ceiling or STAGE_CEILING
+    place = reservation(plan, who.llm.model, ceiling, messages, spent, calls.prices.get(who.llm.name))
+    if place.refused is not None:
+        report.skipped("cost_cap", place.refused)
         return None, ZERO
-    return {**params, "max_tokens": space.tokens}, worst_of(space.tokens, messages, who.llm.model, prices)
+    if place.max_tokens is None:
+        return params, ZERO
+    return {**params, "max_tokens": place.max_tokens}, place.worst
 
 
 async def ask(

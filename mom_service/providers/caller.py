@@ -18,8 +18,16 @@ import aiohttp
 from mom_service.config import LLMDefinition, MoMConfig
 from mom_service.observability.redaction import Redactor
 from mom_service.providers import openai_http
-from mom_service.providers.errors import TRUNCATED, LLMCallError, map_error, retry_after, retry_delay
+from mom_service.providers.errors import (
+    CONTEXT_EXCEEDED,
+    TRUNCATED,
+    LLMCallError,
+    map_error,
+    retry_after,
+    retry_delay,
+)
 from mom_service.providers.litellm_api import litellm, openai_catalog
+from mom_service.providers.local_servers import LocalServers
 from mom_service.providers.tokens import Usage, count_prompt, count_text
 
 NO_KEY = "no-key"
@@ -58,6 +66,7 @@ class CallResult:
     text: str
     usage: Usage | None
     tool_calls: list[dict[str, Any]] | None = None  # OpenAI's shape: {"id", "type": "function", "function": {...}}
+    finish_reason: str | None = None  # as the provider said it (length: cut short by the output token limit)
 
 
 def _litellm_finished(stream: Any, finish_reason: str | None) -> bool:
@@ -197,6 +206,8 @@ class LLMCaller:
                 route = openai_http.lean_route(llm, static.get("api_key", NO_KEY), catalog, body_params)
                 if route is not None:
                     self._lean[llm.name] = route
+        keys = {name: s["api_key"] for name, s in self._static.items() if s.get("api_key", NO_KEY) != NO_KEY}
+        self.local_servers = LocalServers(config.llm_definitions, self.pool.session, keys)  # readiness waits for them
 
     def is_lean(self, llm: LLMDefinition) -> bool:
         """Whether this LLM's calls take the lean path (else LiteLLM)."""
@@ -209,7 +220,7 @@ class LLMCaller:
         await self.pool.aclose()
 
     def _map_error(self, llm: LLMDefinition, exc: BaseException, *, mid_stream: bool = False) -> LLMCallError:
-        return map_error(exc, timeout_s=llm.timeout, redact=self._redact, mid_stream=mid_stream)
+        return map_error(exc, timeout_s=llm.timeout, redact=self._redact, mid_stream=mid_stream, name=llm.name)
 
     def estimate_usage(self, llm: LLMDefinition, messages: list[dict[str, Any]], text: str) -> Usage:
         """Our own count of a call's tokens, for a call whose provider reported none (cut off, failed on the way,
@@ -306,7 +317,25 @@ class LLMCaller:
             text=text if isinstance(text, str) else "",
             usage=_usage_from(_field(response, "usage")),
             tool_calls=_tool_calls(message),
+            finish_reason=_field(choices[0], "finish_reason") if isinstance(choices, list) and choices else None,
         )
+
+    async def _empty_stream(
+        self, llm: LLMDefinition, messages: list[dict[str, Any]], params: Mapping[str, Any], error: LLMCallError
+    ) -> LLMCallError:
+        """Why a local LLM's stream ended before its first chunk. llama.cpp's server accepts a stream it cannot
+        serve (a conversation longer than its context window) with a 200 and an empty body; asked the same whole,
+        it says why (a 400). So such a stream is asked again whole, once: its context error, else the stream's."""
+        if error.kind != "truncated" or not llm.is_local:
+            return error
+        try:
+            await self.complete(llm, messages, params, retries=0)
+        except LLMCallError as why:
+            if why.kind == CONTEXT_EXCEEDED:
+                return why
+        except Exception:  # whatever else happened, the stream's own error stands
+            return error
+        return error
 
     def stream(
         self,
@@ -344,6 +373,7 @@ class LLMCaller:
         chunks: AsyncGenerator[dict[str, Any]] | None = None
         timer: asyncio.TimerHandle | None = None
         expired = False
+        received = False
         usage: Usage | None = None
         finish_reason = "stop"
         try:
@@ -359,6 +389,7 @@ class LLMCaller:
             timer = loop.call_at(deadline, expire)
             chunks = openai_http.events(response)
             async for chunk in chunks:
+                received = True
                 content, finished, raw_usage, extra = _chunk_parts(chunk)
                 if extra is not None:
                     yield extra
@@ -373,7 +404,8 @@ class LLMCaller:
         except Exception as exc:
             if expired:
                 raise LLMCallError("timeout", f"timed out after {llm.timeout:g} s", reached=True) from None
-            raise self._map_error(llm, exc, mid_stream=response is not None) from None
+            error = self._map_error(llm, exc, mid_stream=response is not None)
+            raise (error if received else await self._empty_stream(llm, messages, params, error)) from None
         finally:
             if timer is not None:
                 timer.cancel()
@@ -388,6 +420,7 @@ class LLMCaller:
     ) -> AsyncGenerator[str | Delta | StreamEnd]:
         deadline = asyncio.get_running_loop().time() + llm.timeout
         response: Any = None
+        received = False
         try:
             kwargs = self._kwargs(llm, messages, params)
             kwargs["stream"] = True
@@ -402,6 +435,7 @@ class LLMCaller:
                         chunk = await chunks.__anext__()
                 except StopAsyncIteration:
                     break
+                received = True
                 content, finished, raw_usage, extra = _chunk_parts(chunk)
                 if extra is not None:
                     yield extra
@@ -416,7 +450,8 @@ class LLMCaller:
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as exc:
-            raise self._map_error(llm, exc, mid_stream=response is not None) from None
+            error = self._map_error(llm, exc, mid_stream=response is not None)
+            raise (error if received else await self._empty_stream(llm, messages, params, error)) from None
         finally:
             if response is not None:
                 await response.aclose()

@@ -131,12 +131,13 @@ class LeanPool:
 
 
 class UpstreamStatusError(Exception):
-    """The server answered with an HTTP error. `message` is the error body's message; `response` (its headers) is
-    kept for Retry-After."""
+    """The server answered with an HTTP error. `message` is the error body's message, `code` its `error.code` (e.g.
+    `context_length_exceeded`); `response` (its headers) is kept for Retry-After."""
 
-    def __init__(self, response: aiohttp.ClientResponse, message: str) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, message: str, code: str | None = None) -> None:
         super().__init__(f"upstream HTTP {response.status}: {message}")
         self.message = message
+        self.code = code
         self.status_code = response.status
         self.response = response
 
@@ -175,13 +176,24 @@ def _error_message(raw: bytes) -> str:
     return raw[:300].decode("utf-8", "replace").strip()
 
 
+def _error_code(raw: bytes) -> str | None:
+    """The `error.code` of an OpenAI-shaped error body (llama.cpp and vLLM send one too), if it is a string."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    error = data.get("error") if isinstance(data, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
+
+
 async def _status_error(response: aiohttp.ClientResponse) -> UpstreamStatusError:
     """The error for a non-200 answer, with the start of its body (read, then the connection released)."""
     try:
         raw = await response.content.read(_MAX_ERROR_BODY)
     finally:
         response.release()
-    return UpstreamStatusError(response, _error_message(raw))
+    return UpstreamStatusError(response, _error_message(raw), _error_code(raw))
 
 
 async def post_whole(

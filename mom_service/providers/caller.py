@@ -117,6 +117,35 @@ def _chunk_parts(chunk: Any) -> tuple[str | None, str | None, Any, Delta | None]
     return content, _field(choice, "finish_reason"), _field(chunk, "usage"), extra
 
 
+@dataclass(slots=True)
+class _Reading:
+    """What a stream said so far besides its pieces: why it ended, its usage, whether a piece of answer came."""
+
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    answered: bool = False  # text or tool calls came: the stream was not empty
+
+    def take(self, chunk: Any) -> str | Delta | None:
+        """The piece a chunk carries (None: none), its finish_reason and usage noted."""
+        content, finished, raw_usage, extra = _chunk_parts(chunk)
+        if finished:
+            self.finish_reason = finished
+        if raw_usage:
+            self.usage = _usage_from(raw_usage)
+        piece = extra if extra is not None else content or None
+        self.answered = self.answered or piece is not None
+        return piece
+
+
+def _litellm_reported_usage(stream: Any) -> bool:
+    """Whether the provider's chunks carried usage: asked for it, LiteLLM counts it itself when a server sends none
+    (llama.cpp's), and gives that count as if reported. (A mock stream, or a LiteLLM that keeps no chunks: trusted.)"""
+    chunks = getattr(stream, "chunks", None)
+    if getattr(stream, "is_mock", False) or not isinstance(chunks, list):
+        return True
+    return any(getattr(chunk, "usage", None) is not None for chunk in chunks)
+
+
 def _tool_calls(message: Any) -> list[dict[str, Any]] | None:
     """A whole answer's tool calls, in OpenAI's shape."""
     calls = _field(message, "tool_calls")
@@ -373,9 +402,7 @@ class LLMCaller:
         chunks: AsyncGenerator[dict[str, Any]] | None = None
         timer: asyncio.TimerHandle | None = None
         expired = False
-        received = False
-        usage: Usage | None = None
-        finish_reason = "stop"
+        reading = _Reading()
         try:
             open_stream = partial(openai_http.open_stream, session, route, messages, params, encoded)
             response = await self._attempts(llm, open_stream, deadline, llm.retries)
@@ -389,23 +416,16 @@ class LLMCaller:
             timer = loop.call_at(deadline, expire)
             chunks = openai_http.events(response)
             async for chunk in chunks:
-                received = True
-                content, finished, raw_usage, extra = _chunk_parts(chunk)
-                if extra is not None:
-                    yield extra
-                elif content:
-                    yield content
-                if finished:
-                    finish_reason = finished
-                if raw_usage:
-                    usage = _usage_from(raw_usage)
+                piece = reading.take(chunk)
+                if piece is not None:
+                    yield piece
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as exc:
             if expired:
                 raise LLMCallError("timeout", f"timed out after {llm.timeout:g} s", reached=True) from None
             error = self._map_error(llm, exc, mid_stream=response is not None)
-            raise (error if received else await self._empty_stream(llm, messages, params, error)) from None
+            raise (error if reading.answered else await self._empty_stream(llm, messages, params, error)) from None
         finally:
             if timer is not None:
                 timer.cancel()
@@ -413,46 +433,39 @@ class LLMCaller:
                 await chunks.aclose()
             if response is not None:
                 response.release()  # back to the pool when the body was read to its end, else closed
-        yield StreamEnd(finish_reason or "stop", usage)
+        yield StreamEnd(reading.finish_reason or "stop", reading.usage)
 
     async def _litellm_stream(
         self, llm: LLMDefinition, messages: list[dict[str, Any]], params: Mapping[str, Any]
     ) -> AsyncGenerator[str | Delta | StreamEnd]:
         deadline = asyncio.get_running_loop().time() + llm.timeout
         response: Any = None
-        received = False
+        reading = _Reading()
         try:
             kwargs = self._kwargs(llm, messages, params)
             kwargs["stream"] = True
             kwargs["stream_options"] = {"include_usage": True}
             response = await self._attempts(llm, partial(self._litellm_call, kwargs, deadline), deadline, llm.retries)
             chunks = response.__aiter__()
-            usage: Usage | None = None
-            finish_reason: str | None = None
             while True:
                 try:
                     async with asyncio.timeout_at(deadline):
                         chunk = await chunks.__anext__()
                 except StopAsyncIteration:
                     break
-                received = True
-                content, finished, raw_usage, extra = _chunk_parts(chunk)
-                if extra is not None:
-                    yield extra
-                elif content:
-                    yield content
-                if finished:
-                    finish_reason = finished
-                if raw_usage:
-                    usage = _usage_from(raw_usage)
-            if not _litellm_finished(response, finish_reason):
+                piece = reading.take(chunk)
+                if piece is not None:
+                    yield piece
+            if not _litellm_finished(response, reading.finish_reason):
                 raise openai_http.UpstreamTruncated(TRUNCATED)
+            if not _litellm_reported_usage(response):
+                reading.usage = None  # LiteLLM's own count, not the provider's: ours, marked as an estimate
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as exc:
             error = self._map_error(llm, exc, mid_stream=response is not None)
-            raise (error if received else await self._empty_stream(llm, messages, params, error)) from None
+            raise (error if reading.answered else await self._empty_stream(llm, messages, params, error)) from None
         finally:
             if response is not None:
                 await response.aclose()
-        yield StreamEnd(finish_reason or "stop", usage)
+        yield StreamEnd(reading.finish_reason or "stop", reading.usage)

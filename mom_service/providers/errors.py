@@ -150,7 +150,7 @@ CONTEXT_EXCEEDED = "context_length_exceeded"
 def context_exceeded(exc: BaseException, status: object) -> bool:
     """Whether the provider refused the call because the conversation is longer than the model's context window
     (an HTTP 4xx or, Ollama's older servers, 500, saying so in its code or its message)."""
-    if not isinstance(status, int) or not (400 <= status < 500 or status == 500):
+    if not isinstance(status, int) or status == 429 or not (400 <= status < 500 or status == 500):
         return False
     if getattr(exc, "code", None) == CONTEXT_EXCEEDED:
         return True

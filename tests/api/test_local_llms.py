@@ -13,7 +13,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from tests.conftest import TOKEN, CallPath, Service, StartService, answer_of
+from tests.conftest import TOKEN, CallPath, Service, StartService, answer_of, free_port, wait_until
 from tests.fake_upstream import FakeUpstream
 
 QUESTION = [{"role": "user", "content": "What is a context window?"}]
@@ -215,3 +215,37 @@ def test_an_llms_system_prompt_comes_first_in_its_member_calls(served: Service, 
     judge = next(e for e in fake.log() if e["model"] == "loc-judge")["body"]["messages"]
     own = ("You are the analyst.", "You are the skeptic.")
     assert all(str(m["content"]) not in own for m in judge)  # the concluding call has neither
+
+
+def test_readiness_waits_until_every_local_llms_server_answers(start_service: StartService) -> None:
+    """A local server that starts after the service: not ready (naming the LLM), then ready once it answers. A
+    remote LLM's server is never asked (here it never answers, and the service is ready all the same)."""
+    late = FakeUpstream(free_port())
+    config = {
+        "llm_definitions": [
+            {"name": "loc-late", "model": "openai/loc-late", "api_base": late.base_url, "local": True},
+            {
+                "name": "far",
+                "model": "openai/far",
+                "api_base": f"http://127.0.0.1:{free_port()}/v1",
+                "api_key_env": "FAKE_KEY",
+            },
+        ],
+        "models": [{"name": "late", "llms_to_query": ["loc-late", "far"], "concluding_llm": "loc-late"}],
+    }
+    service = start_service(config)
+
+    def ready() -> httpx.Response:
+        return httpx.get(f"{service.url}/health/ready", timeout=10)
+
+    waiting = ready()
+    assert waiting.status_code == 503
+    assert waiting.json() == {"status": "not_ready", "reason": "waiting for the server of the local LLM 'loc-late'"}
+    assert late.base_url not in waiting.text and str(late.port) not in waiting.text
+    late.start()
+    try:
+        wait_until(lambda: ready().status_code == 200, timeout=20)
+        assert ready().json() == {"status": "ready"}
+    finally:
+        late.stop()
+    wait_until(lambda: ready().status_code == 503, timeout=20)  # gone again: not ready again

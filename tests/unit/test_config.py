@@ -434,3 +434,26 @@ def test_panel_rules_are_checked(rules: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(raw, "config.yaml")
     assert f"config.yaml: models[0] (name 'mom'): {message}" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("local", "sometimes", "valid boolean"),
+        ("system_prompt", "", "at least 1 character"),
+        ("system_prompt", ["a"], "valid string"),
+    ],
+)
+def test_local_and_system_prompt_are_checked(tmp_path: Path, field: str, value: Any, says: str) -> None:
+    path, message = problem(tmp_path, lambda raw: claude(raw).update({field: value}))
+    assert message.startswith(f"{path}: llm_definitions[1] (name 'claude'): field '{field}': ")
+    assert says in message
+
+
+def test_local_and_system_prompt_load(tmp_path: Path) -> None:
+    raw = base()
+    claude(raw).update(local=True, system_prompt="You are the skeptic.")
+    config = load_config(write(tmp_path, raw))
+    claude_llm, gpt = config.llm("claude"), config.llm("gpt")
+    assert (claude_llm.is_local, claude_llm.system_prompt) == (True, "You are the skeptic.")
+    assert (gpt.is_local, gpt.local, gpt.system_prompt) == (False, None, None)

@@ -349,19 +349,25 @@ class LLMCaller:
             finish_reason=_field(choices[0], "finish_reason") if isinstance(choices, list) and choices else None,
         )
 
-    async def _empty_stream(
-        self, llm: LLMDefinition, messages: list[dict[str, Any]], params: Mapping[str, Any], error: LLMCallError
+    async def _stream_failure(
+        self,
+        llm: LLMDefinition,
+        messages: list[dict[str, Any]],
+        params: Mapping[str, Any],
+        error: LLMCallError,
+        reading: _Reading,
     ) -> LLMCallError:
-        """Why a local LLM's stream ended before its first chunk. llama.cpp's server accepts a stream it cannot
-        serve (a conversation longer than its context window) with a 200 and an empty body; asked the same whole,
-        it says why (a 400). So such a stream is asked again whole, once: its context error, else the stream's."""
-        if error.kind != "truncated" or not llm.is_local:
+        """The error a failed stream raises. A local LLM's stream that ended before any answer is asked again
+        whole, once: llama.cpp's server accepts a stream it cannot serve (a conversation longer than its context
+        window) with a 200 and an empty body, and says why (a 400) only to a whole call. Its context error, if that
+        is what it says; else the stream's own. (One retry: the failed stream's connection went back to the pool
+        when its body ended, and the server closes it, so the first attempt may find it gone.)"""
+        if reading.answered or error.kind != "truncated" or not llm.is_local:
             return error
         try:
-            await self.complete(llm, messages, params, retries=0)
+            await self.complete(llm, messages, params, retries=1)
         except LLMCallError as why:
-            if why.kind == CONTEXT_EXCEEDED:
-                return why
+            return why if why.kind == CONTEXT_EXCEEDED else error
         except Exception:  # whatever else happened, the stream's own error stands
             return error
         return error
@@ -403,6 +409,7 @@ class LLMCaller:
         timer: asyncio.TimerHandle | None = None
         expired = False
         reading = _Reading()
+        failure: LLMCallError | None = None
         try:
             open_stream = partial(openai_http.open_stream, session, route, messages, params, encoded)
             response = await self._attempts(llm, open_stream, deadline, llm.retries)
@@ -424,8 +431,7 @@ class LLMCaller:
         except Exception as exc:
             if expired:
                 raise LLMCallError("timeout", f"timed out after {llm.timeout:g} s", reached=True) from None
-            error = self._map_error(llm, exc, mid_stream=response is not None)
-            raise (error if reading.answered else await self._empty_stream(llm, messages, params, error)) from None
+            failure = self._map_error(llm, exc, mid_stream=response is not None)
         finally:
             if timer is not None:
                 timer.cancel()
@@ -433,6 +439,8 @@ class LLMCaller:
                 await chunks.aclose()
             if response is not None:
                 response.release()  # back to the pool when the body was read to its end, else closed
+        if failure is not None:  # (after the stream's connection is let go: _stream_failure may call again)
+            raise await self._stream_failure(llm, messages, params, failure, reading)
         yield StreamEnd(reading.finish_reason or "stop", reading.usage)
 
     async def _litellm_stream(
@@ -441,6 +449,7 @@ class LLMCaller:
         deadline = asyncio.get_running_loop().time() + llm.timeout
         response: Any = None
         reading = _Reading()
+        failure: LLMCallError | None = None
         try:
             kwargs = self._kwargs(llm, messages, params)
             kwargs["stream"] = True
@@ -463,9 +472,10 @@ class LLMCaller:
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as exc:
-            error = self._map_error(llm, exc, mid_stream=response is not None)
-            raise (error if reading.answered else await self._empty_stream(llm, messages, params, error)) from None
+            failure = self._map_error(llm, exc, mid_stream=response is not None)
         finally:
             if response is not None:
                 await response.aclose()
+        if failure is not None:
+            raise await self._stream_failure(llm, messages, params, failure, reading)
         yield StreamEnd(reading.finish_reason or "stop", reading.usage)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
@@ -18,6 +17,17 @@ import aiohttp
 from mom_service.config import LLMDefinition, MoMConfig
 from mom_service.observability.redaction import Redactor
 from mom_service.providers import openai_http
+from mom_service.providers.answers import (
+    CallResult,
+    Delta,
+    Reading,
+    StreamEnd,
+    field_of,
+    litellm_finished,
+    litellm_reported_usage,
+    tool_calls_of,
+    usage_from,
+)
 from mom_service.providers.errors import (
     CONTEXT_EXCEEDED,
     TRUNCATED,
@@ -30,6 +40,8 @@ from mom_service.providers.litellm_api import litellm, openai_catalog
 from mom_service.providers.local_servers import LocalServers
 from mom_service.providers.tokens import Usage, count_prompt, count_text
 
+__all__ = ["NO_KEY", "CallResult", "Delta", "LLMCaller", "StreamEnd", "configured_limit"]
+
 NO_KEY = "no-key"
 # The output limit of a call: the client's and the operator's, under either name; each call carries one, as
 # `max_tokens` (LiteLLM renames it for the providers that want another name, e.g. OpenAI's reasoning models).
@@ -41,141 +53,6 @@ def configured_limit(params: Mapping[str, Any]) -> int | None:
     """The output limit set in some parameters (the smaller, under either name), or None when there is none."""
     limits = [int(params[name]) for name in LIMIT_NAMES if params.get(name) is not None]
     return min(limits) if limits else None
-
-
-@dataclass(slots=True)
-class StreamEnd:
-    """The last item of a stream: why it ended, and the usage when the provider reported it."""
-
-    finish_reason: str
-    usage: Usage | None
-
-
-@dataclass(slots=True)
-class Delta:
-    """A streamed piece that is more than text (most are plain `str`): tool-call fragments as OpenAI streams them
-    (`index`, then `id`, `function.name`, `function.arguments` fragments), and the tokens' log probabilities."""
-
-    text: str = ""
-    tool_calls: list[dict[str, Any]] | None = None
-    logprobs: list[dict[str, Any]] | None = None
-
-
-@dataclass(slots=True)
-class CallResult:
-    text: str
-    usage: Usage | None
-    tool_calls: list[dict[str, Any]] | None = None  # OpenAI's shape: {"id", "type": "function", "function": {...}}
-    finish_reason: str | None = None  # as the provider said it (length: cut short by the output token limit)
-
-
-def _litellm_finished(stream: Any, finish_reason: str | None) -> bool:
-    """Whether a LiteLLM stream reached its end. LiteLLM gives every stream a last chunk with a finish_reason, making
-    one up ("stop") when the provider sent none (its OpenAI path raises instead): its own record of what the
-    provider sent decides, where this LiteLLM keeps one."""
-    if getattr(stream, "is_mock", False) or not hasattr(stream, "received_finish_reason"):
-        return finish_reason is not None  # (a mock_response stream, as the demo config's, records none)
-    return bool(
-        stream.received_finish_reason
-        or getattr(stream, "intermittent_finish_reason", None)
-        or getattr(stream, "received_any_finish_reason", False)
-    )
-
-
-def _field(obj: Any, name: str) -> Any:
-    """A field of LiteLLM's response objects, or of the lean path's JSON (dicts)."""
-    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
-
-
-def _as_dict(obj: Any) -> dict[str, Any]:
-    """LiteLLM's pydantic objects as the JSON the lean path reads (dicts pass as they are)."""
-    if isinstance(obj, dict):
-        return obj
-    dumped: dict[str, Any] = obj.model_dump(exclude_none=True)
-    return dumped
-
-
-def _chunk_parts(chunk: Any) -> tuple[str | None, str | None, Any, Delta | None]:
-    """(content, finish_reason, raw usage, a Delta when the chunk carries more than text) of one streamed chunk,
-    LiteLLM's object or the lean path's JSON."""
-    choices = _field(chunk, "choices")
-    if not choices:
-        return None, None, _field(chunk, "usage"), None
-    choice = choices[0]
-    delta = _field(choice, "delta")
-    content = _field(delta, "content")
-    calls = _field(delta, "tool_calls")
-    logprobs = _field(choice, "logprobs")
-    extra = None
-    if calls or logprobs:
-        tokens = _field(logprobs, "content") if logprobs else None
-        extra = Delta(
-            text=content or "",
-            tool_calls=[_as_dict(c) for c in calls] if calls else None,
-            logprobs=[_as_dict(t) for t in tokens] if tokens else None,
-        )
-    return content, _field(choice, "finish_reason"), _field(chunk, "usage"), extra
-
-
-@dataclass(slots=True)
-class _Reading:
-    """What a stream said so far besides its pieces: why it ended, its usage, whether a piece of answer came."""
-
-    finish_reason: str | None = None
-    usage: Usage | None = None
-    answered: bool = False  # text or tool calls came: the stream was not empty
-
-    def take(self, chunk: Any) -> str | Delta | None:
-        """The piece a chunk carries (None: none), its finish_reason and usage noted."""
-        content, finished, raw_usage, extra = _chunk_parts(chunk)
-        if finished:
-            self.finish_reason = finished
-        if raw_usage:
-            self.usage = _usage_from(raw_usage)
-        piece = extra if extra is not None else content or None
-        self.answered = self.answered or piece is not None
-        return piece
-
-
-def _litellm_reported_usage(stream: Any) -> bool:
-    """Whether the provider's chunks carried usage: asked for it, LiteLLM counts it itself when a server sends none
-    (llama.cpp's), and gives that count as if reported. (A mock stream, or a LiteLLM that keeps no chunks: trusted.)"""
-    chunks = getattr(stream, "chunks", None)
-    if getattr(stream, "is_mock", False) or not isinstance(chunks, list):
-        return True
-    return any(getattr(chunk, "usage", None) is not None for chunk in chunks)
-
-
-def _tool_calls(message: Any) -> list[dict[str, Any]] | None:
-    """A whole answer's tool calls, in OpenAI's shape."""
-    calls = _field(message, "tool_calls")
-    if not calls:
-        return None
-    out = []
-    for call in calls:
-        function = _as_dict(_field(call, "function") or {})
-        out.append(
-            {
-                "id": _field(call, "id"),
-                "type": "function",
-                "function": {"name": function.get("name"), "arguments": function.get("arguments") or "{}"},
-            }
-        )
-    return out
-
-
-def _usage_from(raw: Any) -> Usage | None:
-    """Usage as the provider reported it (None when it did not: the engine then counts it itself)."""
-    if raw is None:
-        return None
-    details = _field(raw, "completion_tokens_details")
-    prompt_details = _field(raw, "prompt_tokens_details")
-    return Usage(
-        prompt_tokens=int(_field(raw, "prompt_tokens") or 0),
-        completion_tokens=int(_field(raw, "completion_tokens") or 0),
-        reasoning_tokens=int(_field(details, "reasoning_tokens") or 0) if details is not None else 0,
-        cached_tokens=int(_field(prompt_details, "cached_tokens") or 0) if prompt_details is not None else 0,
-    )
 
 
 def _own_copy(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -339,14 +216,14 @@ class LLMCaller:
         else:
             kwargs = self._kwargs(llm, messages, params)
             response = await self._attempts(llm, partial(self._litellm_call, kwargs, deadline), deadline, retries)
-        choices = _field(response, "choices")
-        message = _field(choices[0], "message") if isinstance(choices, list) and choices else None
-        text = _field(message, "content") if message is not None else None
+        choices = field_of(response, "choices")
+        message = field_of(choices[0], "message") if isinstance(choices, list) and choices else None
+        text = field_of(message, "content") if message is not None else None
         return CallResult(
             text=text if isinstance(text, str) else "",
-            usage=_usage_from(_field(response, "usage")),
-            tool_calls=_tool_calls(message),
-            finish_reason=_field(choices[0], "finish_reason") if isinstance(choices, list) and choices else None,
+            usage=usage_from(field_of(response, "usage")),
+            tool_calls=tool_calls_of(message),
+            finish_reason=field_of(choices[0], "finish_reason") if isinstance(choices, list) and choices else None,
         )
 
     async def _stream_failure(
@@ -355,7 +232,7 @@ class LLMCaller:
         messages: list[dict[str, Any]],
         params: Mapping[str, Any],
         error: LLMCallError,
-        reading: _Reading,
+        reading: Reading,
     ) -> LLMCallError:
         """The error a failed stream raises. A local LLM's stream that ended before any answer is asked again
         whole, once: llama.cpp's server accepts a stream it cannot serve (a conversation longer than its context
@@ -408,7 +285,7 @@ class LLMCaller:
         chunks: AsyncGenerator[dict[str, Any]] | None = None
         timer: asyncio.TimerHandle | None = None
         expired = False
-        reading = _Reading()
+        reading = Reading()
         failure: LLMCallError | None = None
         try:
             open_stream = partial(openai_http.open_stream, session, route, messages, params, encoded)
@@ -448,7 +325,7 @@ class LLMCaller:
     ) -> AsyncGenerator[str | Delta | StreamEnd]:
         deadline = asyncio.get_running_loop().time() + llm.timeout
         response: Any = None
-        reading = _Reading()
+        reading = Reading()
         failure: LLMCallError | None = None
         try:
             kwargs = self._kwargs(llm, messages, params)
@@ -465,9 +342,9 @@ class LLMCaller:
                 piece = reading.take(chunk)
                 if piece is not None:
                     yield piece
-            if not _litellm_finished(response, reading.finish_reason):
+            if not litellm_finished(response, reading.finish_reason):
                 raise openai_http.UpstreamTruncated(TRUNCATED)
-            if not _litellm_reported_usage(response):
+            if not litellm_reported_usage(response):
                 reading.usage = None  # LiteLLM's own count, not the provider's: ours, marked as an estimate
         except (asyncio.CancelledError, GeneratorExit):
             raise

@@ -162,13 +162,18 @@ def request_body(
     return orjson.dumps(body)[:-1] + b',"messages":' + encoded + b"}"
 
 
-def _error_message(raw: bytes) -> str:
-    """The `error.message` of an OpenAI-shaped error body, else the body's start."""
+def _error_of(raw: bytes) -> object:
+    """The `error` member of an OpenAI-shaped error body; None when there is none, or the body is not JSON."""
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return raw[:300].decode("utf-8", "replace").strip()
-    error = data.get("error") if isinstance(data, dict) else None
+        return None
+    return data.get("error") if isinstance(data, dict) else None
+
+
+def _error_message(raw: bytes) -> str:
+    """The `error.message` of an OpenAI-shaped error body, else the body's start."""
+    error = _error_of(raw)
     if isinstance(error, dict) and isinstance(error.get("message"), str):
         return str(error["message"])
     if isinstance(error, str):
@@ -178,11 +183,7 @@ def _error_message(raw: bytes) -> str:
 
 def _error_code(raw: bytes) -> str | None:
     """The `error.code` of an OpenAI-shaped error body (llama.cpp and vLLM send one too), if it is a string."""
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    error = data.get("error") if isinstance(data, dict) else None
+    error = _error_of(raw)
     code = error.get("code") if isinstance(error, dict) else None
     return code if isinstance(code, str) else None
 

@@ -34,6 +34,10 @@ LEVELS: tuple[Level, ...] = ("none", "minimal", "low", "medium", "high", "xhigh"
 # What a tier's LLMs are asked with: a level, the request's own level (`client`), or nothing (`none`).
 TierEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "client"]
 
+# Providers (LiteLLM's prefixes) that are servers run by the operator: `local: null` makes their LLMs local.
+# (`openai/` behind an api_base is not among them: a local server and a remote proxy look the same; say `local`.)
+LOCAL_PROVIDERS = frozenset({"ollama", "ollama_chat", "hosted_vllm", "llamafile", "lm_studio"})
+
 DEFAULT_CONCLUDING_PROMPT = (
     "You are the concluding model of a panel. Several models answered the user's last message; their answers "
     "follow. Compare them, keep what is correct and useful, resolve disagreements, drop mistakes, and write one "
@@ -75,6 +79,17 @@ class LLMDefinition(_Strict):
     multimodal: bool | None = None
     capabilities: Capabilities = Field(default_factory=Capabilities)
     pricing: Pricing | None = None
+    # A server the operator runs (llama.cpp, Ollama, vLLM...): priced at zero unless `pricing` says otherwise, and
+    # /health/ready waits until it answers. null: local when the provider prefix is a local runtime.
+    local: bool | None = None
+    system_prompt: str | None = Field(default=None, min_length=1)  # first in every call to it as a panel member
+
+    @property
+    def is_local(self) -> bool:
+        """Whether the operator runs this LLM's server (`local`, else its provider prefix says so)."""
+        if self.local is not None:
+            return self.local
+        return self.model.partition("/")[0] in LOCAL_PROVIDERS
 
     @field_validator("api_base")
     @classmethod

@@ -83,7 +83,8 @@ optional, see :data:`BEHAVIOUR_FIELDS`):
 ``token_delay_ms``     delay between tokens (non-streaming: tokens * delay added to the response delay); a tool
                        call's head and each fragment of its arguments count as tokens here.
 ``status``             HTTP status of an error response (if set and not 200).
-``error_message``      overrides the error message; ``error_type`` / ``error_code`` override those fields.
+``error_message``      overrides the error message; ``error_type`` / ``error_code`` / ``error_param`` override
+                       those fields (OpenAI route; ``param`` is null unless set).
 ``error_delay_ms``     delay before an error response (default 0: errors are immediate).
 ``fail_times``         only the first N requests (per model since its last configure/reset) misbehave.
 ``fail_rate``          fraction 0..1 of requests that misbehave, pseudo-random, deterministic with ``seed``.
@@ -102,6 +103,19 @@ optional, see :data:`BEHAVIOUR_FIELDS`):
                        content_block_stop, message_delta or message_stop): a stream cut short that no transport
                        error reveals; non-streaming: ignored.
 ``reset_connection``   close the TCP connection (RST) without any response.
+``finish_reason``      the answer's ``finish_reason`` instead of ``stop``/``tool_calls`` (e.g. ``"length"``, as a
+                       server says when ``max_tokens`` cut the answer). OpenAI route only.
+``no_usage``           streaming: no usage chunk, even with ``stream_options.include_usage`` (and no ``usage``
+                       field in the chunks), as llama-cpp-python's server streams; a whole answer keeps its
+                       ``usage``. OpenAI route only.
+``context_window``     the model's context window in tokens, refused as llama-cpp-python's server (0.3.x) refuses
+                       a conversation longer than it: when the prompt tokens (``prompt_tokens``, else the words)
+                       plus ``max_tokens`` (0 when unset) exceed it, a whole call gets a 400 with its body
+                       (``error.message`` "This model's maximum context length is N tokens. However, you
+                       requested T tokens (P in the messages, M in the completion). Please reduce the length of
+                       the messages or completion.", ``type: "invalid_request_error"``, ``param: "messages"``,
+                       ``code: "context_length_exceeded"``) and a streamed one a 200 ``text/event-stream`` with an
+                       empty body (the log's outcome: ``"error"`` and ``"ended"``). OpenAI route only.
 ``reasoning_text``     streamed token by token in ``delta.reasoning_content`` (Anthropic: a thinking block)
                        before the content; non-streaming: ``message.reasoning_content`` (a thinking block).
 ``ranking``            labels, best first (e.g. ``["B", "A", "C"]``): a request whose last user message asks for a
@@ -193,6 +207,10 @@ BEHAVIOUR_FIELDS: dict[str, str] = {
     "error_message": "str",
     "error_type": "str",
     "error_code": "str",
+    "error_param": "str",
+    "finish_reason": "str",
+    "no_usage": "bool",
+    "context_window": "int",
     "error_delay_ms": "int",
     "fail_times": "int",
     "fail_rate": "num",
@@ -263,6 +281,10 @@ class Behaviour:
     error_message: str | None = None
     error_type: str | None = None
     error_code: str | None = None
+    error_param: str | None = None
+    finish_reason: str | None = None
+    no_usage: bool = False
+    context_window: int | None = None
     error_delay_ms: int = 0
     fail_times: int | None = None
     fail_rate: float | None = None
@@ -556,9 +578,12 @@ class _Answer:
     reasoning: str | None
     tool_calls: tuple[_ToolCall, ...] = ()
     scripted: tuple[tuple[str, int], ...] | None = None  # the text as scripted pieces (``pieces``)
+    finish: str | None = None  # scripted (``finish_reason``)
 
     @property
     def finish_reason(self) -> str:
+        if self.finish is not None:
+            return self.finish
         return "tool_calls" if self.tool_calls else "stop"
 
     @property
@@ -1096,6 +1121,10 @@ class FakeState:
             behaviour = self.behaviour_for(model)
             if behaviour.gate is not None and not await exchange.wait_for(self.gate(behaviour.gate)):
                 return
+            if protocol == "openai" and await self._refused_as_too_long(exchange, encoder, behaviour):
+                return
+            if behaviour.no_usage and isinstance(encoder, _OpenAIEncoder):
+                encoder.include_usage = False
             plan = self.plan_for(model, behaviour)
             if plan.error_status is not None:
                 if await exchange.sleep(behaviour.error_delay_ms / 1000):
@@ -1119,6 +1148,32 @@ class FakeState:
             if entry["finished_at"] is None:
                 entry["finished_at"] = time.time()
 
+    async def _refused_as_too_long(self, exchange: _Exchange, encoder: _Encoder, behaviour: Behaviour) -> bool:
+        """``context_window``: a conversation longer than it refused as llama-cpp-python's server refuses it."""
+        if behaviour.context_window is None:
+            return False
+        body = encoder.body
+        prompt = behaviour.prompt_tokens if behaviour.prompt_tokens is not None else _prompt_word_count(body)
+        limit = body.get("max_tokens")
+        completion = limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else 0
+        if prompt + completion <= behaviour.context_window:
+            return False
+        if exchange.entry["stream"]:  # the server fails after it sent its headers: an empty 200 stream
+            headers = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-store"}
+            if await exchange.start_response(200, headers):
+                await exchange.finish(b"")
+                exchange.entry["outcome"] = "ended"
+                exchange.entry["finished_at"] = time.time()
+            return True
+        message = (
+            f"This model's maximum context length is {behaviour.context_window} tokens. However, you requested "
+            f"{prompt + completion} tokens ({prompt} in the messages, {completion} in the completion). Please "
+            "reduce the length of the messages or completion."
+        )
+        error_type, code = "invalid_request_error", "context_length_exceeded"
+        await self._send_error(exchange, encoder, 400, message, error_type, code, param="messages")
+        return True
+
     async def _send_error(
         self,
         exchange: _Exchange,
@@ -1128,8 +1183,11 @@ class FakeState:
         error_type: str | None = None,
         code: str | None = None,
         extra_headers: dict[str, str] | None = None,
+        param: str | None = None,
     ) -> None:
         payload = encoder.error(status, message, error_type, code)
+        if param is not None and isinstance(payload.get("error"), dict) and encoder.protocol == "openai":
+            payload["error"]["param"] = param
         headers = {"content-type": "application/json", "x-request-id": f"req-fake-{exchange.entry['id']}"}
         headers.update(extra_headers or {})
         if await exchange.start_response(status, headers):
@@ -1143,7 +1201,9 @@ class FakeState:
             value = behaviour.retry_after
             extra["retry-after"] = str(int(value)) if float(value).is_integer() else str(value)
         message = behaviour.error_message or f"Fake upstream error {status} for model {encoder.model}."
-        await self._send_error(exchange, encoder, status, message, behaviour.error_type, behaviour.error_code, extra)
+        await self._send_error(
+            exchange, encoder, status, message, behaviour.error_type, behaviour.error_code, extra, behaviour.error_param
+        )
 
     @staticmethod
     def _answer(encoder: _Encoder, behaviour: Behaviour, counter: _ModelCounter) -> _Answer:
@@ -1166,7 +1226,7 @@ class FakeState:
             text: str | None = _fill(template, body)
         else:
             text = None if calls else f"Answer from {encoder.model}."
-        return _Answer(text, behaviour.reasoning_text, tuple(calls), behaviour.pieces)
+        return _Answer(text, behaviour.reasoning_text, tuple(calls), behaviour.pieces, behaviour.finish_reason)
 
     @staticmethod
     def _usage(body: dict[str, Any], behaviour: Behaviour, answer: _Answer) -> _Usage:

@@ -38,6 +38,8 @@ def _llm_identity(llm: LLMDefinition) -> dict[str, Any]:
         "multimodal": llm.multimodal,
         "capabilities": llm.capabilities.model_dump(),  # who calls tools: who concludes, what members read
     }
+    if llm.system_prompt is not None:  # (also in the messages a member gets; here for the panel's identity)
+        identity["system_prompt"] = llm.system_prompt
     if "#" in llm.name:  # a sample (NAME#2): its own answer, never another sample's
         identity["sample"] = llm.name.partition("#")[2]
     return identity

@@ -43,6 +43,7 @@ def cached_copy(report: CallReport) -> CallReport:
         stage=report.stage,
         images=report.images,
         partial=report.partial,
+        finish_reason=report.finish_reason,
     )
 
 
@@ -147,6 +148,7 @@ class ResponseCache:
             "images": report.images,
             "cost": _cost(_paid(report)),
             "partial": report.partial,
+            "finish_reason": report.finish_reason,
         }
 
     @staticmethod
@@ -164,6 +166,7 @@ class ResponseCache:
             images=data["images"],
             cost=None if data["cost"] is None else Decimal(data["cost"]),
             partial=data.get("partial", False),
+            finish_reason=data.get("finish_reason"),
         )
         return cached_copy(original)
 

@@ -64,6 +64,7 @@ class Calls:
             result = await self.caller.complete(llm, messages, params, encoded=encoded)
         except Exception as exc:
             return self._failure(llm, report, exc, messages, "")
+        report.finish_reason = result.finish_reason
         return self._settle(llm, report, messages, result.text, result.tool_calls, result.usage)
 
     async def streamed(
@@ -86,7 +87,7 @@ class Calls:
                         pieces.append(piece)
                         send(piece)
                     elif isinstance(piece, StreamEnd):
-                        usage = piece.usage
+                        usage, report.finish_reason = piece.usage, piece.finish_reason
                     elif isinstance(piece, Delta):  # text with more (log probabilities), or tool-call fragments
                         if report.ttft_ms is None:
                             report.ttft_ms = ms_since(started)

@@ -213,7 +213,7 @@ async def concluding_call(
             async for piece in stream:
                 if isinstance(piece, StreamEnd):
                     report.usage = piece.usage
-                    concluded.finish_reason = piece.finish_reason
+                    concluded.finish_reason = report.finish_reason = piece.finish_reason
                     continue
                 if report.ttft_ms is None:
                     report.ttft_ms = ms_since(started)

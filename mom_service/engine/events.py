@@ -41,6 +41,8 @@ class CallReport:
     saved: Decimal | None = None  # a cached answer: what the call that produced it cost (not paid again)
     sent: bool = False  # the request left for the provider (a call cancelled before that made no call)
     partial: bool = False  # cut off, and what it had written went to the concluding LLM (`partial_answers`)
+    # why its answer ended, as its provider said: stop, tool_calls, length (cut short by its output token limit)
+    finish_reason: str | None = None
 
     def __post_init__(self) -> None:
         if not self.stage:  # a member answers, the concluding call concludes, unless a strategy says otherwise

@@ -57,11 +57,14 @@ class _Shapes:
         note: dict[str, Any] | None,
     ) -> None:
         self._messages, self._downloaded, self._tools, self._note = messages, downloaded, tools, note
-        self._shaped: dict[tuple[Family, bool, ToolsMode, bool], list[dict[str, Any]]] = {}
+        self._shaped: dict[tuple[Family, bool, ToolsMode, bool, str | None], list[dict[str, Any]]] = {}
         self._encoded: dict[int, bytes] = {}
 
     def of(self, llm: LLMDefinition, sees: bool, mode: ToolsMode, member: bool) -> list[dict[str, Any]]:
-        key = (family(llm), sees, mode, member)
+        """The conversation as `llm` gets it; a member's starts with the LLM's own `system_prompt`, if it has one
+        (before the conversation's system messages, which stay)."""
+        own = llm.system_prompt if member else None
+        key = (family(llm), sees, mode, member, own)
         if key not in self._shaped:
             messages = self._messages if mode != "text" else history_as_text(self._messages)
             shaped = sanitize(messages, RULES[key[0]], vision=sees, downloaded=self._downloaded)
@@ -70,7 +73,8 @@ class _Shapes:
             )
             if member and self._note is not None:
                 extra.append(self._note)
-            self._shaped[key] = [*shaped, *extra]
+            first = [{"role": "system", "content": own}] if own is not None else []
+            self._shaped[key] = [*first, *shaped, *extra]
         return self._shaped[key]
 
     def encoded(self, shapes: list[dict[str, Any]]) -> bytes:

@@ -25,6 +25,15 @@ TOOLS_INSTRUCTION = (
 )
 
 
+# A member whose answer reached its output token limit (finish_reason "length"): an answer, said to be unfinished.
+CUT_SHORT_NOTE = "(cut short: this answer reached its output token limit, so it may stop mid-way)"
+
+
+def cut_short(report: CallReport) -> bool:
+    """Whether an answer stopped at its output token limit, not where its LLM meant to stop."""
+    return report.status == "ok" and report.finish_reason == "length"
+
+
 def _neutralise(text: str) -> str:
     return _TAG_IN_TEXT.sub(lambda m: f"&lt;{m.group(1)}{_TAG}", text)
 
@@ -54,6 +63,9 @@ def panel_block(reports: Sequence[CallReport], ranking: Sequence[Mapping[str, An
         if report.status == "ok":
             calls = proposal_calls(report)
             proposed = f"\n<proposed_tool_calls>{_neutralise(calls)}</proposed_tool_calls>" if calls else ""
+            if cut_short(report):
+                attrs += ' cut_short="true"'
+                proposed += f"\n{CUT_SHORT_NOTE}"
             parts.append(f"<{_TAG} {attrs}>\n{_neutralise(report.text)}{proposed}\n</{_TAG}>")
         elif report.partial:  # cut off: what it had written (`partial_answers`), said to be unfinished
             reason = _neutralise(report.error or report.status)
@@ -116,7 +128,8 @@ def thought(event: MemberFinished | StageDone) -> CallReport | str:
 def thinking_block(report: CallReport) -> str:
     """One member's block in the thinking context, in the format the original MoM service used."""
     if report.status == "ok":
-        return f"Model: {member_label(report)}\nContent: {report.text}\n{block_end(report)}"
+        note = f"{CUT_SHORT_NOTE}\n" if cut_short(report) else ""
+        return f"Model: {member_label(report)}\nContent: {report.text}\n{note}{block_end(report)}"
     partial = f"Content (partial): {report.text}\n" if report.partial else ""
     return f"Model: {member_label(report)}\n{partial}{block_end(report)}"
 

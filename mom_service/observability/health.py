@@ -27,6 +27,7 @@ from mom_service.progress.hub import ProgressHub
 from mom_service.providers.caller import LLMCaller
 from mom_service.providers.circuit_breaker import CircuitBreakers, CircuitView
 from mom_service.providers.errors import LLMCallError
+from mom_service.providers.local_servers import LocalServers
 from mom_service.usage.database import UsageDatabase
 from mom_service.usage.writer import UsageWriter
 
@@ -157,14 +158,21 @@ async def check_progress(state: Sources) -> Component:
     return Component("degraded" if error else "ok", _elapsed_ms(started), details)
 
 
-async def readiness(usage: UsageDatabase | None, *, draining: bool) -> str | None:
-    """None when the service is ready to answer, else a short reason (shown without auth: nothing specific)."""
+async def readiness(usage: UsageDatabase | None, *, draining: bool, local: LocalServers | None = None) -> str | None:
+    """None when the service is ready to answer, else a short reason (shown without auth: nothing specific but the
+    names of the local LLMs whose servers do not answer yet, never their addresses)."""
     if usage is None:
         return "starting or stopping"
     if draining:
         return "shutting down"
     _, error = await usage.probe()
-    return None if error is None else "database unavailable"
+    if error is not None:
+        return "database unavailable"
+    waiting = await local.not_answering() if local is not None else []
+    if waiting:
+        names = ", ".join(f"'{name}'" for name in waiting)
+        return f"waiting for the server of the local LLM {names}"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------- LLMs

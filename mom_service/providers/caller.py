@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
@@ -18,9 +17,30 @@ import aiohttp
 from mom_service.config import LLMDefinition, MoMConfig
 from mom_service.observability.redaction import Redactor
 from mom_service.providers import openai_http
-from mom_service.providers.errors import TRUNCATED, LLMCallError, map_error, retry_after, retry_delay
+from mom_service.providers.answers import (
+    CallResult,
+    Delta,
+    Reading,
+    StreamEnd,
+    field_of,
+    litellm_finished,
+    litellm_reported_usage,
+    tool_calls_of,
+    usage_from,
+)
+from mom_service.providers.errors import (
+    CONTEXT_EXCEEDED,
+    TRUNCATED,
+    LLMCallError,
+    map_error,
+    retry_after,
+    retry_delay,
+)
 from mom_service.providers.litellm_api import litellm, openai_catalog
+from mom_service.providers.local_servers import LocalServers
 from mom_service.providers.tokens import Usage, count_prompt, count_text
+
+__all__ = ["NO_KEY", "CallResult", "Delta", "LLMCaller", "StreamEnd", "configured_limit"]
 
 NO_KEY = "no-key"
 # The output limit of a call: the client's and the operator's, under either name; each call carries one, as
@@ -33,111 +53,6 @@ def configured_limit(params: Mapping[str, Any]) -> int | None:
     """The output limit set in some parameters (the smaller, under either name), or None when there is none."""
     limits = [int(params[name]) for name in LIMIT_NAMES if params.get(name) is not None]
     return min(limits) if limits else None
-
-
-@dataclass(slots=True)
-class StreamEnd:
-    """The last item of a stream: why it ended, and the usage when the provider reported it."""
-
-    finish_reason: str
-    usage: Usage | None
-
-
-@dataclass(slots=True)
-class Delta:
-    """A streamed piece that is more than text (most are plain `str`): tool-call fragments as OpenAI streams them
-    (`index`, then `id`, `function.name`, `function.arguments` fragments), and the tokens' log probabilities."""
-
-    text: str = ""
-    tool_calls: list[dict[str, Any]] | None = None
-    logprobs: list[dict[str, Any]] | None = None
-
-
-@dataclass(slots=True)
-class CallResult:
-    text: str
-    usage: Usage | None
-    tool_calls: list[dict[str, Any]] | None = None  # OpenAI's shape: {"id", "type": "function", "function": {...}}
-
-
-def _litellm_finished(stream: Any, finish_reason: str | None) -> bool:
-    """Whether a LiteLLM stream reached its end. LiteLLM gives every stream a last chunk with a finish_reason, making
-    one up ("stop") when the provider sent none (its OpenAI path raises instead): its own record of what the
-    provider sent decides, where this LiteLLM keeps one."""
-    if getattr(stream, "is_mock", False) or not hasattr(stream, "received_finish_reason"):
-        return finish_reason is not None  # (a mock_response stream, as the demo config's, records none)
-    return bool(
-        stream.received_finish_reason
-        or getattr(stream, "intermittent_finish_reason", None)
-        or getattr(stream, "received_any_finish_reason", False)
-    )
-
-
-def _field(obj: Any, name: str) -> Any:
-    """A field of LiteLLM's response objects, or of the lean path's JSON (dicts)."""
-    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
-
-
-def _as_dict(obj: Any) -> dict[str, Any]:
-    """LiteLLM's pydantic objects as the JSON the lean path reads (dicts pass as they are)."""
-    if isinstance(obj, dict):
-        return obj
-    dumped: dict[str, Any] = obj.model_dump(exclude_none=True)
-    return dumped
-
-
-def _chunk_parts(chunk: Any) -> tuple[str | None, str | None, Any, Delta | None]:
-    """(content, finish_reason, raw usage, a Delta when the chunk carries more than text) of one streamed chunk,
-    LiteLLM's object or the lean path's JSON."""
-    choices = _field(chunk, "choices")
-    if not choices:
-        return None, None, _field(chunk, "usage"), None
-    choice = choices[0]
-    delta = _field(choice, "delta")
-    content = _field(delta, "content")
-    calls = _field(delta, "tool_calls")
-    logprobs = _field(choice, "logprobs")
-    extra = None
-    if calls or logprobs:
-        tokens = _field(logprobs, "content") if logprobs else None
-        extra = Delta(
-            text=content or "",
-            tool_calls=[_as_dict(c) for c in calls] if calls else None,
-            logprobs=[_as_dict(t) for t in tokens] if tokens else None,
-        )
-    return content, _field(choice, "finish_reason"), _field(chunk, "usage"), extra
-
-
-def _tool_calls(message: Any) -> list[dict[str, Any]] | None:
-    """A whole answer's tool calls, in OpenAI's shape."""
-    calls = _field(message, "tool_calls")
-    if not calls:
-        return None
-    out = []
-    for call in calls:
-        function = _as_dict(_field(call, "function") or {})
-        out.append(
-            {
-                "id": _field(call, "id"),
-                "type": "function",
-                "function": {"name": function.get("name"), "arguments": function.get("arguments") or "{}"},
-            }
-        )
-    return out
-
-
-def _usage_from(raw: Any) -> Usage | None:
-    """Usage as the provider reported it (None when it did not: the engine then counts it itself)."""
-    if raw is None:
-        return None
-    details = _field(raw, "completion_tokens_details")
-    prompt_details = _field(raw, "prompt_tokens_details")
-    return Usage(
-        prompt_tokens=int(_field(raw, "prompt_tokens") or 0),
-        completion_tokens=int(_field(raw, "completion_tokens") or 0),
-        reasoning_tokens=int(_field(details, "reasoning_tokens") or 0) if details is not None else 0,
-        cached_tokens=int(_field(prompt_details, "cached_tokens") or 0) if prompt_details is not None else 0,
-    )
 
 
 def _own_copy(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -197,6 +112,8 @@ class LLMCaller:
                 route = openai_http.lean_route(llm, static.get("api_key", NO_KEY), catalog, body_params)
                 if route is not None:
                     self._lean[llm.name] = route
+        keys = {name: s["api_key"] for name, s in self._static.items() if s.get("api_key", NO_KEY) != NO_KEY}
+        self.local_servers = LocalServers(config.llm_definitions, self.pool.session, keys)  # readiness waits for them
 
     def is_lean(self, llm: LLMDefinition) -> bool:
         """Whether this LLM's calls take the lean path (else LiteLLM)."""
@@ -209,7 +126,7 @@ class LLMCaller:
         await self.pool.aclose()
 
     def _map_error(self, llm: LLMDefinition, exc: BaseException, *, mid_stream: bool = False) -> LLMCallError:
-        return map_error(exc, timeout_s=llm.timeout, redact=self._redact, mid_stream=mid_stream)
+        return map_error(exc, timeout_s=llm.timeout, redact=self._redact, mid_stream=mid_stream, name=llm.name)
 
     def estimate_usage(self, llm: LLMDefinition, messages: list[dict[str, Any]], text: str) -> Usage:
         """Our own count of a call's tokens, for a call whose provider reported none (cut off, failed on the way,
@@ -299,14 +216,38 @@ class LLMCaller:
         else:
             kwargs = self._kwargs(llm, messages, params)
             response = await self._attempts(llm, partial(self._litellm_call, kwargs, deadline), deadline, retries)
-        choices = _field(response, "choices")
-        message = _field(choices[0], "message") if isinstance(choices, list) and choices else None
-        text = _field(message, "content") if message is not None else None
+        choices = field_of(response, "choices")
+        message = field_of(choices[0], "message") if isinstance(choices, list) and choices else None
+        text = field_of(message, "content") if message is not None else None
         return CallResult(
             text=text if isinstance(text, str) else "",
-            usage=_usage_from(_field(response, "usage")),
-            tool_calls=_tool_calls(message),
+            usage=usage_from(field_of(response, "usage")),
+            tool_calls=tool_calls_of(message),
+            finish_reason=field_of(choices[0], "finish_reason") if isinstance(choices, list) and choices else None,
         )
+
+    async def _stream_failure(
+        self,
+        llm: LLMDefinition,
+        messages: list[dict[str, Any]],
+        params: Mapping[str, Any],
+        error: LLMCallError,
+        reading: Reading,
+    ) -> LLMCallError:
+        """The error a failed stream raises. A local LLM's stream that ended before any answer is asked again
+        whole, once: llama.cpp's server accepts a stream it cannot serve (a conversation longer than its context
+        window) with a 200 and an empty body, and says why (a 400) only to a whole call. Its context error, if that
+        is what it says; else the stream's own. (One retry: the failed stream's connection went back to the pool
+        when its body ended, and the server closes it, so the first attempt may find it gone.)"""
+        if reading.answered or error.kind != "truncated" or not llm.is_local:
+            return error
+        try:
+            await self.complete(llm, messages, params, retries=1)
+        except LLMCallError as why:
+            return why if why.kind == CONTEXT_EXCEEDED else error
+        except Exception:  # whatever else happened, the stream's own error stands
+            return error
+        return error
 
     def stream(
         self,
@@ -344,8 +285,8 @@ class LLMCaller:
         chunks: AsyncGenerator[dict[str, Any]] | None = None
         timer: asyncio.TimerHandle | None = None
         expired = False
-        usage: Usage | None = None
-        finish_reason = "stop"
+        reading = Reading()
+        failure: LLMCallError | None = None
         try:
             open_stream = partial(openai_http.open_stream, session, route, messages, params, encoded)
             response = await self._attempts(llm, open_stream, deadline, llm.retries)
@@ -359,21 +300,15 @@ class LLMCaller:
             timer = loop.call_at(deadline, expire)
             chunks = openai_http.events(response)
             async for chunk in chunks:
-                content, finished, raw_usage, extra = _chunk_parts(chunk)
-                if extra is not None:
-                    yield extra
-                elif content:
-                    yield content
-                if finished:
-                    finish_reason = finished
-                if raw_usage:
-                    usage = _usage_from(raw_usage)
+                piece = reading.take(chunk)
+                if piece is not None:
+                    yield piece
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as exc:
             if expired:
                 raise LLMCallError("timeout", f"timed out after {llm.timeout:g} s", reached=True) from None
-            raise self._map_error(llm, exc, mid_stream=response is not None) from None
+            failure = self._map_error(llm, exc, mid_stream=response is not None)
         finally:
             if timer is not None:
                 timer.cancel()
@@ -381,43 +316,43 @@ class LLMCaller:
                 await chunks.aclose()
             if response is not None:
                 response.release()  # back to the pool when the body was read to its end, else closed
-        yield StreamEnd(finish_reason or "stop", usage)
+        if failure is not None:  # (after the stream's connection is let go: _stream_failure may call again)
+            raise await self._stream_failure(llm, messages, params, failure, reading)
+        yield StreamEnd(reading.finish_reason or "stop", reading.usage)
 
     async def _litellm_stream(
         self, llm: LLMDefinition, messages: list[dict[str, Any]], params: Mapping[str, Any]
     ) -> AsyncGenerator[str | Delta | StreamEnd]:
         deadline = asyncio.get_running_loop().time() + llm.timeout
         response: Any = None
+        reading = Reading()
+        failure: LLMCallError | None = None
         try:
             kwargs = self._kwargs(llm, messages, params)
             kwargs["stream"] = True
             kwargs["stream_options"] = {"include_usage": True}
             response = await self._attempts(llm, partial(self._litellm_call, kwargs, deadline), deadline, llm.retries)
             chunks = response.__aiter__()
-            usage: Usage | None = None
-            finish_reason: str | None = None
             while True:
                 try:
                     async with asyncio.timeout_at(deadline):
                         chunk = await chunks.__anext__()
                 except StopAsyncIteration:
                     break
-                content, finished, raw_usage, extra = _chunk_parts(chunk)
-                if extra is not None:
-                    yield extra
-                elif content:
-                    yield content
-                if finished:
-                    finish_reason = finished
-                if raw_usage:
-                    usage = _usage_from(raw_usage)
-            if not _litellm_finished(response, finish_reason):
+                piece = reading.take(chunk)
+                if piece is not None:
+                    yield piece
+            if not litellm_finished(response, reading.finish_reason):
                 raise openai_http.UpstreamTruncated(TRUNCATED)
+            if not litellm_reported_usage(response):
+                reading.usage = None  # LiteLLM's own count, not the provider's: ours, marked as an estimate
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as exc:
-            raise self._map_error(llm, exc, mid_stream=response is not None) from None
+            failure = self._map_error(llm, exc, mid_stream=response is not None)
         finally:
             if response is not None:
                 await response.aclose()
-        yield StreamEnd(finish_reason or "stop", usage)
+        if failure is not None:
+            raise await self._stream_failure(llm, messages, params, failure, reading)
+        yield StreamEnd(reading.finish_reason or "stop", reading.usage)

@@ -26,11 +26,12 @@ TRUNCATED = "the stream ended before the LLM finished its answer"
 class LLMCallError(Exception):
     """An upstream call failed.
 
-    `kind`: timeout, rate_limited, http_error, connection, truncated, missing_key or error. `message` is safe to
-    show a client, the concluding LLM and the usage records (scrubbed: no URLs, hosts, addresses, paths or variable
-    names); `detail` is the full text (redacted), for the log only. `reached`: the request reached the provider,
-    which may have processed and billed it (a timeout, a connection lost after sending, a stream cut short), as
-    opposed to one refused with an error status or never sent: the engine then charges an estimate.
+    `kind`: timeout, rate_limited, http_error, context_length_exceeded, connection, truncated, missing_key or error.
+    `message` is safe to show a client, the concluding LLM and the usage records (scrubbed: no URLs, hosts,
+    addresses, paths or variable names); `detail` is the full text (redacted), for the log only. `reached`: the
+    request reached the provider, which may have processed and billed it (a timeout, a connection lost after
+    sending, a stream cut short), as opposed to one refused with an error status or never sent: the engine then
+    charges an estimate.
     """
 
     def __init__(
@@ -135,14 +136,49 @@ def _in_chain(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> boo
     return False
 
 
+# How servers say a conversation does not fit the model's context window: OpenAI and vLLM ("This model's maximum
+# context length is N tokens..."), llama.cpp's server (the same words, code `context_length_exceeded`), Ollama ("the
+# input length exceeds the context length"), LM Studio ("exceeds context length"), LiteLLM's ContextWindowExceeded.
+_CONTEXT_WORDS = re.compile(
+    r"maximum context length|context[ _]length[ _]exceeded|exceeds? (?:the )?context (?:length|window)"
+    r"|context window exceeded|exceed(?:s|ed)? (?:the )?(?:model'?s? )?context",
+    re.IGNORECASE,
+)
+CONTEXT_EXCEEDED = "context_length_exceeded"
+
+
+def context_exceeded(exc: BaseException, status: object) -> bool:
+    """Whether the provider refused the call because the conversation is longer than the model's context window
+    (an HTTP 4xx or, Ollama's older servers, 500, saying so in its code or its message)."""
+    if not isinstance(status, int) or status == 429 or not (400 <= status < 500 or status == 500):
+        return False
+    if getattr(exc, "code", None) == CONTEXT_EXCEEDED:
+        return True
+    return bool(_CONTEXT_WORDS.search(_provider_message(exc)))
+
+
+def context_error(name: str, detail: str, status: int | None) -> LLMCallError:
+    """The error of a call refused as longer than the LLM's context window: clear, never retried."""
+    message = f"the conversation is longer than the context window of the LLM '{name}'"
+    return LLMCallError(CONTEXT_EXCEEDED, message, status, detail=detail)
+
+
 def map_error(
-    exc: BaseException, *, timeout_s: float, redact: Callable[[str], str], mid_stream: bool = False
+    exc: BaseException,
+    *,
+    timeout_s: float,
+    redact: Callable[[str], str],
+    mid_stream: bool = False,
+    name: str = "",
 ) -> LLMCallError:
     """Our error for whatever a provider call raised: a safe message for clients, the full one for the log.
-    `mid_stream`: raised while a stream the server had accepted was read (a cut there is a stream cut short)."""
+    `mid_stream`: raised while a stream the server had accepted was read (a cut there is a stream cut short).
+    `name`: the LLM's, for the messages that name it."""
     if isinstance(exc, LLMCallError):
         return exc
     detail = redact(" ".join(str(exc).split())) or type(exc).__name__
+    if type(exc).__name__ == "ContextWindowExceededError":  # LiteLLM's mapping of every provider's way to say it
+        return context_error(name, detail, 400)
     wrapped = getattr(exc, "original_exception", None)  # LiteLLM wraps what failed mid-stream
     if isinstance(wrapped, Exception):
         exc = wrapped
@@ -151,6 +187,8 @@ def map_error(
     if isinstance(exc, openai_http.UpstreamTruncated) or (mid_stream and _cut_short(exc)):
         return LLMCallError("truncated", TRUNCATED, reached=True, detail=detail)
     status = getattr(exc, "status_code", None)
+    if context_exceeded(exc, status):
+        return context_error(name, detail, status if isinstance(status, int) else 400)
     said = scrub(_provider_message(exc), redact)
     if isinstance(exc, openai.RateLimitError) or status == 429:
         return LLMCallError("rate_limited", f"upstream HTTP 429: {said or 'rate limited'}", 429, detail=detail)

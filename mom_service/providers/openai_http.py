@@ -131,12 +131,13 @@ class LeanPool:
 
 
 class UpstreamStatusError(Exception):
-    """The server answered with an HTTP error. `message` is the error body's message; `response` (its headers) is
-    kept for Retry-After."""
+    """The server answered with an HTTP error. `message` is the error body's message, `code` its `error.code` (e.g.
+    `context_length_exceeded`); `response` (its headers) is kept for Retry-After."""
 
-    def __init__(self, response: aiohttp.ClientResponse, message: str) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, message: str, code: str | None = None) -> None:
         super().__init__(f"upstream HTTP {response.status}: {message}")
         self.message = message
+        self.code = code
         self.status_code = response.status
         self.response = response
 
@@ -161,18 +162,30 @@ def request_body(
     return orjson.dumps(body)[:-1] + b',"messages":' + encoded + b"}"
 
 
-def _error_message(raw: bytes) -> str:
-    """The `error.message` of an OpenAI-shaped error body, else the body's start."""
+def _error_of(raw: bytes) -> object:
+    """The `error` member of an OpenAI-shaped error body; None when there is none, or the body is not JSON."""
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return raw[:300].decode("utf-8", "replace").strip()
-    error = data.get("error") if isinstance(data, dict) else None
+        return None
+    return data.get("error") if isinstance(data, dict) else None
+
+
+def _error_message(raw: bytes) -> str:
+    """The `error.message` of an OpenAI-shaped error body, else the body's start."""
+    error = _error_of(raw)
     if isinstance(error, dict) and isinstance(error.get("message"), str):
         return str(error["message"])
     if isinstance(error, str):
         return error
     return raw[:300].decode("utf-8", "replace").strip()
+
+
+def _error_code(raw: bytes) -> str | None:
+    """The `error.code` of an OpenAI-shaped error body (llama.cpp and vLLM send one too), if it is a string."""
+    error = _error_of(raw)
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
 
 
 async def _status_error(response: aiohttp.ClientResponse) -> UpstreamStatusError:
@@ -181,7 +194,7 @@ async def _status_error(response: aiohttp.ClientResponse) -> UpstreamStatusError
         raw = await response.content.read(_MAX_ERROR_BODY)
     finally:
         response.release()
-    return UpstreamStatusError(response, _error_message(raw))
+    return UpstreamStatusError(response, _error_message(raw), _error_code(raw))
 
 
 async def post_whole(

@@ -26,7 +26,11 @@ class Prices:
     output: Decimal
     reasoning: Decimal
     cached_input: Decimal
-    source: Literal["config", "cost_map"]
+    source: Literal["config", "cost_map", "local"]
+
+
+# A local LLM with no `pricing`: its server is the operator's own, its calls cost nothing (their tokens still count).
+LOCAL = Prices(input=ZERO, output=ZERO, reasoning=ZERO, cached_input=ZERO, source="local")
 
 
 def from_config(pricing: Pricing) -> Prices:
@@ -76,12 +80,15 @@ PriceBook = Mapping[str, Prices | None]
 def build_price_book(
     config: MoMConfig, cost_map_entry: Callable[[str], Mapping[str, Any] | None]
 ) -> dict[str, Prices | None]:
-    """Prices for every configured LLM; one warning per LLM whose price is unknown (its cost is reported as null)."""
+    """Prices for every configured LLM: its `pricing`, else zero for a local LLM, else LiteLLM's cost map; one
+    warning per LLM whose price is unknown (its cost is reported as null)."""
     book: dict[str, Prices | None] = {}
     for llm in config.llm_definitions:
         prices: Prices | None
         if llm.pricing is not None:
             prices = from_config(llm.pricing)
+        elif llm.is_local:
+            prices = LOCAL
         else:
             entry = cost_map_entry(llm.model)
             prices = from_cost_map(entry) if entry is not None else None

@@ -66,6 +66,11 @@ def test_member_key_is_the_llm_and_its_input_only() -> None:
     assert member_key(a, MESSAGES, {}) != member_key(cfg.llm("b"), MESSAGES, {})
     changed = config(**{"prompt_definitions.0.content": "Merge."})  # the synthesis changes, the member does not
     assert member_key(changed.llm("a"), MESSAGES, {}) == member_key(a, MESSAGES, {})
+    # its own system prompt changes its answer (it is also the first of the messages it gets), and the panel's
+    skeptic = config(**{"llm_definitions.0.system_prompt": "You are the skeptic."})
+    assert member_key(skeptic.llm("a"), MESSAGES, {}) != member_key(a, MESSAGES, {})
+    assert key(skeptic) != key(cfg)
+    assert key(config(**{"llm_definitions.0.local": True})) == key(cfg)  # where it runs does not
 
 
 class Clock:

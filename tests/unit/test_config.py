@@ -434,3 +434,43 @@ def test_panel_rules_are_checked(rules: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(raw, "config.yaml")
     assert f"config.yaml: models[0] (name 'mom'): {message}" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("local", "sometimes", "valid boolean"),
+        ("system_prompt", "", "at least 1 character"),
+        ("system_prompt", ["a"], "valid string"),
+    ],
+)
+def test_local_and_system_prompt_are_checked(tmp_path: Path, field: str, value: Any, says: str) -> None:
+    path, message = problem(tmp_path, lambda raw: claude(raw).update({field: value}))
+    assert message.startswith(f"{path}: llm_definitions[1] (name 'claude'): field '{field}': ")
+    assert says in message
+
+
+def test_local_and_system_prompt_load(tmp_path: Path) -> None:
+    raw = base()
+    claude(raw).update(local=True, system_prompt="You are the skeptic.")
+    config = load_config(write(tmp_path, raw))
+    claude_llm, gpt = config.llm("claude"), config.llm("gpt")
+    assert (claude_llm.is_local, claude_llm.system_prompt) == (True, "You are the skeptic.")
+    assert (gpt.is_local, gpt.local, gpt.system_prompt) == (False, None, None)
+
+
+def test_config_templates_local_examples_load_and_are_local() -> None:
+    """The template's commented llama.cpp, Ollama and vLLM entries, uncommented, are valid and local."""
+    template = ROOT / "config.yaml_template"
+    if not template.is_file():
+        pytest.skip(f"{template} is absent")
+    text = template.read_text(encoding="utf-8")
+    section = text[text.index("# --- Local models") : text.index("prompts\n# Optional section")]
+    entries = [line[4:] for line in section.splitlines() if line.startswith(("  # - ", "  #   "))]
+    raw = base()
+    raw["llm_definitions"] += yaml.safe_load("\n".join(entries))
+    config = parse_config(raw, "template")
+    local = {d.name: d for d in config.llm_definitions if d.is_local}
+    assert sorted(local) == ["llama-cpp", "llama-ollama", "vllm-qwen"]
+    assert local["llama-cpp"].system_prompt and local["vllm-qwen"].pricing is not None
+    assert not config.llm("compatible").is_local

@@ -375,3 +375,43 @@ def test_litellm_streaming_roundtrip(fake: FakeUpstream) -> None:
     assert entry["path"] == "/v1/chat/completions"
     assert entry["headers"]["authorization"] == "Bearer k"
     assert entry["body"]["stream_options"] == {"include_usage": True}
+
+
+def test_no_usage_streams_without_usage_but_whole_answers_keep_it(fake: FakeUpstream, client: OpenAI) -> None:
+    fake.configure({"local": {"text": "One two three.", "no_usage": True, "finish_reason": "length"}})
+    asked: list[ChatCompletionMessageParam] = [{"role": "user", "content": "count"}]
+    chunks = list(
+        client.chat.completions.create(
+            model="local", messages=asked, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert [c.usage for c in chunks if c.usage is not None] == []
+    assert all(c.choices for c in chunks)  # no usage chunk (it has no choices)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].choices[0].delta.content is None
+    whole = client.chat.completions.create(model="local", messages=asked)
+    assert whole.choices[0].finish_reason == "length"
+    assert whole.usage is not None and whole.usage.completion_tokens == 3
+
+
+def test_context_window_refuses_as_llama_cpp_does(fake: FakeUpstream) -> None:
+    fake.configure({"small": {"context_window": 10}})
+    long = {"model": "small", "messages": [{"role": "user", "content": "word " * 8}], "max_tokens": 4}
+    response = _post(fake, long)
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": {
+            "message": "This model's maximum context length is 10 tokens. However, you requested 12 tokens "
+            "(8 in the messages, 4 in the completion). Please reduce the length of the messages or completion.",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "context_length_exceeded",
+        }
+    }
+    streamed = _post(fake, {**long, "stream": True})
+    assert streamed.status_code == 200
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    assert streamed.content == b""
+    fits = _post(fake, {**long, "max_tokens": 2})
+    assert fits.status_code == 200
+    assert [e["outcome"] for e in fake.log()] == ["error", "ended", "ok"]

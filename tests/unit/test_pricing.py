@@ -407,3 +407,34 @@ def test_breakdown_all_priced_has_no_unpriced() -> None:
     breakdown = Breakdown(members=[report("a", Decimal("0.5"))], concluding=report("judge", Decimal("0.25")))
     assert breakdown.cost == Decimal("0.75")
     assert breakdown.unpriced == []
+
+
+def test_local_llms_cost_zero_unless_priced_and_openai_behind_api_base_is_not_auto_local() -> None:
+    config = parse_config(
+        {
+            "llm_definitions": [
+                {"name": "llama", "model": "openai/smollm2", "api_base": "http://127.0.0.1:8080/v1", "local": True},
+                {"name": "ollama", "model": "ollama/llama3.2", "api_base": "http://127.0.0.1:11434"},
+                {"name": "vllm", "model": "hosted_vllm/qwen", "api_base": "http://127.0.0.1:8000/v1"},
+                {
+                    "name": "priced-vllm",
+                    "model": "hosted_vllm/qwen",
+                    "api_base": "http://127.0.0.1:8000/v1",
+                    "pricing": {"input_per_million": "1", "output_per_million": "2"},
+                },
+                {"name": "proxy", "model": "openai/smollm2", "api_base": "http://127.0.0.1:8080/v1"},
+                {"name": "remote-ollama", "model": "ollama/llama3.2", "local": False},
+            ],
+            "models": [{"name": "mom", "llms_to_query": ["llama", "ollama", "vllm"], "concluding_llm": "llama"}],
+        },
+        "test",
+    )
+    book = build_price_book(config, lambda model: None)
+    for name in ("llama", "ollama", "vllm"):
+        prices = book[name]
+        assert prices is not None and prices.source == "local", name
+        assert call_cost(Usage(prompt_tokens=1000, completion_tokens=50), prices) == 0
+    priced = book["priced-vllm"]
+    assert priced is not None and priced.source == "config" and priced.input == Decimal(1) / 1_000_000
+    assert book["proxy"] is None  # an OpenAI-compatible server is not assumed local: its price is unknown
+    assert book["remote-ollama"] is None

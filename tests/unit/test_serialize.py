@@ -320,6 +320,7 @@ def test_completion_body() -> None:
         "model": "openai/beta",
         "status": "error",
         "partial": False,
+        "finish_reason": None,
         "reason": "http_error",
         "error": "HTTP 500",
         "latency_ms": 8.0,

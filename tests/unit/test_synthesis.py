@@ -150,3 +150,17 @@ def test_a_cut_off_member_without_partial_answers_gives_none() -> None:
     cut = CallReport(name="slow", model="openai/slow", text="")
     cut.cancelled("cut off")
     assert '<panel_answer index="1" name="slow" status="cancelled">\n(no answer: cut off)\n' in panel_text([cut])
+
+
+def test_an_answer_cut_short_by_its_token_limit_is_said_to_be() -> None:
+    short = CallReport(name="terse", model="openai/terse", text="The capital is", finish_reason="length")
+    text = panel_text([*reports()[:1], short])
+    assert (
+        '<panel_answer index="2" name="terse" status="ok" cut_short="true">\nThe capital is\n'
+        "(cut short: this answer reached its output token limit, so it may stop mid-way)\n</panel_answer>"
+    ) in text
+    assert text.count("cut_short") == 1  # the whole answers are not marked
+    assert thinking_block(short) == (
+        "Model: terse\nContent: The capital is\n"
+        "(cut short: this answer reached its output token limit, so it may stop mid-way)\n---\n"
+    )

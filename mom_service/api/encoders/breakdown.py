@@ -28,6 +28,7 @@ def report_dict(report: CallReport) -> dict[str, Any]:
         "model": report.model,
         "status": report.status,
         "partial": report.partial,
+        "finish_reason": report.finish_reason,
         "reason": report.error_type,
         "error": report.error,
         "latency_ms": report.latency_ms,

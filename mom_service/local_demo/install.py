@@ -33,8 +33,9 @@ def installed(python: str = sys.executable) -> bool:
     return subprocess.run([python, "-c", probe], capture_output=True, check=False).returncode == 0
 
 
-def wheel_cache() -> Path:
-    return Path(os.environ.get("MOM_WHEEL_CACHE") or Path.home() / ".cache" / "mom-service" / "wheels")
+def wheel_cache(setting: str | None) -> Path:
+    """MOM_WHEEL_CACHE, else ~/.cache/mom-service/wheels."""
+    return Path(setting) if setting else Path.home() / ".cache" / "mom-service" / "wheels"
 
 
 def cached_wheel(cache: Path) -> Path | None:
@@ -42,13 +43,14 @@ def cached_wheel(cache: Path) -> Path | None:
     return next(iter(sorted(cache.glob(f"llama_cpp_python-{LLAMA_CPP_VERSION}-*.whl"))), None)
 
 
-def ensure_installed(python: str = sys.executable) -> None:
-    """Install the local panel into `python`'s environment unless it is there; InstallError when it cannot be."""
+def ensure_installed(wheel_cache_setting: str | None, python: str = sys.executable) -> None:
+    """Install the local panel into `python`'s environment unless it is there (the llama-cpp-python wheel kept in
+    MOM_WHEEL_CACHE: `wheel_cache_setting`); InstallError when it cannot be."""
     if installed(python):
         return
     if not REQUIREMENTS.is_file():
         raise InstallError(f"{REQUIREMENTS} is missing: run this from the project's checkout (make demo)")
-    cache = wheel_cache()
+    cache = wheel_cache(wheel_cache_setting)
     if cached_wheel(cache) is None:
         cache.mkdir(parents=True, exist_ok=True)
         cores = os.cpu_count() or 1

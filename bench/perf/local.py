@@ -42,8 +42,20 @@ import uvloop
 import yaml
 
 from bench.perf import load
-from bench.perf.run import BIN, TICKS, TOKEN, Process, cores_busy_s, cpu_name, pcts, self_cpu_s, stop, wait_ready
+from bench.perf.run import (
+    BIN,
+    TICKS,
+    TOKEN,
+    Process,
+    cores_busy_s,
+    cpu_name,
+    pcts,
+    self_cpu_s,
+    split_cores,
+    wait_ready,
+)
 from bench.soak import rss_mb
+from mom_service.local_demo.command import stop
 from tests.conftest import free_port
 
 TARGETS = ("direct-local", "local-1", "local-3")
@@ -80,12 +92,7 @@ def mom_config(api_base: str) -> dict[str, Any]:
 class LocalBench:
     def __init__(self, stack: ExitStack, workdir: Path) -> None:
         self.stack, self.workdir = stack, workdir
-        cores = sorted(os.sched_getaffinity(0))
-        self.pinned = len(cores) >= 2
-        self.llama_cpu: int | None = cores[0] if self.pinned else None
-        self.gateway_cpu: int | None = cores[1] if self.pinned else None
-        if self.gateway_cpu is not None:
-            os.sched_setaffinity(0, {self.gateway_cpu})
+        self.pinned, self.llama_cpu, self.gateway_cpu = split_cores()
         self.llama_pid = self.mom_pid = 0
         self.llama_log = workdir / "llama.log"
 

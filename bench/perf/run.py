@@ -71,6 +71,7 @@ from bench.perf import load
 from bench.perf.fake import DEFAULTS
 from bench.perf.litellm_proxy import MASTER_KEY, ensure_proxy_venv, start_proxy
 from bench.soak import percentile, rss_mb
+from mom_service.local_demo.command import stop
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -166,12 +167,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace, stack: ExitStack, workdir: Path) -> None:
         self.stack = stack
         self.workdir = workdir
-        cores = sorted(os.sched_getaffinity(0))
-        self.pinned = len(cores) >= 2
-        self.target_cpu: int | None = cores[0] if self.pinned else None
-        self.load_cpu: int | None = cores[1] if self.pinned else None
-        if self.load_cpu is not None:
-            os.sched_setaffinity(0, {self.load_cpu})
+        self.pinned, self.target_cpu, self.load_cpu = split_cores()
         self.fake = fake_models(args.fail_rate, args.straggler_rate, args.straggler_ms)
         self.fake_port = free_port()
         self.fake_process: Process | None = None
@@ -361,14 +357,14 @@ def wait_ready(process: Process, url: str, timeout: float, started: float | None
     return None
 
 
-def stop(process: Process) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+def split_cores() -> tuple[bool, int | None, int | None]:
+    """(pinned, the targets' core, the load's core): the first two cores this process may use, this process moved
+    onto the second; (False, None, None) with fewer than two."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return False, None, None
+    os.sched_setaffinity(0, {cores[1]})
+    return True, cores[0], cores[1]
 
 
 def cpu_s(pid: int) -> float:

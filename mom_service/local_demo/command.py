@@ -65,7 +65,7 @@ def run_demo(settings: Settings, install_only: bool = False) -> int:
             for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C does not leave the children behind
                 signal.signal(sig, signal.SIG_IGN)
             for child in reversed(children):  # the service first (it drains), then the llama.cpp server
-                _stop(child)
+                stop(child)
 
 
 def _run(folder: Path, children: list[Process]) -> int:
@@ -130,7 +130,8 @@ Ready: a real local panel (analyst, skeptic, writer: SmolLM2-135M on llama.cpp),
 Ctrl-C stops both servers."""
 
 
-def _stop(process: Process) -> None:
+def stop(process: Process) -> None:
+    """SIGTERM, then SIGKILL after 15 s; returns once the process is reaped."""
     if process.poll() is None:
         process.terminate()
         try:

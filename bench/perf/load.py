@@ -101,12 +101,13 @@ async def run_cell(
     prefix: str,
     mark: Callable[[], None],
     ramp_s: float,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[list[Sample], list[float], float]:
     """(each request's sample, the loop lags in s, the cell's wall time in s) of `requests` requests, after `warmup`
     requests (at most `concurrency` at once, on the same connections, not counted); `mark()` is called in between.
     The workers start one after another over `ramp_s` (about one request's time): all at once, they would stay in
     step, and each step would be a burst of `concurrency` requests, then of as many chunks, that the client itself
-    would queue."""
+    would queue. `extra`: more fields for every request's body (e.g. max_tokens)."""
     bodies = [
         orjson.dumps(
             {
@@ -114,6 +115,7 @@ async def run_cell(
                 "messages": [{"role": "user", "content": f"{prefix} request {i}: {time.time_ns()} what now?"}],
                 "stream": True,
                 "stream_options": {"include_usage": True},
+                **(extra or {}),
             }
         )
         for i in range(warmup + requests)

@@ -1,7 +1,7 @@
 """Performance benchmark: what the gateway adds over the least a fan-out can cost, next to LiteLLM's proxy.
 
     .venv/bin/python -m bench.perf.run [--quick] [--rounds 2] [--concurrency 1,8,32,128,256]
-        [--targets direct,litellm-proxy,mom-1,mom-3,mom-5] [--out bench/results]
+        [--targets direct,litellm-proxy,mom-1,mom-3,mom-5,local] [--out bench/results]
         [--fail-rate 0] [--straggler-rate 0] [--straggler-ms 500] [--mom-env NAME=VALUE ...]
 
 Offline, on one machine. The fake upstream (bench.perf.fake) serves members m1..m5 (whole answers after 150, 175,
@@ -33,6 +33,10 @@ A cell is invalid when the load core (this process + the fake) was over 85% busy
 if every cell is (and the cores could be pinned).
 `--quick` runs 1 round at c=1,8,32 with fewer requests. Results: bench/results/perf-<UTC date>.json, .md and .png
 (bench.perf.report); the markdown is printed. Exit 0 even when invalid ("INVALID: ..." is printed).
+
+`local` (in the default targets; or `direct-local`, `local-1`, `local-3`): mom-service over a real llama.cpp server
+against that server alone, at c=1,8 unless --concurrency says otherwise (bench.perf.local; skipped, saying so, where
+llama-cpp-python is not installed: make local-llm). It runs first, in its own processes; results perf-local-*.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ from bench.perf import load
 from bench.perf.fake import DEFAULTS
 from bench.perf.litellm_proxy import MASTER_KEY, ensure_proxy_venv, start_proxy
 from bench.soak import percentile, rss_mb
+from mom_service.local_demo.command import stop
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -162,12 +167,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace, stack: ExitStack, workdir: Path) -> None:
         self.stack = stack
         self.workdir = workdir
-        cores = sorted(os.sched_getaffinity(0))
-        self.pinned = len(cores) >= 2
-        self.target_cpu: int | None = cores[0] if self.pinned else None
-        self.load_cpu: int | None = cores[1] if self.pinned else None
-        if self.load_cpu is not None:
-            os.sched_setaffinity(0, {self.load_cpu})
+        self.pinned, self.target_cpu, self.load_cpu = split_cores()
         self.fake = fake_models(args.fail_rate, args.straggler_rate, args.straggler_ms)
         self.fake_port = free_port()
         self.fake_process: Process | None = None
@@ -360,14 +360,14 @@ def wait_ready(process: Process, url: str, timeout: float, started: float | None
     return None
 
 
-def stop(process: Process) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+def split_cores() -> tuple[bool, int | None, int | None]:
+    """(pinned, the targets' core, the load's core): the first two cores this process may use, this process moved
+    onto the second; (False, None, None) with fewer than two."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return False, None, None
+    os.sched_setaffinity(0, {cores[1]})
+    return True, cores[0], cores[1]
 
 
 def cpu_s(pid: int) -> float:
@@ -581,7 +581,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--concurrency", type=lambda s: [int(c) for c in s.split(",")])
     targets = ",".join(TARGETS)
-    parser.add_argument("--targets", default=targets, type=lambda s: s.split(","), help=f"default {targets}")
+    parser.add_argument("--targets", default=f"{targets},local", type=lambda s: s.split(","), help=f"default {targets}")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--fail-rate", type=float, default=0.0, help="of each member call (HTTP 500)")
     parser.add_argument("--straggler-rate", type=float, default=0.0, help="of member calls answering late")
@@ -599,8 +599,16 @@ def main() -> int:
         help="the MoM models' stream_members (default: the config's default, auto: members asked whole here)",
     )
     args = parser.parse_args()
-    if unknown := set(args.targets) - set(TARGETS):
-        parser.error(f"unknown targets {sorted(unknown)}; known: {targets}")
+    from bench.perf.local import TARGETS as LOCAL_TARGETS
+    from bench.perf.local import run_local, wanted
+
+    if unknown := set(args.targets) - {*TARGETS, *LOCAL_TARGETS, "local"}:
+        parser.error(f"unknown targets {sorted(unknown)}; known: {targets},local,{','.join(LOCAL_TARGETS)}")
+    local, args.targets = wanted(args.targets), [t for t in args.targets if t in TARGETS]
+    if local:  # the real llama.cpp server: at 1 and 8 streams unless told (it answers one call at a time)
+        run_local(local, args.concurrency or [1, 8], args.quick, args.out)
+        if not args.targets:
+            return 0
     args.rounds = args.rounds or (1 if args.quick else 2)
     args.concurrency = args.concurrency or ([1, 8, 32] if args.quick else [1, 8, 32, 128, 256])
     signal.signal(signal.SIGTERM, interrupted)

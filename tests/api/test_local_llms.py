@@ -63,10 +63,10 @@ def members_of(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {m["name"]: m for m in body["mom"]["members"]}
 
 
-def ask(service: Service, model: str, messages: list[dict[str, Any]], stream: bool) -> dict[str, Any]:
+def ask(service: Service, model: str, messages: list[dict[str, Any]], stream: bool, **more: Any) -> dict[str, Any]:
     """The body with the breakdown (a stream's last chunk), its `content` the answer's text."""
     extra: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
-    response = service.chat(model, messages=messages, **extra)
+    response = service.chat(model, messages=messages, **extra, **more)
     assert response.status_code == 200, response.text
     body, content = answer_of(response, stream)
     return body | {"content": content}
@@ -117,7 +117,8 @@ def test_streams_without_usage_are_charged_our_estimate_marked_estimated(
             "loc-judge": {"text": "the final answer", "no_usage": True},
         }
     )
-    body = ask(served, "loc-panel", QUESTION, stream)
+    # members streamed (llama.cpp's streams carry no usage; its whole answers do)
+    body = ask(served, "loc-panel", QUESTION, stream, mom={"stream_members": "on"})
     members = members_of(body)
     plain, priced, concluding = members["loc-plain"], members["loc-priced"], body["mom"]["concluding"]
     assert plain["usage_estimated"] is True and concluding["usage_estimated"] is True
@@ -174,11 +175,12 @@ REFUSALS = {
 
 
 @pytest.mark.parametrize("server", list(REFUSALS))
+@pytest.mark.parametrize("streamed", ["on", "off"], ids=["members-streamed", "members-whole"])
 def test_a_member_past_its_context_window_fails_clearly_and_the_panel_answers(
-    served: Service, fake: FakeUpstream, server: str
+    served: Service, fake: FakeUpstream, server: str, streamed: str
 ) -> None:
     fake.configure({"loc-plain": REFUSALS[server], "loc-priced": {"text": "Fits."}, "loc-judge": {"text": "Done."}})
-    body = ask(served, "loc-panel", LONG, stream=True)
+    body = ask(served, "loc-panel", LONG, stream=True, mom={"stream_members": streamed})
     plain = members_of(body)["loc-plain"]
     assert (plain["status"], plain["reason"]) == ("error", "context_length_exceeded")
     assert plain["error"] == "the conversation is longer than the context window of the LLM 'loc-plain'"
@@ -186,7 +188,10 @@ def test_a_member_past_its_context_window_fails_clearly_and_the_panel_answers(
     assert body["content"] == "Done."
     asked = [e["stream"] for e in fake.log() if e["model"] == "loc-plain"]
     # not retried; llama.cpp's empty stream is asked again whole, once, to learn why it was empty
-    assert asked == ([True, False] if server == "llama.cpp" else [True])
+    if streamed == "off":
+        assert asked == [False]
+    else:
+        assert asked == ([True, False] if server == "llama.cpp" else [True])
 
 
 def test_a_concluding_llm_past_its_context_window_falls_back(served: Service, fake: FakeUpstream) -> None:

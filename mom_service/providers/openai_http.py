@@ -171,21 +171,15 @@ def _error_of(raw: bytes) -> object:
     return data.get("error") if isinstance(data, dict) else None
 
 
-def _error_message(raw: bytes) -> str:
-    """The `error.message` of an OpenAI-shaped error body, else the body's start."""
-    error = _error_of(raw)
+def _error_message(raw: bytes, error: object = None) -> str:
+    """The `error.message` of an OpenAI-shaped error body (its `error`, when already parsed), else the body's
+    start."""
+    error = _error_of(raw) if error is None else error
     if isinstance(error, dict) and isinstance(error.get("message"), str):
         return str(error["message"])
     if isinstance(error, str):
         return error
     return raw[:300].decode("utf-8", "replace").strip()
-
-
-def _error_code(raw: bytes) -> str | None:
-    """The `error.code` of an OpenAI-shaped error body (llama.cpp and vLLM send one too), if it is a string."""
-    error = _error_of(raw)
-    code = error.get("code") if isinstance(error, dict) else None
-    return code if isinstance(code, str) else None
 
 
 async def _status_error(response: aiohttp.ClientResponse) -> UpstreamStatusError:
@@ -194,7 +188,9 @@ async def _status_error(response: aiohttp.ClientResponse) -> UpstreamStatusError
         raw = await response.content.read(_MAX_ERROR_BODY)
     finally:
         response.release()
-    return UpstreamStatusError(response, _error_message(raw), _error_code(raw))
+    error = _error_of(raw)  # parsed once, for the message and the code
+    code = error.get("code") if isinstance(error, dict) else None
+    return UpstreamStatusError(response, _error_message(raw, error), code if isinstance(code, str) else None)
 
 
 async def post_whole(
@@ -213,7 +209,7 @@ async def post_whole(
         raw = await response.read()
     data = _json_object(raw, "the answer")
     if "error" in data and "choices" not in data:
-        raise UpstreamProtocolError(f"the server answered an error: {_error_message(raw)}")
+        raise UpstreamProtocolError(f"the server answered an error: {_error_message(raw, data['error'])}")
     return data
 
 
@@ -257,7 +253,7 @@ def _data(line: bytes) -> dict[str, Any] | None:
         return DONE
     data = _json_object(payload, "a stream chunk")
     if data.get("error") is not None:
-        raise UpstreamProtocolError(f"the server sent an error: {_error_message(payload)}")
+        raise UpstreamProtocolError(f"the server sent an error: {_error_message(payload, data['error'])}")
     return data
 
 

